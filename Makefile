@@ -1,0 +1,39 @@
+# cvm-edge: `make demo` and `make test` are the two set-up commands; both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+EXTRAS := train,embed,serve,offline,dev
+
+.PHONY: demo test lint bench-smoke install constraints clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cvm_edge.demo --workdir demo_work
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q
+
+bench-smoke: $(STAMP)
+	$(PY) -m bench.run --protocol cifar10-5 --smoke
+
+constraints: $(STAMP)
+	$(PIP) freeze --exclude-editable | grep -v '^cvm-edge' > constraints.new && mv constraints.new constraints.txt
+
+clean:
+	rm -rf $(VENV) demo_work .pytest_cache .mypy_cache .ruff_cache

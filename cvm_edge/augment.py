@@ -1,0 +1,35 @@
+"""Batch augmentation and normalisation in torch, on whatever device the batch lives on."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cvm_edge.preprocess import Preprocessing
+
+
+def to_input(pixels: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """uint8 NHWC -> normalised float32 NCHW; the same arithmetic as ``preprocess.normalise``."""
+    x = pixels.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+    mean = torch.tensor(prep.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop after ``pad`` pixels of zero padding, and a random horizontal flip.
+
+    Random numbers come from a CPU generator so a seed gives the same crops on any device.
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+        rows = (oy.view(n, 1) + torch.arange(h, device=dev).view(1, h)).view(n, 1, h, 1)
+        x = padded.gather(2, rows.expand(n, c, h, w + 2 * pad))
+        cols = (ox.view(n, 1) + torch.arange(w, device=dev).view(1, w)).view(n, 1, 1, w)
+        x = x.gather(3, cols.expand(n, c, h, w))
+    flip = (torch.rand((n,), generator=generator) < 0.5).to(dev)
+    return torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)

@@ -1,0 +1,139 @@
+"""Class-balanced, seeded replay buffer bounded by a sample count and a byte budget.
+
+It stores uint8 pixels at the model's input size with their table-row labels and, for
+DER-style distillation, the logits the model gave them when they were inserted.
+Updates return a new buffer; nothing is mutated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+
+from cvm_edge.data import ImageSet
+from cvm_edge.errors import StoreError
+from cvm_edge.fsutil import atomic_write_bytes
+
+
+def _quotas(counts: dict[int, int], capacity: int) -> dict[int, int]:
+    """Split ``capacity`` evenly over classes; what a small class cannot use goes to the others.
+    Left-over single slots go to the lowest class ids, so the split is deterministic."""
+    quotas = {c: 0 for c in counts}
+    remaining = min(capacity, sum(counts.values()))
+    while remaining > 0:
+        open_classes = [c for c in sorted(counts) if quotas[c] < counts[c]]
+        share, extra = divmod(remaining, len(open_classes))
+        for i, c in enumerate(open_classes):
+            take = min(share + (1 if i < extra else 0), counts[c] - quotas[c])
+            quotas[c] += take
+            remaining -= take
+    return quotas
+
+
+def _bytes_per_sample(pixel_shape: tuple[int, ...], logit_width: int) -> int:
+    return int(np.prod(pixel_shape)) + 8 + 2 * max(1, logit_width)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayBuffer:
+    capacity: int
+    max_bytes: int
+    pixels: np.ndarray  # uint8 [M, S, S, 3]
+    labels: np.ndarray  # int64 [M]
+    logits: np.ndarray  # float16 [M, C] logits at insertion (C = table rows then), or [M, 0]
+
+    @classmethod
+    def empty(cls, capacity: int, image_size: int, max_bytes: int = 256 << 20) -> ReplayBuffer:
+        if capacity < 0 or max_bytes < 0:
+            raise ValueError("buffer capacity and byte budget must be >= 0")
+        return cls(
+            capacity,
+            max_bytes,
+            np.zeros((0, image_size, image_size, 3), np.uint8),
+            np.zeros((0,), np.int64),
+            np.zeros((0, 0), np.float16),
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.pixels.nbytes + self.labels.nbytes + self.logits.nbytes)
+
+    @property
+    def effective_capacity(self) -> int:
+        return min(self.capacity, self.max_bytes // _bytes_per_sample(self.pixels.shape[1:], self.logits.shape[1]))
+
+    def as_imageset(self) -> ImageSet:
+        return ImageSet(self.pixels, self.labels)
+
+    def class_counts(self) -> dict[int, int]:
+        values, counts = np.unique(self.labels, return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+    def updated(self, new: ImageSet, new_logits: np.ndarray | None, seed: int) -> ReplayBuffer:
+        """A buffer over old and new classes, rebalanced to equal per-class quotas.
+
+        Old classes keep a seeded subset of what they had (with their recorded logits); new
+        classes are sampled from ``new``. Classes present in both pool their samples.
+        """
+        rng = np.random.default_rng(seed)
+        width = max(self.logits.shape[1], new_logits.shape[1] if new_logits is not None else 0)
+        old_logits = _pad(self.logits, width)
+        fresh_logits = _pad(new_logits if new_logits is not None else np.zeros((len(new), 0), np.float16), width)
+        pool_pixels = np.concatenate([self.pixels, new.pixels]) if len(new) else self.pixels
+        pool_labels = np.concatenate([self.labels, new.labels]) if len(new) else self.labels
+        pool_logits = np.concatenate([old_logits, fresh_logits]) if len(new) else old_logits
+        counts = {int(c): int((pool_labels == c).sum()) for c in np.unique(pool_labels)}
+        cap = min(self.capacity, self.max_bytes // _bytes_per_sample(pool_pixels.shape[1:], width))
+        quotas = _quotas(counts, cap)
+        keep = []
+        for cls in sorted(counts):
+            idx = np.flatnonzero(pool_labels == cls)
+            keep.append(np.sort(rng.choice(idx, size=quotas[cls], replace=False)))
+        sel = np.concatenate(keep) if keep else np.zeros((0,), np.int64)
+        return dataclasses.replace(
+            self, pixels=pool_pixels[sel], labels=pool_labels[sel], logits=pool_logits[sel].astype(np.float16)
+        )
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Indices of ``n`` random entries (with replacement when the buffer is smaller)."""
+        if len(self) == 0 or n <= 0:
+            return np.zeros((0,), np.int64)
+        return rng.choice(len(self), size=n, replace=len(self) < n)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            pixels=self.pixels,
+            labels=self.labels,
+            logits=self.logits,
+            limits=np.array([self.capacity, self.max_bytes], np.int64),
+        )
+        return buf.getvalue()
+
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: Path) -> ReplayBuffer:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                cap, max_bytes = (int(v) for v in z["limits"])
+                return cls(cap, max_bytes, z["pixels"], z["labels"], z["logits"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"cannot read replay buffer {path}: {exc}") from None
+
+
+def _pad(logits: np.ndarray, width: int) -> np.ndarray:
+    """Right-pad logit rows with zeros when the table has grown since they were recorded."""
+    if logits.shape[1] == width:
+        return logits.astype(np.float16)
+    out = np.zeros((logits.shape[0], width), np.float16)
+    out[:, : logits.shape[1]] = logits
+    return out

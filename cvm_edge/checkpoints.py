@@ -1,0 +1,216 @@
+"""Versioned checkpoint store: ``<workdir>/checkpoints/vNNNNNN/`` plus a ``LATEST`` pointer.
+
+A version is written into a temp dir, fsynced, renamed into place, and only then does
+``LATEST`` move (atomically). A crash at any point leaves the previous version current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cvm_edge.buffer import ReplayBuffer
+from cvm_edge.concepts import ConceptTable
+from cvm_edge.data import ImageSet
+from cvm_edge.errors import StoreError
+from cvm_edge.fsutil import (
+    clean_stale_tmp,
+    fault_point,
+    make_tmp_dir,
+    publish_dir,
+    read_pointer,
+    write_pointer,
+)
+from cvm_edge.model import ModelConfig
+from cvm_edge.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^v(\d{6})$")
+FORMAT = 1
+
+
+def version_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def parse_version(text: str) -> int:
+    """``"3"``, ``"v3"`` or ``"v000003"`` -> 3. Anything else is refused (it may name a path)."""
+    m = re.fullmatch(r"v?(\d{1,6})", text.strip())
+    if not m or int(m.group(1)) < 1:
+        raise StoreError(f"not a version: {text[:40]!r} (expected a number such as 3 or v000003)")
+    return int(m.group(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One complete, loadable state of the device model."""
+
+    model_config: ModelConfig
+    prep: Preprocessing
+    table: ConceptTable
+    weights: dict[str, torch.Tensor]
+    buffer: ReplayBuffer
+    val: ImageSet  # held-out images of every class seen so far
+    seen: tuple[int, ...]  # table rows trained so far
+    history: tuple[dict[str, Any], ...]  # one entry per update
+    plugin_state: dict[str, dict[str, torch.Tensor]]
+    plugins: tuple[str, ...] = ()
+    version: int = 0
+    parent: int | None = None
+    created_at: str = ""
+
+    @property
+    def seen_names(self) -> list[str]:
+        return [self.table.names[i] for i in self.seen]
+
+
+def _save_imageset(path: Path, data: ImageSet) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, pixels=data.pixels, labels=data.labels)
+    path.write_bytes(buf.getvalue())
+
+
+def _load_imageset(path: Path) -> ImageSet:
+    with np.load(path, allow_pickle=False) as z:
+        return ImageSet(z["pixels"], z["labels"])
+
+
+class CheckpointStore:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.root = self.workdir / "checkpoints"
+        self.lock_path = self.workdir / ".lock"
+
+    @property
+    def latest_pointer(self) -> Path:
+        return self.root / "LATEST"
+
+    def exists(self) -> bool:
+        return self.latest_pointer.is_file()
+
+    def clean_stale(self) -> list[Path]:
+        """Remove temp dirs of crashed writers. Call while holding the lock."""
+        return clean_stale_tmp(self.root)
+
+    def versions(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = VERSION_RE.match(p.name)
+            if m and p.is_dir() and (p / "meta.json").is_file():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def latest(self) -> int:
+        value = read_pointer(self.latest_pointer)
+        if value is None:
+            raise StoreError(f"{self.workdir} has no checkpoints; run `cvm init --workdir {self.workdir} ...` first")
+        m = VERSION_RE.match(value)
+        if not m or not (self.root / value / "meta.json").is_file():
+            raise StoreError(f"{self.latest_pointer} names {value!r}, which is not a complete version")
+        return int(m.group(1))
+
+    def path(self, version: int) -> Path:
+        return self.root / version_name(version)
+
+    def save(self, ckpt: Checkpoint) -> int:
+        """Write ``ckpt`` as the next version and point ``LATEST`` at it. Returns the version."""
+        versions = self.versions()
+        version = (versions[-1] if versions else 0) + 1
+        parent = read_pointer(self.latest_pointer)
+        tmp = make_tmp_dir(self.root, version_name(version))
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        meta = {
+            "format": FORMAT,
+            "version": version,
+            "parent": parse_version(parent) if parent else None,
+            "created_at": created,
+            "model": ckpt.model_config.to_dict(),
+            "preprocessing": ckpt.prep.to_dict(),
+            "table_fingerprint": ckpt.table.fingerprint,
+            "seen": list(ckpt.seen),
+            "seen_names": ckpt.seen_names,
+            "plugins": list(ckpt.plugins),
+            "history": list(ckpt.history),
+        }
+        torch.save(ckpt.weights, tmp / "model.pt")
+        torch.save(ckpt.plugin_state, tmp / "plugins.pt")
+        (tmp / "concepts.npz").write_bytes(ckpt.table.to_bytes())
+        (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
+        _save_imageset(tmp / "val.npz", ckpt.val)
+        fault_point("checkpoint_files_written")
+        # meta.json last: a version directory without it is never considered complete
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        publish_dir(tmp, self.path(version))
+        fault_point("before_pointer")
+        write_pointer(self.latest_pointer, version_name(version))
+        log.info("published checkpoint %s", version_name(version))
+        return version
+
+    def load(self, version: int | None = None) -> Checkpoint:
+        version = self.latest() if version is None else version
+        d = self.path(version)
+        if not (d / "meta.json").is_file():
+            raise StoreError(f"version {version_name(version)} does not exist in {self.workdir}")
+        try:
+            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+            table = ConceptTable.load(d / "concepts.npz")
+            weights = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+            plugin_state = torch.load(d / "plugins.pt", map_location="cpu", weights_only=True)
+            buffer = ReplayBuffer.load(d / "buffer.npz")
+            val = _load_imageset(d / "val.npz")
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any unreadable part makes the version unusable
+            raise StoreError(f"version {version_name(version)} is unreadable: {exc}") from None
+        if meta.get("table_fingerprint") != table.fingerprint:
+            raise StoreError(f"version {version_name(version)}: concept table does not match its metadata")
+        return Checkpoint(
+            model_config=ModelConfig.from_dict(meta["model"]),
+            prep=Preprocessing.from_dict(meta["preprocessing"]),
+            table=table,
+            weights=weights,
+            buffer=buffer,
+            val=val,
+            seen=tuple(meta["seen"]),
+            history=tuple(meta["history"]),
+            plugin_state=plugin_state,
+            plugins=tuple(meta.get("plugins", ())),
+            version=version,
+            parent=meta.get("parent"),
+            created_at=meta.get("created_at", ""),
+        )
+
+    def read_meta(self, version: int) -> dict[str, Any]:
+        try:
+            meta: dict[str, Any] = json.loads((self.path(version) / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"version {version_name(version)} metadata unreadable: {exc}") from None
+        return meta
+
+    def rollback(self, to: int | None = None) -> int:
+        """Point LATEST at ``to`` (default: the current version's parent). Call while holding the lock."""
+        current = self.latest()
+        if to is None:
+            parent = self.read_meta(current).get("parent")
+            if parent is None:
+                raise StoreError(f"{version_name(current)} has no earlier version to roll back to")
+            to = int(parent)
+        if to not in self.versions():
+            raise StoreError(
+                f"version {version_name(to)} does not exist (have: {', '.join(map(version_name, self.versions()))})"
+            )
+        self.load(to)  # refuse to point at something that does not load
+        write_pointer(self.latest_pointer, version_name(to))
+        return to

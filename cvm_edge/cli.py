@@ -1,0 +1,370 @@
+"""The ``cvm`` command. The one place that wires the packages together; heavy imports
+(torch, sentence-transformers) happen inside the command functions so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cvm_edge import __version__
+from cvm_edge.errors import CvmError, UsageError
+
+log = logging.getLogger("cvm")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return v
+
+
+def _plugin_list(text: str) -> tuple[str, ...]:
+    from cvm_edge.plugins import parse_plugin_list
+
+    try:
+        return tuple(parse_plugin_list(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ----- embed --------------------------------------------------------------------------------
+def cmd_embed_build(args: argparse.Namespace) -> int:
+    from llm_embeddings.build import DEFAULT_TEMPLATES, build_table
+    from llm_embeddings.classfile import read_class_file
+    from llm_embeddings.encoder import load_encoder
+
+    specs = read_class_file(args.classes)
+    encoder = load_encoder(args.model)
+    table = build_table(specs, encoder, tuple(args.template) if args.template else DEFAULT_TEMPLATES)
+    _warn_similar(table)
+    table.save(args.out)
+    print(
+        f"wrote {args.out}: {len(table)} classes, {table.dim}-d, encoder {table.encoder_id}, fingerprint {table.fingerprint}"
+    )
+    return 0
+
+
+def cmd_embed_extend(args: argparse.Namespace) -> int:
+    from cvm_edge.concepts import ConceptTable
+    from llm_embeddings.build import extend_table
+    from llm_embeddings.classfile import read_class_file
+    from llm_embeddings.encoder import load_encoder
+
+    table = ConceptTable.load(args.table)
+    specs = read_class_file(args.classes)
+    encoder = load_encoder(args.model)
+    new = extend_table(table, specs, encoder)
+    _warn_similar(new)
+    new.save(args.out)
+    print(f"wrote {args.out}: {len(table)} + {len(specs)} = {len(new)} classes, fingerprint {new.fingerprint}")
+    return 0
+
+
+def _warn_similar(table: object) -> None:
+    from cvm_edge.concepts import ConceptTable
+
+    assert isinstance(table, ConceptTable)
+    for a, b, cos in table.similar_pairs():
+        print(
+            f"warning: classes {a!r} and {b!r} are very similar in the concept space (cosine {cos:.3f})",
+            file=sys.stderr,
+        )
+
+
+# ----- store ----------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from cvm_edge.update import InitOptions, init_store
+
+    pretrained = args.pretrained
+    backbone = args.backbone
+    if backbone is None:
+        from cvm_edge.defaults import default_backbone
+
+        backbone, default_pretrained = default_backbone()
+        pretrained = pretrained or default_pretrained
+    opts = InitOptions(
+        concepts=args.concepts,
+        backbone=backbone,
+        image_size=args.image_size,
+        train_backbone=args.train_backbone,
+        head=args.head,
+        mapper_hidden=args.mapper_hidden,
+        pretrained=pretrained or "none",
+        buffer_size=args.buffer_size,
+        seed=args.seed,
+    )
+    version = init_store(args.workdir, opts)
+    print(
+        f"initialised {args.workdir}: version {version}, backbone {backbone} ({opts.pretrained}), {args.image_size} px"
+    )
+    return 0
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from cvm_edge.plugins import PluginOptions
+    from cvm_edge.update import UpdateOptions, run_update
+
+    opts = UpdateOptions(
+        data_dir=args.data,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        buffer_size=args.buffer_size,
+        plugins=args.plugins,
+        plugin_options=PluginOptions(
+            distill_weight=args.distill_weight, distill_target=args.distill_target, ewc_lambda=args.ewc_lambda
+        ),
+        max_forgetting=args.max_forgetting,
+        force=args.force,
+        seed=args.seed,
+        holdout=args.holdout,
+        skip_bad_images=args.skip_bad_images,
+        concepts=args.concepts,
+        device=args.device,
+        progress=not args.no_progress,
+        loss=args.loss,
+        balance_epochs=args.balance_epochs,
+    )
+    report = run_update(args.workdir, opts)
+    print(report.summary())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cvm_edge.evaluate import accuracy_matrix, format_matrix
+    from cvm_edge.update import status
+
+    info = status(args.workdir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    m = info["model"]
+    print(
+        f"workdir {info['workdir']}: latest v{info['latest']}, backbone {m['backbone']} ({m['pretrained']}), head {m['head']}"
+    )
+    for v in info["versions"]:
+        mark = "*" if v["latest"] else " "
+        print(f" {mark} v{v['version']:<4} {v['created_at']}  {v['classes']} classes  parent {v['parent']}")
+    print(f"classes ({len(info['classes'])}): {', '.join(info['classes']) or '(none yet)'}")
+    if info["history"]:
+        print(format_matrix(accuracy_matrix(info["history"]), "accuracy (%) per update's classes:"))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from cvm_edge.checkpoints import CheckpointStore, parse_version
+    from cvm_edge.fsutil import FileLock
+
+    store = CheckpointStore(args.workdir)
+    with FileLock(store.lock_path, "cvm rollback"):
+        before = store.latest()
+        to = store.rollback(parse_version(args.to) if args.to is not None else None)
+    print(f"rolled back {args.workdir}: v{before} -> v{to}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cvm_edge.checkpoints import CheckpointStore
+    from cvm_edge.preprocess import load_pixels
+    from cvm_edge.strategy import predict_logits
+    from cvm_edge.update import model_from_checkpoint
+
+    ckpt = CheckpointStore(args.workdir).load()
+    if not ckpt.seen:
+        raise UsageError("the model has not learned any class yet; run `cvm update` first")
+    model = model_from_checkpoint(ckpt)
+    pixels = []
+    for path in args.images:
+        try:
+            pixels.append(load_pixels(Path(path).read_bytes(), ckpt.prep))
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    logits = predict_logits(model, ckpt.prep, np.stack(pixels))
+    seen = np.asarray(ckpt.seen)
+    sub = logits[:, seen]
+    probs = np.exp(sub - sub.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    k = min(args.top_k, len(seen))
+    results: list[dict[str, Any]] = []
+    for path, p in zip(args.images, probs, strict=True):
+        top = np.argsort(-p)[:k]
+        results.append(
+            {
+                "image": str(path),
+                "predictions": [{"label": ckpt.table.names[seen[i]], "score": round(float(p[i]), 6)} for i in top],
+            }
+        )
+    if args.json:
+        print(json.dumps({"model_version": ckpt.version, "results": results}, indent=2))
+    else:
+        for r in results:
+            preds = ", ".join(f"{q['label']} {q['score']:.3f}" for q in r["predictions"])
+            print(f"{r['image']}: {preds}")
+    return 0
+
+
+# ----- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvm", description="cvm-edge: continual visual mapping into a fixed language-model concept space."
+    )
+    parser.add_argument("--version", action="version", version=f"cvm-edge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    embed = sub.add_parser("embed", help="build or extend a concept table with a frozen language model")
+    esub = embed.add_subparsers(dest="embed_command", metavar="ACTION", required=True)
+    b = esub.add_parser("build", help="embed class names (and descriptions) into a new table")
+    b.add_argument(
+        "--classes", type=Path, required=True, help=".txt (one name a line) or .yaml (names with descriptions)"
+    )
+    b.add_argument("--out", type=Path, required=True, help="table file to write (.npz)")
+    b.add_argument(
+        "--model", default=None, help="sentence-transformers name or local path (default: bundled all-MiniLM-L6-v2)"
+    )
+    b.add_argument("--template", action="append", help="prompt template with {} for the name; repeat for an ensemble")
+    b.set_defaults(func=cmd_embed_build)
+    e = esub.add_parser("extend", help="append classes to a table; existing rows stay bit-identical")
+    e.add_argument("--table", type=Path, required=True, help="existing table (.npz)")
+    e.add_argument("--classes", type=Path, required=True, help="new classes (.txt or .yaml)")
+    e.add_argument("--out", type=Path, required=True, help="table file to write (may be the same as --table)")
+    e.add_argument("--model", default=None, help="must be the encoder the table was built with (default: bundled)")
+    e.set_defaults(func=cmd_embed_extend)
+
+    i = sub.add_parser("init", help="create version 1 of a model store")
+    i.add_argument("--workdir", type=Path, required=True, help="store directory")
+    i.add_argument("--concepts", type=Path, required=True, help="concept table (.npz)")
+    i.add_argument(
+        "--backbone", default=None, help="timm model name (default: pretrained efficientnet_lite0 when installed)"
+    )
+    i.add_argument("--image-size", type=_positive_int, default=224, help="input size in pixels (default 224)")
+    i.add_argument(
+        "--train-backbone", choices=("all", "last", "none"), default="all", help="which backbone weights train"
+    )
+    i.add_argument(
+        "--head", choices=("concepts", "linear"), default="concepts", help="concept table head or a plain linear one"
+    )
+    i.add_argument(
+        "--mapper-hidden", type=_non_negative_int, default=512, help="mapper hidden width; 0 = linear mapper"
+    )
+    i.add_argument("--pretrained", default=None, help="none | offline | hub | PATH to a timm-compatible checkpoint")
+    i.add_argument("--buffer-size", type=_non_negative_int, default=500, help="replay buffer capacity (images)")
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=cmd_init)
+
+    u = sub.add_parser("update", help="learn the classes in a data folder and publish a new version")
+    u.add_argument("--workdir", type=Path, required=True)
+    u.add_argument("--data", type=Path, required=True, help="one sub-folder per class (name or slug), or a labels.csv")
+    u.add_argument("--epochs", type=_positive_int, default=5)
+    u.add_argument("--batch-size", type=_positive_int, default=32)
+    u.add_argument("--lr", type=_positive_float, default=1e-3)
+    u.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    u.add_argument("--buffer-size", type=_non_negative_int, default=None, help="replay buffer capacity (default: keep)")
+    u.add_argument(
+        "--plugins", type=_plugin_list, default=("replay", "distill"), help="comma list of replay,distill,ewc or none"
+    )
+    u.add_argument(
+        "--loss",
+        choices=("ace", "ce"),
+        default="ace",
+        help="ace: new images compete only among new classes, replayed ones among all (default); ce: plain",
+    )
+    u.add_argument(
+        "--balance-epochs",
+        type=_non_negative_int,
+        default=3,
+        help="epochs of class-balanced head tuning on the replay buffer after training (0: off)",
+    )
+    u.add_argument("--distill-weight", type=float, default=1.0)
+    u.add_argument("--distill-target", choices=("embedding", "logits"), default="embedding")
+    u.add_argument("--ewc-lambda", type=float, default=100.0)
+    u.add_argument(
+        "--max-forgetting", type=float, default=10.0, help="refuse to publish if old-class accuracy drops more (points)"
+    )
+    u.add_argument("--force", action="store_true", help="publish even past --max-forgetting")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--holdout", type=float, default=0.2, help="validation fraction held out per class")
+    u.add_argument(
+        "--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of failing"
+    )
+    u.add_argument("--concepts", type=Path, default=None, help="an extended concept table (from `cvm embed extend`)")
+    u.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    u.add_argument("--no-progress", action="store_true", help="no progress bars")
+    u.set_defaults(func=cmd_update)
+
+    s = sub.add_parser("status", help="versions, classes and metrics history")
+    s.add_argument("--workdir", type=Path, required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("rollback", help="make an older version current")
+    r.add_argument("--workdir", type=Path, required=True)
+    r.add_argument("--to", default=None, help="version (default: the current version's parent)")
+    r.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("predict", help="classify image files with the current version")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"cvm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except CvmError as exc:
+        print(f"cvm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cvm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

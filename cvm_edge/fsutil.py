@@ -1,0 +1,207 @@
+"""Crash-safe file primitives: atomic writes, directory publishing, pointer files, a writer lock.
+
+Every artefact cvm-edge writes goes through here, so a power cut at any instant leaves either
+the old or the new version on disk, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cvm_edge.errors import LockHeldError, StoreError
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+FAULT_ENV = "CVM_FAULT_AT"
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a named fault point when ``CVM_FAULT_AT`` names it (crash-safety tests)."""
+
+
+def fault_point(name: str) -> None:
+    """Test hook: fail here when the environment asks for it.
+
+    ``CVM_FAULT_AT=<name>`` raises :class:`InjectedFault`; ``CVM_FAULT_AT=<name>:exit`` kills the
+    process on the spot with ``os._exit(137)``, which is what a power cut looks like to the disk.
+    """
+    wanted = os.environ.get(FAULT_ENV, "")
+    if not wanted:
+        return
+    point, _, mode = wanted.partition(":")
+    if point != name:
+        return
+    if mode == "exit":
+        os._exit(137)
+    raise InjectedFault(f"fault injected at {name}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a rename or a new file) itself, not only the file data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory below ``root`` (before it is renamed into place)."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def make_tmp_dir(parent: Path, name: str) -> Path:
+    """A fresh temp directory inside ``parent`` that :func:`clean_stale_tmp` recognises."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f"{TMP_PREFIX}{name}.{os.getpid()}.{time.monotonic_ns()}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written temp directory to its final name, durably."""
+    fsync_tree(tmp)
+    fault_point("before_rename")
+    if final.exists():
+        raise StoreError(f"refusing to overwrite existing {final}")
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def clean_stale_tmp(parent: Path) -> list[Path]:
+    """Remove temp files/directories left by a crashed writer. Call only while holding the lock."""
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        if entry.name.startswith(TMP_PREFIX):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+            log.info("removed stale temp entry %s", entry)
+    return removed
+
+
+def write_pointer(path: Path, value: str) -> None:
+    """Atomically replace a pointer file (``LATEST``, ``CURRENT``) with ``value``."""
+    atomic_write_text(path, value + "\n")
+
+
+def read_pointer(path: Path) -> str | None:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return value or None
+
+
+class FileLock:
+    """Single-writer lock on ``path`` (``fcntl.flock``), released by the kernel when the process dies.
+
+    The lock file records the holder (pid, host, command, start time) so a second writer can
+    say who is in the way.
+    """
+
+    def __init__(self, path: Path, purpose: str) -> None:
+        self.path = Path(path)
+        self.purpose = purpose
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockHeldError(
+                f"{self.path.parent} is locked by another writer ({self.holder() or 'unknown holder'}); "
+                "wait for it to finish"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "purpose": self.purpose,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def holder(self) -> str | None:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return f"pid {info.get('pid')} on {info.get('host')}, {info.get('purpose')} since {info.get('since')}"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def locked(path: Path, purpose: str) -> Iterator[FileLock]:
+    lock = FileLock(path, purpose)
+    with lock:
+        yield lock

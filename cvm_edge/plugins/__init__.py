@@ -1,0 +1,59 @@
+"""Anti-forgetting plugins for the shared Strategy, one small module each."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from cvm_edge.plugins.distill import DistillPlugin
+from cvm_edge.plugins.ewc import EwcPlugin
+from cvm_edge.plugins.replay import ReplayPlugin
+from cvm_edge.strategy import Plugin
+
+PLUGIN_NAMES = ("replay", "distill", "ewc")
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginOptions:
+    distill_weight: float = 1.0
+    distill_target: str = "embedding"  # embedding | logits
+    distill_temperature: float = 2.0
+    ewc_lambda: float = 100.0
+    ewc_decay: float = 1.0  # online EWC: old Fisher is multiplied by this before adding the new one
+    ewc_samples: int = 512
+
+
+def parse_plugin_list(text: str) -> list[str]:
+    """``"replay,distill"`` -> names; ``""`` or ``"none"`` -> []. Unknown names raise ValueError."""
+    names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+    bad = [n for n in names if n not in PLUGIN_NAMES]
+    if bad:
+        raise ValueError(f"unknown plugin(s) {', '.join(bad)}; choose from {', '.join(PLUGIN_NAMES)} or none")
+    if len(set(names)) != len(names):
+        raise ValueError("a plugin is named twice")
+    return names
+
+
+def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions()) -> list[Plugin]:
+    plugins: list[Plugin] = []
+    for name in names:
+        if name == "replay":
+            plugins.append(ReplayPlugin())
+        elif name == "distill":
+            plugins.append(DistillPlugin(options.distill_weight, options.distill_target, options.distill_temperature))
+        elif name == "ewc":
+            plugins.append(EwcPlugin(options.ewc_lambda, options.ewc_decay, options.ewc_samples))
+        else:
+            raise ValueError(f"unknown plugin {name!r}")
+    return plugins
+
+
+__all__ = [
+    "PLUGIN_NAMES",
+    "DistillPlugin",
+    "EwcPlugin",
+    "PluginOptions",
+    "ReplayPlugin",
+    "make_plugins",
+    "parse_plugin_list",
+]

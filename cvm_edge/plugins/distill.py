@@ -1,0 +1,43 @@
+"""Distillation from the model as it was before this update, on new and replayed inputs.
+
+``embedding``: pull the student's concept-space embedding towards the teacher's (1 - cosine);
+it keeps the geometry that old classes rely on without constraining the new rows.
+``logits``: temperature-scaled KL on the old classes' logits (LwF-style; the choice for a
+linear head, whose "embedding" is the raw backbone feature).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cvm_edge.strategy import Batch, Context, Output, Plugin
+
+TARGETS = ("embedding", "logits")
+
+
+class DistillPlugin(Plugin):
+    name = "distill"
+    needs_teacher = True
+
+    def __init__(self, weight: float = 1.0, target: str = "embedding", temperature: float = 2.0) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"distill target must be one of {TARGETS}")
+        if weight < 0 or temperature <= 0:
+            raise ValueError("distill weight must be >= 0 and temperature > 0")
+        self.weight = weight
+        self.target = target
+        self.temperature = temperature
+
+    def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
+        if ctx.teacher is None or self.weight == 0:
+            return None
+        with torch.no_grad():
+            z_t, logits_t = ctx.forward_head(ctx.teacher, out.x)
+        if self.target == "embedding":
+            return self.weight * (1.0 - (out.embeddings * z_t).sum(dim=-1)).mean()
+        old = ctx.old_classes
+        t = self.temperature
+        student = F.log_softmax(out.logits.index_select(1, old) / t, dim=-1)
+        teacher = F.softmax(logits_t.index_select(1, old) / t, dim=-1)
+        return self.weight * F.kl_div(student, teacher, reduction="batchmean") * (t * t)

@@ -1,0 +1,77 @@
+"""Online Elastic Weight Consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018).
+
+After each experience the diagonal empirical Fisher information of the trainable weights is
+estimated on that experience's data and accumulated; training then pays
+``lambda / 2 * sum(F * (theta - theta_star)^2)`` for moving weights that mattered before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cvm_edge.augment import to_input
+from cvm_edge.strategy import Batch, Context, Output, Plugin, restricted_logits, targets_in
+
+
+class EwcPlugin(Plugin):
+    name = "ewc"
+
+    def __init__(self, lam: float = 100.0, decay: float = 1.0, samples: int = 512) -> None:
+        if lam < 0 or not 0 <= decay <= 1 or samples < 1:
+            raise ValueError("ewc lambda must be >= 0, decay in [0, 1], samples >= 1")
+        self.lam = lam
+        self.decay = decay
+        self.samples = samples
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.star: dict[str, torch.Tensor] = {}
+
+    def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
+        if not self.fisher or self.lam == 0:
+            return None
+        total = torch.zeros((), device=ctx.device)
+        for name, p in ctx.model.named_parameters():
+            f = self.fisher.get(name)
+            if f is None or not p.requires_grad or f.shape != p.shape:
+                continue
+            total = total + (f.to(p.device) * (p - self.star[name].to(p.device)) ** 2).sum()
+        return 0.5 * self.lam * total
+
+    def after_experience(self, ctx: Context) -> None:
+        model = ctx.model
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        data = ctx.new_data
+        n = min(self.samples, len(data))
+        idx = ctx.rng.choice(len(data), size=n, replace=False)
+        model.eval()
+        # Empirical Fisher from per-sample gradients of the log-likelihood of the true label.
+        for i in idx:
+            inp = to_input(torch.from_numpy(data.pixels[i : i + 1]).to(ctx.device), ctx.prep)
+            if ctx.cached:
+                inp = model.features(inp)
+            _, logits = ctx.forward_head(model, inp)
+            y = torch.from_numpy(data.labels[i : i + 1]).to(ctx.device)
+            loss = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(y, ctx.seen))
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    fisher[name] += p.grad.detach() ** 2
+        model.zero_grad(set_to_none=True)
+        for name in fisher:
+            fisher[name] /= max(1, n)
+            old = self.fisher.get(name)
+            if old is not None and old.shape == fisher[name].shape:
+                fisher[name] += self.decay * old.to(fisher[name].device)
+        self.fisher = {k: v.detach().cpu() for k, v in fisher.items()}
+        self.star = {k: p.detach().cpu().clone() for k, p in params.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"fisher.{k}": v for k, v in self.fisher.items()}
+        out.update({f"star.{k}": v for k, v in self.star.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.fisher = {k[len("fisher.") :]: v for k, v in state.items() if k.startswith("fisher.")}
+        self.star = {k[len("star.") :]: v for k, v in state.items() if k.startswith("star.")}

@@ -1,0 +1,351 @@
+"""The one training loop, shared by ``cvm update`` and the benchmarks.
+
+A :class:`Strategy` trains a :class:`~cvm_edge.model.CvmModel` on one experience (the new data of
+an update) with a list of plugins. Plugins hook in at clearly named points and return values
+(an extended batch, an extra loss term) instead of mutating the loop's state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cvm_edge.augment import random_crop_flip, to_input
+from cvm_edge.backbones import feature_dim
+from cvm_edge.buffer import ReplayBuffer
+from cvm_edge.data import ImageSet
+from cvm_edge.model import CvmModel
+from cvm_edge.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd")
+LOSSES = ("ace", "ce")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    replay_batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    augment: bool = True
+    crop_pad: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 256
+    progress: bool = True
+    # "ace": asymmetric cross-entropy (Caccia et al., ICLR 2022): incoming images compete only among
+    # the classes of this experience, replayed ones among all seen classes, so new classes stop
+    # pushing old class rows away. "ce": plain cross-entropy over all seen classes.
+    loss: str = "ace"
+    # Class-balanced head tuning (as in EEIL, Castro et al. 2018): after an experience, the mapper
+    # and scale are tuned for this many epochs on the (class-balanced) replay buffer, which removes
+    # the bias towards the classes that were just trained on. 0 turns it off.
+    balance_epochs: int = 3
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.replay_batch_size < 0:
+            raise ValueError("epochs and batch_size must be >= 1, replay_batch_size >= 0")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Raw inputs (uint8 NHWC pixels, or cached features) with labels as table rows.
+
+    ``from_buffer`` marks replayed samples; ``buffer_logits`` are their logits at insertion."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    from_buffer: torch.Tensor
+    buffer_logits: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """What the model gave for a prepared batch."""
+
+    x: torch.Tensor  # the prepared input (normalised and augmented images, or features)
+    embeddings: torch.Tensor
+    logits: torch.Tensor  # over all table rows
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything plugins may read during one experience. Plugins never assign to it."""
+
+    model: CvmModel
+    teacher: CvmModel | None
+    buffer: ReplayBuffer
+    seen: torch.Tensor  # table rows of every class seen so far, sorted
+    old_classes: torch.Tensor  # rows seen before this experience
+    current_classes: torch.Tensor  # rows present in this experience's data, sorted
+    new_data: ImageSet
+    config: TrainConfig
+    prep: Preprocessing
+    device: torch.device
+    cached: bool  # inputs are backbone features (frozen backbone)
+    buffer_inputs: torch.Tensor  # buffer pixels or their features, on device
+    rng: np.random.Generator
+    task_index: int
+
+    def forward_head(self, model: CvmModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, logits) of ``model`` for a prepared input."""
+        f = x if self.cached else model.features(x)
+        z = model.head.embed(f)
+        return z, model.head.logits_from_embedding(z)
+
+
+class Plugin:
+    """Base class: every hook is a no-op."""
+
+    name = "base"
+    uses_buffer = False
+    needs_teacher = False
+
+    def before_experience(self, ctx: Context) -> None:
+        """Prepare per-experience values (never called twice for one experience)."""
+
+    def extend_batch(self, ctx: Context, batch: Batch) -> Batch:
+        return batch
+
+    def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
+        return None
+
+    def after_experience(self, ctx: Context) -> None:
+        """Update the plugin's own state after training (e.g. EWC's Fisher information)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (persisted in the checkpoint)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperienceResult:
+    buffer: ReplayBuffer
+    final_loss: float
+    steps: int
+    images_seen: int
+
+
+def restricted_logits(logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    return logits.index_select(1, seen)
+
+
+def targets_in(labels: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Positions of table-row labels within ``seen`` (sorted)."""
+    return torch.searchsorted(seen, labels)
+
+
+class Strategy:
+    def __init__(self, model: CvmModel, prep: Preprocessing, plugins: Sequence[Plugin], config: TrainConfig) -> None:
+        self.model = model
+        self.prep = prep
+        self.plugins = list(plugins)
+        self.config = config
+        self.device = torch.device(config.device)
+
+    # ----- input preparation -------------------------------------------------------------
+    @torch.no_grad()
+    def _features(self, pixels: np.ndarray) -> torch.Tensor:
+        """Backbone features of uint8 pixels, in eval mode, batched (for a frozen backbone)."""
+        self.model.eval()
+        out = []
+        bs = self.config.eval_batch_size
+        for i in range(0, len(pixels), bs):
+            x = to_input(torch.from_numpy(pixels[i : i + bs]).to(self.device), self.prep)
+            out.append(self.model.features(x))
+        if not out:
+            return torch.zeros((0, feature_dim(self.model.backbone)), device=self.device)
+        return torch.cat(out)
+
+    def _inputs(self, pixels: np.ndarray, cached: bool) -> torch.Tensor:
+        return self._features(pixels) if cached else torch.from_numpy(pixels).to(self.device)
+
+    def _prepare(self, inputs: torch.Tensor, cached: bool, generator: torch.Generator) -> torch.Tensor:
+        if cached:
+            return inputs
+        x = to_input(inputs, self.prep)
+        if self.config.augment:
+            x = random_crop_flip(x, self.config.crop_pad, generator)
+        return x
+
+    # ----- the loop ---------------------------------------------------------------------
+    def train_experience(
+        self,
+        new_data: ImageSet,
+        buffer: ReplayBuffer,
+        seen: Sequence[int],
+        old_classes: Sequence[int],
+        task_index: int = 0,
+    ) -> ExperienceResult:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        model = self.model.to(self.device)
+        teacher = None
+        if any(p.needs_teacher for p in self.plugins) and len(old_classes):
+            teacher = copy.deepcopy(model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        cached = model.backbone_frozen
+        if cached:
+            log.info(
+                "backbone frozen: computing features once for %d new and %d replay images", len(new_data), len(buffer)
+            )
+        ctx = Context(
+            model=model,
+            teacher=teacher,
+            buffer=buffer,
+            seen=torch.as_tensor(sorted(seen), dtype=torch.long, device=self.device),
+            old_classes=torch.as_tensor(sorted(old_classes), dtype=torch.long, device=self.device),
+            current_classes=torch.as_tensor(new_data.classes, dtype=torch.long, device=self.device),
+            new_data=new_data,
+            config=cfg,
+            prep=self.prep,
+            device=self.device,
+            cached=cached,
+            buffer_inputs=self._inputs(buffer.pixels, cached)
+            if any(p.uses_buffer for p in self.plugins)
+            else torch.zeros(0),
+            rng=np.random.default_rng(cfg.seed),
+            task_index=task_index,
+        )
+        for plugin in self.plugins:
+            plugin.before_experience(ctx)
+        train_inputs = self._inputs(new_data.pixels, cached)
+        train_labels = torch.from_numpy(new_data.labels).to(self.device)
+        params = model.trainable_parameters()
+        opt: torch.optim.Optimizer
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        # Without replay there is nothing to protect old rows with; the plain loss is the honest baseline.
+        loss_kind = cfg.loss if any(p.uses_buffer for p in self.plugins) else "ce"
+        n = len(new_data)
+        steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"task {task_index}", unit="step", disable=not cfg.progress)
+        last_loss, steps, images = float("nan"), 0, 0
+        model.train()
+        for _epoch in range(cfg.epochs):
+            order = torch.from_numpy(ctx.rng.permutation(n)).to(self.device)
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                batch = Batch(
+                    inputs=train_inputs.index_select(0, idx),
+                    labels=train_labels.index_select(0, idx),
+                    from_buffer=torch.zeros(len(idx), dtype=torch.bool, device=self.device),
+                )
+                for plugin in self.plugins:
+                    batch = plugin.extend_batch(ctx, batch)
+                x = self._prepare(batch.inputs, cached, gen)
+                z, logits = ctx.forward_head(model, x)
+                out = Output(x=x, embeddings=z, logits=logits)
+                loss = classification_loss(logits, batch, ctx, loss_kind)
+                for plugin in self.plugins:
+                    extra = plugin.loss(ctx, batch, out)
+                    if extra is not None:
+                        loss = loss + extra
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last_loss = float(loss.detach())
+                steps += 1
+                images += len(batch.labels)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+        bar.close()
+        model.eval()
+        for plugin in self.plugins:
+            plugin.after_experience(ctx)
+        new_buffer = buffer
+        if any(p.uses_buffer for p in self.plugins):
+            new_logits = predict_logits(model, self.prep, new_data.pixels, self.device, cfg.eval_batch_size)
+            new_buffer = buffer.updated(
+                new_data, new_logits.astype(np.float16), seed=cfg.seed + 7919 * (task_index + 1)
+            )
+        if cfg.balance_epochs and len(new_buffer):
+            self._balance_head(ctx, new_buffer)
+        return ExperienceResult(buffer=new_buffer, final_loss=last_loss, steps=steps, images_seen=images)
+
+    def _balance_head(self, ctx: Context, buffer: ReplayBuffer) -> None:
+        """Tune only the head on the class-balanced buffer, backbone features computed once."""
+        cfg = self.config
+        model = self.model
+        feats = self._features(buffer.pixels)
+        labels = torch.from_numpy(buffer.labels).to(self.device)
+        params = [p for p in model.head.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=cfg.lr * 0.5)
+        model.head.train()
+        for _ in range(cfg.balance_epochs):
+            order = torch.from_numpy(ctx.rng.permutation(len(labels))).to(self.device)
+            for start in range(0, len(labels), cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                logits = model.head(feats.index_select(0, idx))
+                y = labels.index_select(0, idx)
+                loss = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(y, ctx.seen))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        model.eval()
+
+
+@torch.no_grad()
+def predict_logits(
+    model: CvmModel, prep: Preprocessing, pixels: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 256
+) -> np.ndarray:
+    """Logits over all table rows for uint8 NHWC pixels, in eval mode."""
+    model.eval()
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        x = to_input(torch.from_numpy(pixels[i : i + batch_size]).to(device), prep)
+        out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: str) -> torch.Tensor:
+    """Cross-entropy over the seen classes; with ``ace`` the incoming images only over this
+    experience's classes (replayed images keep the full set)."""
+    if kind == "ce":
+        return F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(batch.labels, ctx.seen))
+    current = ctx.current_classes
+    new = ~batch.from_buffer
+    terms = []
+    if bool(new.any()):
+        terms.append(
+            F.cross_entropy(
+                restricted_logits(logits[new], current), targets_in(batch.labels[new], current), reduction="sum"
+            )
+        )
+    if bool(batch.from_buffer.any()):
+        old = batch.from_buffer
+        terms.append(
+            F.cross_entropy(
+                restricted_logits(logits[old], ctx.seen), targets_in(batch.labels[old], ctx.seen), reduction="sum"
+            )
+        )
+    return torch.stack(terms).sum() / len(batch.labels)
+
+
+def plugin_states(plugins: Sequence[Plugin]) -> dict[str, Any]:
+    return {p.name: p.state_dict() for p in plugins}

@@ -1,0 +1,269 @@
+"""``cvm init`` and ``cvm update``: create the store, then learn new classes without forgetting."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cvm_edge.buffer import ReplayBuffer
+from cvm_edge.checkpoints import Checkpoint, CheckpointStore, version_name
+from cvm_edge.concepts import ConceptTable
+from cvm_edge.data import ImageSet, holdout_split, load_image_folder
+from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError
+from cvm_edge.evaluate import mean_over, per_class_accuracy
+from cvm_edge.fsutil import FileLock
+from cvm_edge.model import CvmModel, ModelConfig, build_model
+from cvm_edge.plugins import PluginOptions, make_plugins
+from cvm_edge.preprocess import Preprocessing
+from cvm_edge.strategy import Strategy, TrainConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUFFER = 500
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> CvmModel:
+    model = build_model(ckpt.model_config, ckpt.table.as_float32())
+    missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
+    if missing or unexpected:
+        raise StoreError(f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class InitOptions:
+    concepts: Path
+    backbone: str
+    image_size: int
+    train_backbone: str = "all"
+    head: str = "concepts"
+    mapper_hidden: int = 512
+    pretrained: str = "none"
+    buffer_size: int = DEFAULT_BUFFER
+    seed: int = 0
+
+
+def resolve_backbone(opts: InitOptions) -> tuple[torch.nn.Module | None, Preprocessing, str]:
+    """The backbone (None: a fresh one is made from the config), the preprocessing it needs and
+    the timm name that rebuilds it."""
+    if opts.pretrained == "none":
+        return None, Preprocessing(image_size=opts.image_size), opts.backbone
+    from cvm_edge.pretrained import load_pretrained_backbone
+
+    return load_pretrained_backbone(opts.backbone, opts.pretrained, opts.image_size)
+
+
+def init_store(workdir: Path, opts: InitOptions) -> int:
+    store = CheckpointStore(workdir)
+    table = ConceptTable.load(opts.concepts)
+    with FileLock(store.lock_path, "cvm init"):
+        store.clean_stale()
+        if store.exists():
+            raise StoreError(f"{workdir} is already initialised (version {version_name(store.latest())})")
+        torch.manual_seed(opts.seed)
+        backbone, prep, timm_name = resolve_backbone(opts)
+        config = ModelConfig(
+            backbone=timm_name,
+            image_size=opts.image_size,
+            train_backbone=opts.train_backbone,
+            head=opts.head,
+            mapper_hidden=opts.mapper_hidden,
+            pretrained=opts.pretrained,
+        )
+        model = build_model(config, table.as_float32(), pretrained_backbone=backbone)
+        ckpt = Checkpoint(
+            model_config=config,
+            prep=prep,
+            table=table,
+            weights=model.weights_state(),
+            buffer=ReplayBuffer.empty(opts.buffer_size, opts.image_size),
+            val=ImageSet.concat([], opts.image_size),
+            seen=(),
+            history=(),
+            plugin_state={},
+        )
+        return store.save(ckpt)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateOptions:
+    data_dir: Path
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    buffer_size: int | None = None  # None keeps the store's current capacity
+    plugins: tuple[str, ...] = ("replay", "distill")
+    plugin_options: PluginOptions = dataclasses.field(default_factory=PluginOptions)
+    max_forgetting: float = 10.0
+    force: bool = False
+    seed: int = 0
+    holdout: float = 0.2
+    skip_bad_images: bool = False
+    concepts: Path | None = None
+    device: str = "cpu"
+    augment: bool = True
+    progress: bool = True
+    loss: str = "ace"
+    balance_epochs: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateReport:
+    version: int | None  # None when nothing was published
+    entry: dict[str, Any]
+
+    def summary(self) -> str:
+        e = self.entry
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        lines = [
+            f"update {e['task']}: {len(e['new_classes'])} class(es) trained on {e['n_train']} images in {e['wall_s']:.1f} s",
+            f"  new classes ({', '.join(e['new_class_names'])}): {pct(e['new_accuracy'])}",
+            f"  old classes: {pct(e['old_accuracy'])} (before this update: {pct(e['old_accuracy_before'])})",
+        ]
+        if self.version is not None:
+            lines.append(f"  published {version_name(self.version)}")
+        return "\n".join(lines)
+
+
+def _load_table_for_update(current: ConceptTable, path: Path | None) -> ConceptTable:
+    if path is None:
+        return current
+    new = ConceptTable.load(path)
+    if not current.is_prefix_of(new):
+        raise ConceptError(
+            f"{path} is not an append-only extension of the store's concept table "
+            f"(fingerprint {current.fingerprint}); build it with `cvm embed extend`"
+        )
+    return new
+
+
+def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int], None] | None = None) -> UpdateReport:
+    """Train on ``opts.data_dir`` and publish a new version, or raise with nothing written."""
+    store = CheckpointStore(workdir)
+    t0 = time.perf_counter()
+    with FileLock(store.lock_path, "cvm update"):
+        store.clean_stale()
+        prev = store.load()
+        table = _load_table_for_update(prev.table, opts.concepts)
+        data = load_image_folder(
+            opts.data_dir, table, prev.prep, skip_bad=opts.skip_bad_images, table_hint=str(opts.concepts or "TABLE.npz")
+        )
+        train, val = holdout_split(data, opts.holdout, opts.seed)
+        new_classes = data.classes
+        old_classes = [c for c in prev.seen if c not in new_classes]
+        seen = sorted(set(prev.seen) | set(new_classes))
+        device = torch.device(opts.device)
+
+        model = model_from_checkpoint(prev).to(device)
+        if table is not prev.table:
+            model.set_table(table.as_float32())
+        old_val = prev.val.subset(np.flatnonzero(np.isin(prev.val.labels, old_classes)))
+        acc_before = per_class_accuracy(model, prev.prep, old_val, seen, device) if len(old_val) else {}
+
+        plugins = make_plugins(opts.plugins, opts.plugin_options)
+        for p in plugins:
+            if p.name in prev.plugin_state:
+                p.load_state_dict(prev.plugin_state[p.name])
+        buffer = (
+            prev.buffer if opts.buffer_size is None else dataclasses.replace(prev.buffer, capacity=opts.buffer_size)
+        )
+        cfg = TrainConfig(
+            epochs=opts.epochs,
+            batch_size=opts.batch_size,
+            replay_batch_size=opts.batch_size,
+            lr=opts.lr,
+            optimizer=opts.optimizer,
+            augment=opts.augment,
+            crop_pad=max(1, prev.prep.image_size // 8),
+            seed=opts.seed,
+            device=opts.device,
+            progress=opts.progress,
+            loss=opts.loss,
+            balance_epochs=opts.balance_epochs,
+        )
+        strategy = Strategy(model, prev.prep, plugins, cfg)
+        result = strategy.train_experience(train, buffer, seen, old_classes, task_index=len(prev.history) + 1)
+
+        all_val = ImageSet.concat([prev.val, val], prev.prep.image_size)
+        acc = per_class_accuracy(model, prev.prep, all_val, seen, device)
+        old_before = mean_over(acc_before, old_classes)
+        old_after = mean_over(acc, old_classes)
+        entry: dict[str, Any] = {
+            "task": len(prev.history) + 1,
+            "new_classes": list(new_classes),
+            "new_class_names": [table.names[c] for c in new_classes],
+            "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
+            "old_accuracy_before": old_before,
+            "old_accuracy": old_after,
+            "new_accuracy": mean_over(acc, new_classes),
+            "all_accuracy": mean_over(acc, seen),
+            "n_train": len(train),
+            "n_val": len(val),
+            "plugins": list(opts.plugins),
+            "epochs": opts.epochs,
+            "steps": result.steps,
+            "images_per_s": result.images_seen / max(1e-9, time.perf_counter() - t0),
+            "wall_s": time.perf_counter() - t0,
+            "forced": False,
+        }
+        drop = 100.0 * (old_before - old_after) if old_before is not None and old_after is not None else 0.0
+        if drop > opts.max_forgetting:
+            if not opts.force:
+                raise ForgettingGateError(
+                    f"old-class accuracy would fall by {drop:.1f} points ({100 * old_before:.1f}% -> "  # type: ignore[operator]
+                    f"{100 * old_after:.1f}%), over --max-forgetting {opts.max_forgetting:g}; nothing was published. "  # type: ignore[operator]
+                    "Train with replay/distill, or pass --force"
+                )
+            entry["forced"] = True
+            log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", drop)
+        ckpt = dataclasses.replace(
+            prev,
+            table=table,
+            weights=model.weights_state(),
+            buffer=result.buffer,
+            val=all_val,
+            seen=tuple(seen),
+            history=(*prev.history, entry),
+            plugin_state={p.name: p.state_dict() for p in plugins},
+            plugins=tuple(opts.plugins),
+        )
+        version = store.save(ckpt)
+        entry["version"] = version
+        if publish_hook is not None:
+            publish_hook(version)
+    return UpdateReport(version=version, entry=entry)
+
+
+def status(workdir: Path) -> dict[str, Any]:
+    store = CheckpointStore(workdir)
+    latest = store.latest()
+    versions = []
+    for v in store.versions():
+        meta = store.read_meta(v)
+        versions.append(
+            {
+                "version": v,
+                "parent": meta.get("parent"),
+                "created_at": meta.get("created_at"),
+                "classes": len(meta.get("seen", [])),
+                "latest": v == latest,
+            }
+        )
+    meta = store.read_meta(latest)
+    return {
+        "workdir": str(workdir),
+        "latest": latest,
+        "versions": versions,
+        "model": meta["model"],
+        "preprocessing": meta["preprocessing"],
+        "classes": meta.get("seen_names", []),
+        "history": meta.get("history", []),
+    }

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import numpy as np
+
+from cvm_edge.buffer import ReplayBuffer, _quotas
+from cvm_edge.data import ImageSet
+
+
+def _set(labels: list[int], size: int = 4) -> ImageSet:
+    lab = np.asarray(labels, np.int64)
+    pix = np.stack([np.full((size, size, 3), i % 256, np.uint8) for i in range(len(lab))])
+    return ImageSet(pix, lab)
+
+
+def test_quotas_are_balanced_and_redistribute() -> None:
+    assert _quotas({0: 100, 1: 100, 2: 100}, 10) == {0: 4, 1: 3, 2: 3}
+    assert _quotas({0: 2, 1: 100}, 10) == {0: 2, 1: 8}
+    assert _quotas({0: 1, 1: 1}, 10) == {0: 1, 1: 1}
+    assert _quotas({0: 5, 1: 5, 2: 5}, 2) == {0: 1, 1: 1, 2: 0}
+
+
+def test_update_keeps_class_balance_and_old_logits() -> None:
+    buf = ReplayBuffer.empty(capacity=12, image_size=4)
+    b1 = buf.updated(_set([0] * 50 + [1] * 50), np.ones((100, 3), np.float16), seed=0)
+    assert b1.class_counts() == {0: 6, 1: 6}
+    b2 = b1.updated(_set([2] * 50 + [3] * 50), np.full((100, 5), 2, np.float16), seed=1)
+    assert b2.class_counts() == {0: 3, 1: 3, 2: 3, 3: 3}
+    old = np.isin(b2.labels, [0, 1])
+    assert b2.logits.shape == (12, 5)
+    assert np.all(b2.logits[old, :3] == 1) and np.all(b2.logits[old, 3:] == 0)  # padded, not recomputed
+    assert np.all(b2.logits[~old] == 2)
+    # old entries are a subset of what was there
+    old_pixels = {p.tobytes() for p in b1.pixels}
+    assert all(p.tobytes() in old_pixels for p in b2.pixels[old])
+
+
+def test_byte_budget_bounds_the_buffer() -> None:
+    buf = ReplayBuffer.empty(capacity=1000, image_size=4, max_bytes=10 * (48 + 8 + 2))
+    b = buf.updated(_set([0] * 50 + [1] * 50), None, seed=0)
+    assert len(b) == 10 and b.nbytes <= buf.max_bytes
+
+
+def test_seeded_and_roundtrip(tmp_path) -> None:
+    data = _set([0] * 30 + [1] * 30)
+    a = ReplayBuffer.empty(10, 4).updated(data, None, seed=3)
+    b = ReplayBuffer.empty(10, 4).updated(data, None, seed=3)
+    c = ReplayBuffer.empty(10, 4).updated(data, None, seed=4)
+    assert np.array_equal(a.pixels, b.pixels) and not np.array_equal(a.pixels, c.pixels)
+    a.save(tmp_path / "b.npz")
+    r = ReplayBuffer.load(tmp_path / "b.npz")
+    assert np.array_equal(r.pixels, a.pixels) and r.capacity == 10

@@ -1,0 +1,25 @@
+"""ARCHITECTURE.md layering rules, checked in a fresh interpreter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "module", ["cvm_edge.concepts", "cvm_edge.preprocess", "cvm_edge.fsutil", "cvm_edge.errors", "cvm_edge.cli"]
+)
+def test_light_modules_do_not_import_torch(module: str) -> None:
+    code = f"import sys, {module}; bad = [m for m in ('torch', 'timm', 'sentence_transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cvm_edge_does_not_import_llm_embeddings() -> None:
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "cvm_edge"
+    offenders = [p.name for p in root.rglob("*.py") if "llm_embeddings" in p.read_text() and p.name != "cli.py"]
+    assert offenders == []

@@ -1,0 +1,73 @@
+"""Continual training end to end through the CLI, on the embedded Fashion-MNIST sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import init_store, run_cli
+from cvm_edge.checkpoints import CheckpointStore
+
+
+def _update(workdir: Path, data: Path, *extra: str) -> int:
+    return run_cli("-q", "update", "--workdir", str(workdir), "--data", str(data), "--no-progress", *extra)
+
+
+def _old_accuracy(workdir: Path) -> float:
+    hist = CheckpointStore(workdir).load().history
+    return float(hist[-1]["old_accuracy"])
+
+
+@pytest.mark.slow
+def test_replay_distill_beats_finetuning_by_15_points(fashion_table: Path, class_folders, tmp_path: Path) -> None:
+    first, second = class_folders([0, 1], name="t1"), class_folders([2, 3], name="t2")
+    results = {}
+    for name, plugins in (("cvm", ["--plugins", "replay,distill"]), ("ft", ["--plugins", "none"])):
+        wd = tmp_path / name
+        init_store(wd, fashion_table, "--buffer-size", "100")
+        assert _update(wd, first, "--epochs", "3", *plugins) == 0
+        assert _update(wd, second, "--epochs", "3", "--force", *plugins) == 0
+        results[name] = _old_accuracy(wd)
+    assert results["cvm"] - results["ft"] >= 0.15, results
+
+
+def test_status_rollback_predict(fashion_table: Path, class_folders, tmp_path: Path, capsys) -> None:
+    wd = tmp_path / "w"
+    init_store(wd, fashion_table, "--buffer-size", "40")
+    data = class_folders([8, 9], per_class=40)
+    assert _update(wd, data, "--epochs", "1") == 0
+    capsys.readouterr()
+    assert run_cli("status", "--workdir", str(wd), "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["latest"] == 2 and info["classes"] == ["Bag", "Ankle boot"]
+    assert [v["version"] for v in info["versions"]] == [1, 2]
+    assert info["history"][0]["new_class_names"] == ["Bag", "Ankle boot"]
+    img = next((data / "bag").iterdir())
+    assert run_cli("predict", "--workdir", str(wd), str(img), "--top-k", "2", "--json") == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["model_version"] == 2
+    labels = [p["label"] for p in pred["results"][0]["predictions"]]
+    assert sorted(labels) == ["Ankle boot", "Bag"]  # only learned classes are ever predicted
+    assert run_cli("rollback", "--workdir", str(wd)) == 0
+    assert CheckpointStore(wd).latest() == 1
+    assert run_cli("predict", "--workdir", str(wd), str(img)) == 2  # nothing learned at v1
+    assert run_cli("rollback", "--workdir", str(wd), "--to", "2") == 0
+    assert CheckpointStore(wd).latest() == 2
+    assert run_cli("rollback", "--workdir", str(wd), "--to", "../../etc") == 1
+    assert run_cli("rollback", "--workdir", str(wd), "--to", "7") == 1
+
+
+def test_forgetting_gate_refuses_and_writes_nothing(fashion_table: Path, class_folders, tmp_path: Path, capsys) -> None:
+    wd = tmp_path / "w"
+    init_store(wd, fashion_table, "--buffer-size", "0")
+    assert _update(wd, class_folders([0, 1], per_class=60, name="a"), "--epochs", "2", "--plugins", "none") == 0
+    capsys.readouterr()
+    code = _update(
+        wd, class_folders([2, 3], per_class=60, name="b"), "--epochs", "3", "--plugins", "none", "--max-forgetting", "5"
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "over --max-forgetting 5" in err and "nothing was published" in err
+    assert CheckpointStore(wd).versions() == [1, 2]
