@@ -341,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    from deploy.commands import add_deploy_commands  # torch-free: imports happen inside the commands
+
+    add_deploy_commands(sub)
     return parser
 
 
