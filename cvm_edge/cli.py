@@ -178,6 +178,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"classes ({len(info['classes'])}): {', '.join(info['classes']) or '(none yet)'}")
     if info["history"]:
         print(format_matrix(accuracy_matrix(info["history"]), "accuracy (%) per update's classes:"))
+        if args.plot:
+            from cvm_edge.plots import plot_accuracy_matrices
+
+            plot_accuracy_matrices({str(args.workdir): accuracy_matrix(info["history"])}, args.plot)
+            print(f"plot written to {args.plot}")
     return 0
 
 
@@ -328,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="versions, classes and metrics history")
     s.add_argument("--workdir", type=Path, required=True)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", type=Path, default=None, help="also write the accuracy matrix as a PNG")
     s.set_defaults(func=cmd_status)
 
     r = sub.add_parser("rollback", help="make an older version current")

@@ -142,6 +142,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     cvm_avg, ft_avg = _final_avg(_history(work / "cvm")), _final_avg(_history(work / "finetune"))
+    from cvm_edge.plots import plot_accuracy_matrices
+
+    plot_accuracy_matrices(
+        {
+            "CVM (replay + distill)": accuracy_matrix(_history(work / "cvm")),
+            "fine-tuning": accuracy_matrix(_history(work / "finetune")),
+        },
+        work / "accuracy.png",
+        "Fashion-MNIST sample, 5 updates of 2 classes",
+    )
+    print(f"\n== accuracy matrices and curves plotted to {work / 'accuracy.png'}")
     print(
         f"\n== final average accuracy over all {2 * args.tasks} classes: CVM {cvm_avg:.1f}% vs fine-tuning {ft_avg:.1f}%"
     )

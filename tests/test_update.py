@@ -71,3 +71,23 @@ def test_forgetting_gate_refuses_and_writes_nothing(fashion_table: Path, class_f
     err = capsys.readouterr().err
     assert "over --max-forgetting 5" in err and "nothing was published" in err
     assert CheckpointStore(wd).versions() == [1, 2]
+
+
+def test_plugins_compose_and_ewc_state_persists(fashion_table: Path, class_folders, tmp_path: Path, capsys) -> None:
+    wd = tmp_path / "w"
+    init_store(wd, fashion_table, "--buffer-size", "40")
+    plugins = ["--plugins", "replay,distill,ewc", "--force"]
+    assert _update(wd, class_folders([0, 1], per_class=30, name="a"), "--epochs", "1", *plugins) == 0
+    ck = CheckpointStore(wd).load()
+    ewc = ck.plugin_state["ewc"]
+    fisher = [v for k, v in ewc.items() if k.startswith("fisher.")]
+    assert fisher and all(float(f.sum()) >= 0 for f in fisher) and any(float(f.sum()) > 0 for f in fisher)
+    assert ck.plugins == ("replay", "distill", "ewc")
+    assert sorted(ck.buffer.class_counts()) == [0, 1]
+    assert _update(wd, class_folders([2, 3], per_class=30, name="b"), "--epochs", "1", *plugins) == 0
+    ck2 = CheckpointStore(wd).load()
+    assert ck2.buffer.class_counts() == {0: 10, 1: 10, 2: 10, 3: 10}
+    capsys.readouterr()
+    png = tmp_path / "acc.png"
+    assert run_cli("status", "--workdir", str(wd), "--plot", str(png)) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
