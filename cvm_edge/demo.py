@@ -21,6 +21,7 @@ from PIL import Image
 
 from cvm_edge.cli import main as cvm
 from cvm_edge.concepts import slugify
+from cvm_edge.defaults import default_backbone
 from cvm_edge.evaluate import accuracy_matrix, format_matrix
 
 SAMPLE = "fashion_mnist_sample.npz"
@@ -68,12 +69,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("demo_work"))
     ap.add_argument("--tasks", type=int, default=5, help="updates of two classes each (1-5)")
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--backbone", default="resnet10_cifar_slim")
-    ap.add_argument("--pretrained", default="none")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--train-backbone", default="all")
+    ap.add_argument("--backbone", default=None, help="default: pretrained Lite0 if installed, else a small ResNet")
+    ap.add_argument("--pretrained", default=None)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--train-backbone", default=None)
     ap.add_argument("--buffer-size", type=int, default=200)
     args = ap.parse_args(argv)
+    if args.backbone is None:
+        # The offline ImageNet Lite0, frozen, at 64 px: measured 76.8% final accuracy in 1.2 min against
+        # 72.0% in 3.5 min for the small ResNet trained from scratch at 32 px (which is the fallback).
+        args.backbone, pretrained = default_backbone()
+        frozen = pretrained == "offline"
+        args.pretrained = args.pretrained or pretrained
+        args.image_size = args.image_size or (64 if frozen else 32)
+        args.train_backbone = args.train_backbone or ("none" if frozen else "all")
+    args.pretrained = args.pretrained or "none"
+    args.image_size = args.image_size or 32
+    args.train_backbone = args.train_backbone or "all"
 
     sample = load_sample()
     names = [str(n) for n in sample["classes"]]
