@@ -154,8 +154,23 @@ def cmd_update(args: argparse.Namespace) -> int:
         loss=args.loss,
         balance_epochs=args.balance_epochs,
     )
-    report = run_update(args.workdir, opts)
+    exported: list[str] = []
+
+    def export_hook(version: int) -> None:  # runs inside run_update's lock, after the checkpoint is saved
+        from deploy.export import export_bundle
+
+        try:
+            exported.append(export_bundle(args.workdir, version).summary())
+        except CvmError as exc:
+            raise CvmError(
+                f"checkpoint v{version} was saved, but no bundle was published ({exc}); the server keeps the "
+                f"previous bundle. Retry with `cvm export --workdir {args.workdir}`"
+            ) from None
+
+    report = run_update(args.workdir, opts, publish_hook=None if args.no_export else export_hook)
     print(report.summary())
+    for line in exported:
+        print(line)
     return 0
 
 
@@ -188,12 +203,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from cvm_edge.checkpoints import CheckpointStore, parse_version
     from cvm_edge.fsutil import FileLock
+    from deploy.bundle import latest_bundle_of, point_current
 
     store = CheckpointStore(args.workdir)
     with FileLock(store.lock_path, "cvm rollback"):
         before = store.latest()
         to = store.rollback(parse_version(args.to) if args.to is not None else None)
+        # The server follows the bundle pointer, so a rollback moves it too when that version was exported.
+        bundle = latest_bundle_of(args.workdir, to)
+        if bundle is not None:
+            point_current(args.workdir, bundle)
     print(f"rolled back {args.workdir}: v{before} -> v{to}")
+    if bundle is not None:
+        print(f"serving bundle is now {bundle}")
+    else:
+        print(f"v{to} has no exported bundle; run `cvm export --workdir {args.workdir}` to serve it")
     return 0
 
 
@@ -327,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--concepts", type=Path, default=None, help="an extended concept table (from `cvm embed extend`)")
     u.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     u.add_argument("--no-progress", action="store_true", help="no progress bars")
+    u.add_argument("--no-export", action="store_true", help="do not export and publish an fp32 bundle afterwards")
     u.set_defaults(func=cmd_update)
 
     s = sub.add_parser("status", help="versions, classes and metrics history")
@@ -370,6 +395,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CvmError as exc:
         print(f"cvm: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("torch", "timm", "torchvision", "onnx", "sentence_transformers"):
+            print(
+                f"cvm: error: `cvm {args.command}` needs {exc.name}, which is not installed; "
+                "install the training extras: pip install 'cvm-edge[train,embed]'",
+                file=sys.stderr,
+            )
+            return 1
+        raise
     except KeyboardInterrupt:
         print("cvm: interrupted", file=sys.stderr)
         return 130

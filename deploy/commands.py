@@ -1,11 +1,140 @@
-"""CLI subcommands of the deployment side (`cvm export`, `cvm serve`), registered by cvm_edge.cli."""
+"""CLI subcommands of the deployment side (`cvm export`, `cvm serve`), registered by cvm_edge.cli.
+
+Importing this module stays torch-free: heavy imports happen inside the command functions.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
+
+DEFAULT_OPSET = 18  # deploy.export.DEFAULT_OPSET (that module imports torch)
+DEFAULT_PORT = 8080
+PROVIDERS = ("tensorrt", "cuda", "cpu")  # the keys of deploy.predictor.PROVIDERS (that module loads onnxruntime)
+
+
+def _int_at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        return v
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
+    return v
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    bad = [p for p in names if p not in PROVIDERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"providers are a comma list of {', '.join(PROVIDERS)}; got {text!r}")
+    return names
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from cvm_edge.checkpoints import parse_version
+        from deploy.export import ExportOptions, export_locked
+    except ModuleNotFoundError as exc:  # a serve-only install (the Docker `serve` image) has no torch
+        from cvm_edge.errors import CvmError
+
+        raise CvmError(f"`cvm export` needs the [train] extra; {exc.name!r} is not installed here") from None
+
+    opts = ExportOptions(precision=args.precision, opset=args.opset, calibration=args.calibration)
+    version = parse_version(args.version) if args.version is not None else None
+    result = export_locked(args.workdir, version, opts)
+    print(result.summary())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.predictor import PredictorOptions
+    from deploy.server import ADMIN_TOKEN_ENV, ServerSettings, serve
+
+    settings = ServerSettings(
+        workdir=args.workdir,
+        bundle=args.bundle,
+        host=args.host,
+        port=args.port,
+        predictor=PredictorOptions(
+            providers=args.providers,
+            intra_op_threads=args.threads,
+            max_pixels=args.max_pixels,
+            max_batch=args.max_batch,
+            trt_cache_dir=args.trt_cache,
+            trt_fp16=args.trt_fp16,
+        ),
+        poll_interval_s=args.poll_interval,
+        max_body_bytes=args.max_body_bytes,
+        max_files=args.max_files,
+        model_name=args.model_name,
+        admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
+        access_log=not args.no_access_log,
+    )
+    serve(settings)
+    return 0
 
 
 def add_deploy_commands(sub: Any) -> None:
     """Register the deployment subcommands on the ``cvm`` subparser collection."""
-    _ = (sub, argparse)
+    e = sub.add_parser(
+        "export",
+        help="export a checkpoint to an ONNX bundle, check parity against torch, publish it",
+        description="Writes <workdir>/bundles/<name>/ (model.onnx, concepts.npz, manifest.json) and moves "
+        "<workdir>/bundles/CURRENT to it, only when the parity gate of the precision passes.",
+    )
+    e.add_argument("--workdir", type=Path, required=True, help="store directory")
+    e.add_argument("--version", default=None, help="checkpoint version (default: the latest)")
+    e.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    e.add_argument("--opset", type=_int_at_least(17), default=DEFAULT_OPSET, help="ONNX opset, 17 or newer")
+    e.add_argument(
+        "--calibration",
+        choices=("percentile", "minmax", "entropy"),
+        default="percentile",
+        help="int8: how activation ranges are chosen on the replay buffer (default percentile)",
+    )
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (FastAPI/uvicorn), following CURRENT",
+        description="Serves /v1/classify, the Open Inference Protocol v2 subset, /v1/model and /metrics. "
+        "POST /v1/admin/reload needs the bearer token in $CVM_ADMIN_TOKEN (disabled when unset).",
+    )
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", type=Path, help="store directory: serve bundles/CURRENT and hot-reload it")
+    src.add_argument("--bundle", type=Path, help="one bundle directory (no polling)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_int_at_least(0), default=DEFAULT_PORT)
+    s.add_argument("--threads", type=_int_at_least(0), default=0, help="onnxruntime intra-op threads (0: default)")
+    s.add_argument(
+        "--providers",
+        type=_providers,
+        default=("cpu",),
+        help="execution providers in order of preference: tensorrt,cuda,cpu (missing ones fall back, logged)",
+    )
+    s.add_argument("--poll-interval", type=_non_negative_float, default=1.0, help="seconds between CURRENT checks")
+    s.add_argument("--max-body-bytes", type=_int_at_least(1), default=10 << 20, help="request body limit")
+    s.add_argument("--max-pixels", type=_int_at_least(1), default=40_000_000, help="decoded image pixel limit")
+    s.add_argument("--max-files", type=_int_at_least(1), default=32, help="files per multipart request")
+    s.add_argument("--max-batch", type=_int_at_least(1), default=64, help="images per inference request")
+    s.add_argument("--model-name", default="cvm", help="model name in the v2 endpoints")
+    s.add_argument("--trt-cache", type=Path, default=None, help="TensorRT engine/timing cache directory")
+    s.add_argument("--trt-fp16", action="store_true", help="let TensorRT build fp16 kernels")
+    s.add_argument("--no-access-log", action="store_true", help="no per-request log lines")
+    s.set_defaults(func=cmd_serve)

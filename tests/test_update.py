@@ -12,7 +12,9 @@ from cvm_edge.checkpoints import CheckpointStore
 
 
 def _update(workdir: Path, data: Path, *extra: str) -> int:
-    return run_cli("-q", "update", "--workdir", str(workdir), "--data", str(data), "--no-progress", *extra)
+    return run_cli(
+        "-q", "update", "--workdir", str(workdir), "--data", str(data), "--no-progress", "--no-export", *extra
+    )
 
 
 def _old_accuracy(workdir: Path) -> float:

@@ -1,0 +1,442 @@
+"""``cvm export``: a checkpoint becomes an ONNX bundle, checked against torch before it is published.
+
+The exported graph takes the normalised float32 NCHW input (dynamic batch) and returns
+``logits`` over the learned classes only, in ``ckpt.seen`` order, and the ``embedding``.
+Parity is measured on the checkpoint's own real images (held-out ``val`` plus the replay buffer);
+a precision whose figures miss its gate is refused with the figure named, and nothing is
+published. This module is the torch side; serving never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import io
+import logging
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from cvm_edge.checkpoints import Checkpoint, CheckpointStore
+from cvm_edge.errors import CvmError, UsageError
+from cvm_edge.fsutil import FileLock, clean_stale_tmp
+from cvm_edge.model import MAX_LOGIT_SCALE, CvmModel
+from cvm_edge.preprocess import normalise
+from cvm_edge.update import model_from_checkpoint
+from deploy.bundle import (
+    CONCEPTS_FILE,
+    FORMAT,
+    MODEL_FILE,
+    PRECISIONS,
+    bundles_root,
+    next_bundle_name,
+    publish_bundle,
+    sha256_bytes,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 17
+DEFAULT_OPSET = 18
+MIN_PARITY_IMAGES = 64
+CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
+INPUT_NAME, LOGITS_NAME, EMBEDDING_NAME = "input", "logits", "embedding"
+# The gates of issue 3; a bundle is published only when every figure of its precision passes.
+GATES: dict[str, dict[str, float]] = {
+    "fp32": {"max_abs_embedding_diff": 1e-4, "top1_agreement": 1.0},
+    "fp16": {"min_embedding_cosine": 0.999, "top1_agreement": 0.995},
+    "int8": {"top1_agreement": 0.97, "val_accuracy_drop_points": 1.0},
+}
+
+
+class ExportGateError(CvmError):
+    """The exported model does not match torch closely enough; nothing was published."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    calibration: str = "percentile"  # int8 only: how activation ranges are chosen from the buffer
+    min_parity_images: int = MIN_PARITY_IMAGES
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.opset < MIN_OPSET:
+            raise UsageError(f"opset must be {MIN_OPSET} or newer, not {self.opset}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise UsageError(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+
+    def summary(self) -> str:
+        m = self.manifest
+        p = m["parity"]
+        figures = ", ".join(f"{k} {_fmt(p[k])}" for k in GATES[m["precision"]])
+        return (
+            f"published bundle {self.name} ({m['precision']}, opset {m['opset']}, {len(m['classes'])} classes): "
+            f"{figures} on {p['n_images']} images"
+        )
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 0.01 else f"{v:.4f}"
+
+
+class ExportGraph(nn.Module):
+    """The serving graph: logits over the learned classes only (``seen`` order) and the embedding."""
+
+    def __init__(self, model: CvmModel, seen: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.seen: torch.Tensor
+        self.register_buffer("seen", torch.tensor(seen, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.model.head.embed(self.model.features(x))
+        return self.model.head.logits_from_embedding(z).index_select(1, self.seen), z
+
+
+# ----- images -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ParityImages:
+    pixels: np.ndarray  # uint8 NHWC at the model's size
+    n_val: int  # the first n_val rows are ckpt.val (labels known)
+    info: dict[str, Any]
+
+
+def parity_images(ckpt: Checkpoint, minimum: int) -> ParityImages:
+    """The checkpoint's real images (held-out val first, then the replay buffer); when there are
+    fewer than ``minimum``, flipped and rotated copies make up the count (recorded in ``info``)."""
+    base = np.concatenate([ckpt.val.pixels, ckpt.buffer.pixels])
+    if len(base) == 0:
+        raise UsageError("the checkpoint holds no images to check parity on; run `cvm update` first")
+    info: dict[str, Any] = {"val": len(ckpt.val), "buffer": len(ckpt.buffer), "augmented": 0}
+    pixels = base
+    variants = (
+        ("horizontal flip", lambda a: a[:, :, ::-1]),
+        ("vertical flip", lambda a: a[:, ::-1, :]),
+        ("rotation by 90 degrees", lambda a: np.rot90(a, 1, axes=(1, 2))),
+        ("rotation by 180 degrees", lambda a: np.rot90(a, 2, axes=(1, 2))),
+    )
+    used = []
+    for label, fn in variants:
+        if len(pixels) >= minimum:
+            break
+        pixels = np.concatenate([pixels, np.ascontiguousarray(fn(base))])
+        used.append(label)
+    while len(pixels) < minimum:  # a very small store: repeat what we have
+        pixels = np.concatenate([pixels, pixels])
+        used.append("repetition")
+    if used:
+        info["augmented"] = len(pixels) - len(base)
+        info["note"] = f"only {len(base)} stored images; {info['augmented']} more made by {', '.join(used)} of them"
+    return ParityImages(np.ascontiguousarray(pixels), len(ckpt.val), info)
+
+
+def _batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(x), size):
+        yield x[i : i + size]
+
+
+def torch_outputs(graph: ExportGraph, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    logits, emb = [], []
+    with torch.inference_mode():
+        for b in _batches(x, batch_size):
+            lo, z = graph(torch.from_numpy(b))
+            logits.append(lo.float().numpy())
+            emb.append(z.float().numpy())
+    return np.concatenate(logits), np.concatenate(emb)
+
+
+def onnx_outputs(model_bytes: bytes, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    logits, emb = [], []
+    for b in _batches(x, batch_size):
+        lo, z = sess.run([LOGITS_NAME, EMBEDDING_NAME], {INPUT_NAME: b})
+        logits.append(np.asarray(lo, np.float32))
+        emb.append(np.asarray(z, np.float32))
+    return np.concatenate(logits), np.concatenate(emb)
+
+
+# ----- export ------------------------------------------------------------------------------------
+def export_fp32(graph: ExportGraph, image_size: int, opset: int, work: Path) -> tuple[bytes, str]:
+    """ONNX bytes of ``graph`` with a dynamic batch axis, and a description of the exporter used.
+
+    Opset 18 and newer use torch's torch.export-based exporter; it cannot produce opset 17, so
+    that one goes through the TorchScript exporter."""
+    example = torch.zeros(2, 3, image_size, image_size)
+    path = work / "fp32.onnx"
+    names = {"input_names": [INPUT_NAME], "output_names": [LOGITS_NAME, EMBEDDING_NAME]}
+    with warnings.catch_warnings(), quiet_stdout():
+        warnings.simplefilter("ignore")
+        if opset >= 18:
+            torch.onnx.export(
+                graph,
+                (example,),
+                str(path),
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
+                verbose=False,
+                **names,  # type: ignore[arg-type]
+            )
+            exporter = f"torch.onnx dynamo (torch {torch.__version__})"
+        else:
+            torch.onnx.export(
+                graph,
+                (example,),
+                str(path),
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, LOGITS_NAME, EMBEDDING_NAME)},
+                **names,  # type: ignore[arg-type]
+            )
+            exporter = f"torch.onnx torchscript (torch {torch.__version__})"
+    model = onnx.load(str(path))
+    got = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if got != opset:
+        raise CvmError(f"asked for opset {opset} but the exporter wrote opset {got}")
+    onnx.checker.check_model(model)
+    _name_batch_axis(model)
+    return model.SerializeToString(), exporter
+
+
+def _name_batch_axis(model: onnx.ModelProto) -> None:
+    for value in (*model.graph.input, *model.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        if not dim.dim_param:
+            raise CvmError(f"exported {value.name!r} has a fixed batch axis")
+        dim.dim_param = "batch"
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Keep the exporter's and quantiser's progress prints off stdout (the CLI prints one summary line)."""
+    with contextlib.redirect_stdout(sys.stderr if log.isEnabledFor(logging.DEBUG) else io.StringIO()):
+        yield
+
+
+def to_fp16(fp32: bytes) -> bytes:
+    """Weights and activations in float16; the input and outputs stay float32 so callers do not change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load_from_string(fp32), keep_io_types=True)
+    return bytes(model.SerializeToString())
+
+
+def _head_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes that compute the logits from the embedding (they stay float: cosine ties are decided there)."""
+    downstream, names = {EMBEDDING_NAME}, []
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        if any(i in downstream for i in node.input):
+            downstream.update(node.output)
+            if node.name:
+                names.append(node.name)
+    return names
+
+
+def to_int8(fp32: bytes, calibration: np.ndarray, method: str, work: Path) -> bytes:
+    """Static QDQ quantisation (per-channel int8 weights, uint8 activations) calibrated on ``calibration``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:  # one image at a time: the histogram calibrators need equal shapes
+            self._it = iter(_batches(calibration, 1))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            b = next(self._it, None)
+            return None if b is None else {INPUT_NAME: b}
+
+    src, pre, out = work / "fp32.onnx", work / "pre.onnx", work / "int8.onnx"
+    src.write_bytes(fp32)
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    methods = {
+        "percentile": CalibrationMethod.Percentile,
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    with quiet_stdout():
+        quantize_static(
+            str(pre),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            nodes_to_exclude=_head_nodes(onnx.load(str(pre))),
+        )
+    return out.read_bytes()
+
+
+# ----- parity ------------------------------------------------------------------------------------
+def parity_figures(
+    ref: tuple[np.ndarray, np.ndarray],
+    got: tuple[np.ndarray, np.ndarray],
+    val_labels: np.ndarray,
+) -> dict[str, Any]:
+    """How closely the ONNX outputs ``got`` follow torch's ``ref`` on the same inputs.
+
+    ``val_labels`` are class indices (``seen`` order) of the first ``len(val_labels)`` images."""
+    (ref_lo, ref_z), (lo, z) = ref, got
+    cos = (ref_z * z).sum(1) / np.maximum(np.linalg.norm(ref_z, axis=1) * np.linalg.norm(z, axis=1), 1e-12)
+    n_val = len(val_labels)
+    acc_ref = float((ref_lo[:n_val].argmax(1) == val_labels).mean()) if n_val else None
+    acc = float((lo[:n_val].argmax(1) == val_labels).mean()) if n_val else None
+    return {
+        "n_images": len(ref_lo),
+        "max_abs_embedding_diff": float(np.abs(ref_z - z).max()),
+        "max_abs_logit_diff": float(np.abs(ref_lo - lo).max()),
+        "min_embedding_cosine": float(cos.min()),
+        "mean_embedding_cosine": float(cos.mean()),
+        "top1_agreement": float((ref_lo.argmax(1) == lo.argmax(1)).mean()),
+        "n_val": n_val,
+        "val_accuracy_torch": acc_ref,
+        "val_accuracy_onnx": acc,
+        "val_accuracy_drop_points": None if acc is None or acc_ref is None else 100.0 * (acc_ref - acc),
+    }
+
+
+def check_gates(precision: str, figures: dict[str, Any], min_images: int) -> None:
+    if figures["n_images"] < min_images:
+        raise ExportGateError(f"parity needs at least {min_images} images, had {figures['n_images']}")
+    for key, limit in GATES[precision].items():
+        value = figures[key]
+        if value is None:
+            raise ExportGateError(f"{precision} parity gate: {key} cannot be measured (no held-out images)")
+        lower_is_better = key.startswith("max_") or key.endswith("_drop_points")
+        ok = value <= limit if lower_is_better else value >= limit
+        if not ok:
+            op = "<=" if lower_is_better else ">="
+            raise ExportGateError(
+                f"{precision} parity gate failed: {key} = {value:.6g}, needs {op} {limit:g} "
+                f"(on {figures['n_images']} images, {figures['n_val']} held-out); nothing was published"
+            )
+
+
+# ----- the whole job -----------------------------------------------------------------------------
+def build_manifest(
+    ckpt: Checkpoint, name: str, opts: ExportOptions, model_bytes: bytes, exporter: str, parity: dict[str, Any]
+) -> dict[str, Any]:
+    prep = ckpt.prep
+    head = ckpt.model_config.head
+    scale = None
+    if head == "concepts":
+        raw = float(ckpt.weights["head.logit_scale"])
+        scale = float(np.exp(min(raw, MAX_LOGIT_SCALE)))
+    emb_dim = ckpt.table.dim if head == "concepts" else None
+    return {
+        "format": FORMAT,
+        "name": name,
+        "version": ckpt.version,
+        "checkpoint_created_at": ckpt.created_at,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "precision": opts.precision,
+        "opset": opts.opset,
+        "exporter": exporter,
+        "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 3, prep.image_size, prep.image_size]},
+        "outputs": [
+            {"name": LOGITS_NAME, "datatype": "FP32", "shape": [-1, len(ckpt.seen)]},
+            {"name": EMBEDDING_NAME, "datatype": "FP32", "shape": [-1, emb_dim if emb_dim else -1]},
+        ],
+        "image_size": prep.image_size,
+        "mean": list(prep.mean),
+        "std": list(prep.std),
+        "interpolation": prep.interpolation,
+        "crop_pct": prep.crop_pct,
+        "preprocessing": prep.to_dict(),
+        "head": head,
+        "logit_scale": scale,
+        "classes": ckpt.seen_names,
+        "class_rows": list(ckpt.seen),
+        "table_fingerprint": ckpt.table.fingerprint,
+        "table_encoder": ckpt.table.encoder_id,
+        "model": ckpt.model_config.to_dict(),
+        "model_sha256": sha256_bytes(model_bytes),
+        "model_bytes": len(model_bytes),
+        "parity": parity,
+    }
+
+
+def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions | None = None) -> ExportResult:
+    """Export a checkpoint (default: the latest), check parity, publish the bundle and move CURRENT.
+
+    The caller holds the store lock (``cvm export`` takes it; ``cvm update`` calls this from its
+    publish hook, inside its own lock)."""
+    opts = opts or ExportOptions()
+    ckpt = CheckpointStore(workdir).load(version)
+    if not ckpt.seen:
+        raise UsageError(f"version {ckpt.version} has not learned any class yet; run `cvm update` first")
+    root = bundles_root(workdir)
+    clean_stale_tmp(root)
+    graph = ExportGraph(model_from_checkpoint(ckpt), ckpt.seen).eval()
+    images = parity_images(ckpt, opts.min_parity_images)
+    x = normalise(images.pixels, ckpt.prep)
+    ref = torch_outputs(graph, x, opts.batch_size)
+    seen_index = {c: i for i, c in enumerate(ckpt.seen)}
+    val_labels = np.asarray([seen_index.get(int(c), -1) for c in ckpt.val.labels], np.int64)
+
+    if opts.precision == "int8" and len(ckpt.buffer) == 0:
+        raise UsageError("int8 calibration needs replay-buffer images; this checkpoint has none")
+    try:
+        with tempfile.TemporaryDirectory(prefix="cvm-export-") as tmp:
+            work = Path(tmp)
+            fp32, exporter = export_fp32(graph, ckpt.prep.image_size, opts.opset, work)
+            if opts.precision == "fp32":
+                model_bytes = fp32
+            elif opts.precision == "fp16":
+                model_bytes = to_fp16(fp32)
+            else:
+                model_bytes = to_int8(fp32, normalise(ckpt.buffer.pixels, ckpt.prep), opts.calibration, work)
+            figures = parity_figures(ref, onnx_outputs(model_bytes, x, opts.batch_size), val_labels)
+    except CvmError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporter/quantiser failures become one line; nothing was published
+        raise CvmError(f"{opts.precision} export failed ({type(exc).__name__}: {exc}); nothing was published") from None
+    figures.update(images=images.info, reference="torch fp32 (eval) on the same normalised inputs")
+    figures["gates"] = GATES[opts.precision]
+    if opts.precision == "int8":
+        figures["calibration"] = {"method": opts.calibration, "images": len(ckpt.buffer), "source": "replay buffer"}
+    check_gates(opts.precision, figures, opts.min_parity_images)
+    figures["passed"] = True
+
+    name = next_bundle_name(root, ckpt.version, opts.precision)
+    manifest = build_manifest(ckpt, name, opts, model_bytes, exporter, figures)
+    path = publish_bundle(root, name, {MODEL_FILE: model_bytes, CONCEPTS_FILE: ckpt.table.to_bytes()}, manifest)
+    return ExportResult(name, path, manifest)
+
+
+def export_locked(workdir: Path, version: int | None, opts: ExportOptions) -> ExportResult:
+    """``cvm export``: take the store lock, then :func:`export_bundle`."""
+    store = CheckpointStore(workdir)
+    if not store.exists():
+        raise UsageError(f"{workdir} has no checkpoints; run `cvm init` and `cvm update` first")
+    with FileLock(store.lock_path, "cvm export"):
+        return export_bundle(workdir, version, opts)

@@ -1,0 +1,191 @@
+"""The Predictor: one verified bundle in an onnxruntime session, plus the training-side preprocessing.
+
+Images go through exactly the functions training used (``cvm_edge.preprocess.load_pixels`` and
+``normalise``), so the server's answers match the trained model. No torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from cvm_edge.errors import DataError, ModelLoadError, UsageError
+from cvm_edge.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, load_pixels, normalise
+from deploy.bundle import Bundle, load_bundle
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+INPUT_NAME, LOGITS_NAME, EMBEDDING_NAME = "input", "logits", "embedding"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorOptions:
+    providers: tuple[str, ...] = ("cpu",)  # in order of preference; CPU is always the last resort
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    inter_op_threads: int = 1
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int = 64  # the largest batch a caller may send (TensorRT builds its profile for it)
+    device_id: int = 0
+    trt_cache_dir: Path | None = None  # TensorRT engine + timing cache (build once, reuse across restarts)
+    trt_fp16: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.providers if p not in PROVIDERS]
+        if unknown or not self.providers:
+            raise UsageError(f"providers must be a list of {', '.join(PROVIDERS)}; got {', '.join(unknown) or 'none'}")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise UsageError("thread counts must be >= 0")
+
+
+def resolve_providers(
+    opts: PredictorOptions, image_size: int, available: Sequence[str] | None = None
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """The explicit onnxruntime provider list for ``opts``: the requested ones that this build has
+    (with their options), then CPU. Asked-for providers that are missing are logged."""
+    available = list(ort.get_available_providers() if available is None else available)
+    out: list[str | tuple[str, dict[str, Any]]] = []
+    for key in opts.providers:
+        name = PROVIDERS[key]
+        if name not in available:
+            log.warning("%s requested but this onnxruntime build lacks it (has: %s)", name, ", ".join(available))
+            continue
+        if key == "tensorrt":
+            shape = f"{INPUT_NAME}:{{}}x3x{image_size}x{image_size}"
+            trt: dict[str, Any] = {
+                "device_id": opts.device_id,
+                "trt_fp16_enable": opts.trt_fp16,
+                "trt_profile_min_shapes": shape.format(1),
+                "trt_profile_opt_shapes": shape.format(1),
+                "trt_profile_max_shapes": shape.format(opts.max_batch),
+            }
+            if opts.trt_cache_dir is not None:
+                opts.trt_cache_dir.mkdir(parents=True, exist_ok=True)
+                trt.update(
+                    trt_engine_cache_enable=True,
+                    trt_engine_cache_path=str(opts.trt_cache_dir),
+                    trt_timing_cache_enable=True,
+                    trt_timing_cache_path=str(opts.trt_cache_dir),
+                )
+            out.append((name, trt))
+        elif key == "cuda":
+            out.append((name, {"device_id": opts.device_id, "cudnn_conv_algo_search": "HEURISTIC"}))
+    out.append(PROVIDERS["cpu"])
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    logits: np.ndarray  # [B, K] over the learned classes, manifest order
+    embedding: np.ndarray  # [B, D]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return softmax(self.logits)
+
+
+class Predictor:
+    """A loaded, verified bundle. Thread-safe: onnxruntime sessions allow concurrent ``run`` calls."""
+
+    def __init__(self, bundle_dir: Path, options: PredictorOptions | None = None) -> None:
+        self.options = options or PredictorOptions()
+        self.bundle: Bundle = load_bundle(bundle_dir)
+        self.prep: Preprocessing = self.bundle.prep
+        self.classes: list[str] = self.bundle.classes
+        model_bytes = self.bundle.read_verified_model()  # sha256 first; the same bytes are loaded
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.options.intra_op_threads
+        so.inter_op_num_threads = self.options.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = resolve_providers(self.options, self.prep.image_size)
+        try:
+            self.session = ort.InferenceSession(model_bytes, so, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for broken models
+            raise ModelLoadError(f"bundle {self.bundle.path.name}: onnxruntime cannot load it: {exc}") from None
+        self.providers: list[str] = list(self.session.get_providers())
+        wanted = PROVIDERS[self.options.providers[0]]
+        if self.providers[0] != wanted:
+            log.warning("running on %s instead of %s (fallback)", self.providers[0], wanted)
+        self._check_signature()
+
+    def _check_signature(self) -> None:
+        ins = {i.name: i for i in self.session.get_inputs()}
+        outs = {o.name: o for o in self.session.get_outputs()}
+        name = self.bundle.path.name
+        if INPUT_NAME not in ins or {LOGITS_NAME, EMBEDDING_NAME} - set(outs):
+            raise ModelLoadError(f"bundle {name}: the model lacks the input/outputs input, logits, embedding")
+        shape = ins[INPUT_NAME].shape
+        size = self.prep.image_size
+        if len(shape) != 4 or list(shape[1:]) != [3, size, size]:
+            raise ModelLoadError(f"bundle {name}: model input {shape} does not fit the manifest's {size} px")
+        width = outs[LOGITS_NAME].shape[-1]
+        if isinstance(width, int) and width != len(self.classes):
+            raise ModelLoadError(f"bundle {name}: {width} logits but {len(self.classes)} classes in the manifest")
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.bundle.manifest
+
+    # ----- inputs ------------------------------------------------------------------------------
+    def pixels(self, data: bytes) -> np.ndarray:
+        """Encoded image bytes -> uint8 HWC at the model's size (413/415/422 errors on bad input)."""
+        return load_pixels(data, self.prep, max_pixels=self.options.max_pixels)
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        s = self.prep.image_size
+        if x.ndim != 4 or x.shape[1:] != (3, s, s):
+            raise DataError(f"input tensor must have shape [B, 3, {s}, {s}], got {list(x.shape)}")
+        if not 1 <= x.shape[0] <= self.options.max_batch:
+            raise DataError(f"batch size must be 1..{self.options.max_batch}, got {x.shape[0]}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # ----- inference -----------------------------------------------------------------------------
+    def run(self, x: np.ndarray) -> Outputs:
+        """Normalised float32 NCHW -> logits and embeddings."""
+        logits, emb = self.session.run([LOGITS_NAME, EMBEDDING_NAME], {INPUT_NAME: self.check_input(x)})
+        return Outputs(np.asarray(logits, np.float32), np.asarray(emb, np.float32))
+
+    def run_pixels(self, pixels: np.ndarray) -> Outputs:
+        return self.run(normalise(pixels, self.prep))
+
+    def run_images(self, images: Sequence[bytes]) -> Outputs:
+        return self.run_pixels(np.stack([self.pixels(b) for b in images]))
+
+    def top_k(self, outputs: Outputs, k: int) -> list[list[dict[str, Any]]]:
+        probs = outputs.probabilities
+        k = max(1, min(k, len(self.classes)))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [
+            [{"label": self.classes[i], "score": round(float(p[i]), 6)} for i in row]
+            for row, p in zip(order, probs, strict=True)
+        ]
+
+    def classify(self, images: Sequence[bytes], k: int = 5) -> list[list[dict[str, Any]]]:
+        """Top-``k`` labels and softmax scores (over the learned classes) for each encoded image."""
+        return self.top_k(self.run_images(images), k)
+
+    def warmup(self) -> None:
+        """One inference on a grey frame, so the first real request does not pay for lazy init."""
+        s = self.prep.image_size
+        self.run_pixels(np.full((1, s, s, 3), 128, np.uint8))

@@ -1,0 +1,648 @@
+"""The HTTP server: FastAPI on uvicorn, built by :func:`create_app` from :class:`ServerSettings`.
+
+Endpoints (every error is ``{"error": "..."}`` with its status):
+
+- ``POST /v1/classify`` - one image as the raw body, or multipart ``file`` parts (several allowed)
+- Open Inference Protocol v2 subset: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
+  ``/v2/models/{name}``, ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``
+- ``GET /v1/model``, ``GET /metrics`` (Prometheus), ``POST /v1/admin/reload`` (bearer token)
+
+The :class:`ModelHolder` polls the bundle store's ``CURRENT`` pointer in a background thread,
+loads and warms a new bundle off the request path and swaps one reference. Requests take that
+reference once, so in-flight requests finish on the model they started with; a bundle that
+fails to load is refused and the old one keeps serving. No torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import datetime as dt
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from cvm_edge import __version__
+from cvm_edge.errors import CvmError, DataError, ModelLoadError
+from cvm_edge.fsutil import read_pointer
+from cvm_edge.preprocess import UnsupportedImageError, normalise
+from deploy.bundle import checkpoint_dir_name, current_bundle_dir
+from deploy.predictor import Outputs, Predictor, PredictorOptions
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_ENV = "CVM_ADMIN_TOKEN"
+RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp", "application/octet-stream")
+V2_OUTPUTS = ("logits", "probabilities", "embedding", "label")
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+# ----- settings and errors ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    workdir: Path | None = None  # serve <workdir>/bundles/CURRENT and follow it
+    bundle: Path | None = None  # or one fixed bundle directory
+    host: str = "127.0.0.1"
+    port: int = 8080
+    predictor: PredictorOptions = dataclasses.field(default_factory=PredictorOptions)
+    poll_interval_s: float = 1.0  # 0 disables polling (reload through the admin endpoint only)
+    max_body_bytes: int = 10 << 20
+    max_files: int = 32
+    default_top_k: int = 5
+    model_name: str = "cvm"
+    admin_token: str | None = None
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.workdir is None) == (self.bundle is None):
+            raise ValueError("give exactly one of workdir and bundle")
+        if self.poll_interval_s < 0 or self.max_body_bytes < 1 or self.max_files < 1:
+            raise ValueError("poll interval, body limit and file limit must be positive")
+
+    @property
+    def max_pixels(self) -> int:
+        return self.predictor.max_pixels
+
+
+class HTTPError(CvmError):
+    """An error answered with a given status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.http_status = status
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# ----- metrics ---------------------------------------------------------------------------------
+class Metrics:
+    """Prometheus metrics in a registry of their own (one per app, never the global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("cvm_requests", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.errors = Counter("cvm_errors", "HTTP responses with status >= 400", ["status"], registry=r)
+        self.latency = Histogram(
+            "cvm_request_latency_seconds",
+            "Request latency",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.images = Counter("cvm_images_classified", "Images run through the model", registry=r)
+        self.model_version = Gauge("cvm_model_version", "Checkpoint version of the model being served", registry=r)
+        self.model_info = Gauge("cvm_model_info", "The bundle being served", ["bundle", "precision"], registry=r)
+        self.reloads = Counter("cvm_model_reloads", "Bundle loads after start-up", ["result"], registry=r)
+        for result in ("success", "failure"):
+            self.reloads.labels(result=result)  # exported as 0 from the start
+
+    def set_model(self, predictor: Predictor) -> None:
+        self.model_version.set(predictor.bundle.version)
+        self.model_info.clear()
+        self.model_info.labels(bundle=predictor.name, precision=predictor.bundle.precision).set(1)
+
+
+class MetricsMiddleware:
+    """Counts every request by route template and status, and times it (pure ASGI, low overhead)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            m = self.metrics
+            m.requests.labels(method=scope.get("method", ""), route=route, status=str(status)).inc()
+            m.latency.labels(route=route).observe(time.perf_counter() - t0)
+            if status >= 400:
+                m.errors.labels(status=str(status)).inc()
+
+
+# ----- model holder ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    predictor: Predictor
+    loaded_at: str
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class ModelHolder:
+    """Owns the model reference the requests use, and replaces it only with a bundle that loaded
+    and answered a warm-up inference. Loads are serialised; reading :attr:`current` is one
+    attribute read, so requests never wait for a load."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        metrics: Metrics,
+        factory: Callable[[Path, PredictorOptions], Predictor] = Predictor,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.factory = factory
+        self.current: Loaded | None = None
+        self.last_error: dict[str, Any] | None = None
+        self._failed: str | None = None  # the bundle that failed last; not retried until CURRENT moves
+        self._load_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.loads = 0
+
+    def target(self) -> Path | None:
+        if self.settings.bundle is not None:
+            return self.settings.bundle
+        assert self.settings.workdir is not None
+        return current_bundle_dir(self.settings.workdir)
+
+    def check(self, force: bool = False) -> bool:
+        """Load the bundle CURRENT names if it is not the one serving. True when a new model was
+        swapped in. Load failures are recorded (and raised when ``force``); the old model stays."""
+        with self._load_lock:
+            try:
+                target = self.target()
+            except CvmError as exc:  # CURRENT names something that is not a bundle
+                if force:
+                    self._record_failure(f"pointer: {exc}", exc)
+                    raise
+                if self._failed != f"pointer: {exc}":  # log once, not every poll
+                    self._record_failure(f"pointer: {exc}", exc)
+                return False
+            if target is None:
+                if force:
+                    raise HTTPError(409, "no bundle has been published yet (run `cvm export`)")
+                return False
+            key = str(target)
+            serving = self.current.predictor.bundle.path if self.current else None
+            if not force and (key == str(serving) or key == self._failed):
+                return False
+            try:
+                predictor = self.factory(target, self.settings.predictor)
+                predictor.warmup()
+            except CvmError as exc:
+                self._record_failure(key, exc)
+                if force:
+                    raise
+                return False
+            except Exception as exc:  # noqa: BLE001 - a broken bundle must never take the server down
+                self._record_failure(key, ModelLoadError(f"bundle {target.name}: {exc}"))
+                if force:
+                    raise ModelLoadError(f"bundle {target.name}: {exc}") from None
+                return False
+            previous = self.current
+            self.current = Loaded(predictor, _now())  # the swap: one reference
+            self._failed = None
+            self.last_error = None
+            self.metrics.set_model(predictor)
+            if self.loads:
+                self.metrics.reloads.labels(result="success").inc()
+            self.loads += 1
+            log.info(
+                "serving bundle %s (%s, %d classes, providers %s)%s",
+                predictor.name,
+                predictor.bundle.precision,
+                len(predictor.classes),
+                ",".join(predictor.providers),
+                f", replacing {previous.predictor.name}" if previous else "",
+            )
+            return True
+
+    def _record_failure(self, key: str | None, exc: CvmError) -> None:
+        self._failed = key
+        serving = self.current.predictor.name if self.current else None
+        self.last_error = {"bundle": key, "error": str(exc), "at": _now(), "still_serving": serving}
+        self.metrics.reloads.labels(result="failure").inc()
+        log.error("refused bundle %s: %s (still serving %s)", key, exc, serving or "nothing")
+
+    def _poll(self) -> None:
+        interval = self.settings.poll_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self.check()
+            except Exception:  # the poller must outlive any one bad bundle
+                log.exception("bundle poll failed")
+
+    def start(self) -> None:
+        try:
+            self.check()
+        except Exception:  # start without a model; readiness says so
+            log.exception("initial bundle load failed")
+        if self.settings.workdir is not None and self.settings.poll_interval_s > 0:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._poll, name="cvm-bundle-poll", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def require(self) -> Predictor:
+        loaded = self.current
+        if loaded is None:
+            detail = f": {self.last_error['error']}" if self.last_error else ""
+            raise HTTPError(503, f"no model loaded yet{detail}")
+        return loaded.predictor
+
+
+# ----- request bodies ----------------------------------------------------------------------------
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise HTTPError(400, "bad Content-Length header") from None
+        if size > limit:
+            raise HTTPError(413, f"request body of {size} bytes is over the limit of {limit} bytes")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise HTTPError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _one_chunk(data: bytes) -> AsyncGenerator[bytes, None]:
+    yield data
+    yield b""
+
+
+async def read_images(request: Request, settings: ServerSettings) -> list[tuple[str | None, bytes]]:
+    """The images of a classify request: the raw body, or each multipart ``file`` part in order."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, settings.max_body_bytes)
+    if ctype == "multipart/form-data":
+        parser = MultiPartParser(
+            request.headers, _one_chunk(body), max_files=settings.max_files, max_fields=settings.max_files
+        )
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise HTTPError(400, f"bad multipart body: {exc.message}") from None
+        try:
+            files = []
+            for value in form.getlist("file"):
+                if not isinstance(value, UploadFile):
+                    raise HTTPError(422, "the 'file' part must be a file upload, not a text field")
+                files.append((value.filename, await value.read()))
+        finally:
+            await form.close()
+        if not files:
+            raise HTTPError(422, "multipart body has no 'file' part")
+        return files
+    if ctype and ctype not in RAW_IMAGE_TYPES:
+        raise UnsupportedImageError(
+            f"unsupported Content-Type {ctype!r}: send an image (JPEG, PNG, WebP, BMP) as the body "
+            "or as multipart/form-data 'file' parts"
+        )
+    if not body:
+        raise DataError("empty request body: send an image")
+    return [(None, body)]
+
+
+def _decode_all(predictor: Predictor, images: list[tuple[str | None, bytes]]) -> np.ndarray:
+    pixels = []
+    for i, (filename, data) in enumerate(images):
+        try:
+            pixels.append(predictor.pixels(data))
+        except CvmError as exc:
+            if len(images) > 1:
+                exc.args = (f"file {i + 1} ({filename or 'unnamed'}): {exc}",)
+            raise
+    return np.stack(pixels)
+
+
+# ----- Open Inference Protocol v2 --------------------------------------------------------------
+def _v2_inputs(predictor: Predictor, body: Any) -> tuple[np.ndarray, str | None, list[str]]:
+    """The model input of a v2 infer request: float32 NCHW, the request id, the outputs wanted."""
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1:
+        raise HTTPError(400, "the request needs 'inputs': a list with one tensor")
+    tensor = body["inputs"][0]
+    if not isinstance(tensor, dict):
+        raise HTTPError(400, "each input must be an object with name, shape, datatype and data")
+    shape, dtype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise HTTPError(400, "input 'shape' must be a list of non-negative integers")
+    if not isinstance(data, list):
+        raise HTTPError(400, "input 'data' must be a list (the JSON tensor encoding)")
+    rid = body.get("id")
+    wanted = V2_OUTPUTS if not body.get("outputs") else _v2_requested_outputs(body["outputs"])
+    if dtype == "FP32":
+        try:
+            x = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise HTTPError(400, "FP32 data must be numbers (flat or nested lists)") from None
+        if x.size != int(np.prod(shape)):
+            raise HTTPError(400, f"FP32 data has {x.size} elements but shape {shape} needs {int(np.prod(shape))}")
+        x = x.reshape(shape)
+        if not np.isfinite(x).all():
+            raise HTTPError(422, "FP32 data holds NaN or infinite values")
+        try:
+            x = predictor.check_input(x)
+        except DataError as exc:
+            raise HTTPError(400, str(exc)) from None
+        return x, None if rid is None else str(rid), list(wanted)
+    if dtype == "BYTES":
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] != len(data):
+            raise HTTPError(400, f"BYTES input must have shape [B] or [B, 1] with B = {len(data)} elements")
+        if not 1 <= len(data) <= predictor.options.max_batch:
+            raise HTTPError(400, f"batch size must be 1..{predictor.options.max_batch}")
+        images = []
+        for i, item in enumerate(data):
+            if not isinstance(item, str):
+                raise HTTPError(400, f"BYTES element {i} must be a base64 string")
+            try:
+                images.append((f"element {i}", base64.b64decode(item, validate=True)))
+            except (binascii.Error, ValueError):
+                raise HTTPError(422, f"BYTES element {i} is not valid base64") from None
+        pixels = _decode_all(predictor, [(n, b) for n, b in images])
+        return normalise(pixels, predictor.prep), None if rid is None else str(rid), list(wanted)
+    raise HTTPError(
+        400, f"input datatype must be FP32 (a [B, 3, H, W] tensor) or BYTES (encoded images), not {dtype!r}"
+    )
+
+
+def _v2_requested_outputs(outputs: Any) -> list[str]:
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
+        raise HTTPError(400, "'outputs' must be a list of objects with a 'name'")
+    names = [str(o["name"]) for o in outputs]
+    unknown = [n for n in names if n not in V2_OUTPUTS]
+    if unknown:
+        raise HTTPError(400, f"unknown output(s) {', '.join(unknown)}; this model has {', '.join(V2_OUTPUTS)}")
+    return names
+
+
+def _v2_outputs(predictor: Predictor, out: Outputs, wanted: list[str]) -> list[dict[str, Any]]:
+    b = len(out.logits)
+    tensors: dict[str, Callable[[], dict[str, Any]]] = {
+        "logits": lambda: _fp32("logits", out.logits),
+        "probabilities": lambda: _fp32("probabilities", out.probabilities),
+        "embedding": lambda: _fp32("embedding", out.embedding),
+        "label": lambda: {
+            "name": "label",
+            "datatype": "BYTES",
+            "shape": [b],
+            "data": [predictor.classes[int(i)] for i in out.logits.argmax(1)],
+        },
+    }
+    return [tensors[n]() for n in wanted]
+
+
+def _fp32(name: str, a: np.ndarray) -> dict[str, Any]:
+    return {"name": name, "datatype": "FP32", "shape": list(a.shape), "data": a.astype(np.float32).ravel().tolist()}
+
+
+def _v2_metadata(settings: ServerSettings, predictor: Predictor) -> dict[str, Any]:
+    s = predictor.prep.image_size
+    k = len(predictor.classes)
+    emb = predictor.manifest.get("outputs", [{}, {"shape": [-1, -1]}])[1].get("shape", [-1, -1])
+    return {
+        "name": settings.model_name,
+        "versions": [predictor.name],
+        "platform": "onnxruntime_onnx",
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [-1, 3, s, s]},
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, k]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+            {"name": "embedding", "datatype": "FP32", "shape": emb},
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        ],
+    }
+
+
+# ----- app ---------------------------------------------------------------------------------------
+def _history(workdir: Path | None, version: int) -> list[Any] | None:
+    """The metrics history of the checkpoint a bundle came from (read as JSON: no torch here)."""
+    if workdir is None:
+        return None
+    try:
+        meta = json.loads((workdir / "checkpoints" / checkpoint_dir_name(version) / "meta.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    history = meta.get("history")
+    return history if isinstance(history, list) else None
+
+
+def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> FastAPI:
+    """The FastAPI app for ``settings``; everything it uses hangs off the app (no module state)."""
+    metrics = Metrics() if holder is None else holder.metrics
+    holder = holder or ModelHolder(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(holder.start)
+        try:
+            yield
+        finally:
+            holder.stop()
+
+    app = FastAPI(title="cvm-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.holder = holder
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+
+    def check_name(name: str) -> None:
+        if name != settings.model_name:
+            raise HTTPError(404, f"unknown model {name!r}; this server serves {settings.model_name!r}")
+
+    @app.post("/v1/classify")
+    async def classify(request: Request, top_k: int = Query(settings.default_top_k, ge=1, le=1000)) -> Response:
+        t0 = time.perf_counter()
+        images = await read_images(request, settings)
+        predictor = holder.require()  # one reference for the whole request
+        out = await run_in_threadpool(lambda: predictor.run_pixels(_decode_all(predictor, images)))
+        metrics.images.inc(len(images))
+        preds = predictor.top_k(out, top_k)
+        result: dict[str, Any] = {"model_version": predictor.name}
+        if len(images) == 1:
+            result["predictions"] = preds[0]
+        else:
+            result["results"] = [{"filename": f, "predictions": p} for (f, _), p in zip(images, preds, strict=True)]
+        result["latency_ms"] = round(1000 * (time.perf_counter() - t0), 3)
+        return JSONResponse(result)  # plain JSON types already: skips FastAPI's response encoding
+
+    @app.get("/v2")
+    def server_metadata() -> dict[str, Any]:
+        return {"name": "cvm-edge", "version": __version__, "extensions": []}
+
+    @app.get("/v2/health/live")
+    def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    def ready() -> Response:
+        if holder.current is None:
+            return JSONResponse({"ready": False, "error": "no model loaded"}, status_code=503)
+        return JSONResponse({"ready": True})
+
+    @app.get("/v2/models/{name}")
+    def model_metadata(name: str) -> dict[str, Any]:
+        check_name(name)
+        return _v2_metadata(settings, holder.require())
+
+    @app.get("/v2/models/{name}/ready")
+    def model_ready(name: str) -> Response:
+        check_name(name)
+        ok = holder.current is not None
+        body = {"name": name, "ready": ok} if ok else {"name": name, "ready": False, "error": "no model loaded"}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> dict[str, Any]:
+        check_name(name)
+        raw = await read_body(request, settings.max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "the body must be JSON (Open Inference Protocol v2 request)") from None
+        predictor = holder.require()
+
+        def work() -> tuple[Outputs, str | None, list[str]]:
+            x, rid, wanted = _v2_inputs(predictor, body)
+            return predictor.run(x), rid, wanted
+
+        out, rid, wanted = await run_in_threadpool(work)
+        metrics.images.inc(len(out.logits))
+        answer: dict[str, Any] = {"model_name": name, "model_version": predictor.name}
+        if rid is not None:
+            answer["id"] = rid
+        answer["outputs"] = _v2_outputs(predictor, out, wanted)
+        return answer
+
+    @app.get("/v1/model")
+    def model_info() -> dict[str, Any]:
+        loaded = holder.current
+        p = loaded.predictor if loaded else None
+        return {
+            "ready": p is not None,
+            "model_name": settings.model_name,
+            "model_version": p.name if p else None,
+            "checkpoint_version": p.bundle.version if p else None,
+            "precision": p.bundle.precision if p else None,
+            "classes": p.classes if p else [],
+            "providers": p.providers if p else [],
+            "bundle_dir": str(p.bundle.path) if p else None,
+            "loaded_at": loaded.loaded_at if loaded else None,
+            "source": {"workdir": str(settings.workdir)} if settings.workdir else {"bundle": str(settings.bundle)},
+            "manifest": p.manifest if p else None,
+            "history": _history(settings.workdir, p.bundle.version) if p else None,
+            # a checkpoint newer than the bundle means an export is missing (see firmware_notes/power-loss.md)
+            "latest_checkpoint": read_pointer(settings.workdir / "checkpoints" / "LATEST")
+            if settings.workdir
+            else None,
+            "last_reload_error": holder.last_error,
+        }
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/admin/reload")
+    async def admin_reload(request: Request) -> dict[str, Any]:
+        token = settings.admin_token
+        if not token:
+            raise HTTPError(404, f"the admin endpoint is disabled (set {ADMIN_TOKEN_ENV} to enable it)")
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise HTTPError(401, "a valid 'Authorization: Bearer <token>' header is required")
+        before = holder.current.predictor.name if holder.current else None
+        await run_in_threadpool(holder.check, True)
+        after = holder.require().name
+        return {"reloaded": True, "model_version": after, "previous_version": before}
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def cvm_error(_: Request, exc: Exception) -> Response:
+        status = getattr(exc, "http_status", 500)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if status >= 500:
+            log.error("request failed: %s", exc)
+        return _error(status, str(exc), headers)
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers) if exc.headers else None)
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "path", "body"))
+            parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+        return _error(422, "; ".join(parts) or "invalid request")
+
+    async def internal_error(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return _error(500, "internal server error")
+
+    app.add_exception_handler(CvmError, cvm_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run the server in this process until SIGINT/SIGTERM."""
+    import uvicorn
+
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: the server is reachable from other machines", settings.host)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        access_log=settings.access_log,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
