@@ -54,6 +54,9 @@ class TrainConfig:
     # and scale are tuned for this many epochs on the (class-balanced) replay buffer, which removes
     # the bias towards the classes that were just trained on. 0 turns it off.
     balance_epochs: int = 3
+    # Opt-in GPU speed-ups (benchmarks); both default off so `cvm update` is unchanged.
+    channels_last: bool = False  # NHWC memory format for the model and its image inputs
+    amp_bf16: bool = False  # bfloat16 autocast for the training forward pass and losses
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.replay_batch_size < 0:
@@ -187,6 +190,8 @@ class Strategy:
         x = to_input(inputs, self.prep)
         if self.config.augment:
             x = random_crop_flip(x, self.config.crop_pad, generator)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     # ----- the loop ---------------------------------------------------------------------
@@ -201,6 +206,8 @@ class Strategy:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         model = self.model.to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         teacher = None
         if any(p.needs_teacher for p in self.plugins) and len(old_classes):
             teacher = copy.deepcopy(model).eval()
@@ -259,13 +266,14 @@ class Strategy:
                 for plugin in self.plugins:
                     batch = plugin.extend_batch(ctx, batch)
                 x = self._prepare(batch.inputs, cached, gen)
-                z, logits = ctx.forward_head(model, x)
-                out = Output(x=x, embeddings=z, logits=logits)
-                loss = classification_loss(logits, batch, ctx, loss_kind)
-                for plugin in self.plugins:
-                    extra = plugin.loss(ctx, batch, out)
-                    if extra is not None:
-                        loss = loss + extra
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
+                    z, logits = ctx.forward_head(model, x)
+                    out = Output(x=x, embeddings=z, logits=logits)
+                    loss = classification_loss(logits.float(), batch, ctx, loss_kind)
+                    for plugin in self.plugins:
+                        extra = plugin.loss(ctx, batch, out)
+                        if extra is not None:
+                            loss = loss + extra.float()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

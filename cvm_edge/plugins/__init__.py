@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from cvm_edge.plugins.der import DerPlugin
 from cvm_edge.plugins.distill import DistillPlugin
 from cvm_edge.plugins.ewc import EwcPlugin
 from cvm_edge.plugins.replay import ReplayPlugin
 from cvm_edge.strategy import Plugin
 
-PLUGIN_NAMES = ("replay", "distill", "ewc")
+PLUGIN_NAMES = ("replay", "distill", "ewc", "der")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,8 @@ class PluginOptions:
     ewc_lambda: float = 100.0
     ewc_decay: float = 1.0  # online EWC: old Fisher is multiplied by this before adding the new one
     ewc_samples: int = 512
+    der_alpha: float = 0.1  # DER++ (Buzzega et al. 2020): weight of the MSE to stored logits
+    der_beta: float = 0.5  # DER++: weight of the cross-entropy on a second buffer batch (0: plain DER)
 
 
 def parse_plugin_list(text: str) -> list[str]:
@@ -43,6 +46,8 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
             plugins.append(DistillPlugin(options.distill_weight, options.distill_target, options.distill_temperature))
         elif name == "ewc":
             plugins.append(EwcPlugin(options.ewc_lambda, options.ewc_decay, options.ewc_samples))
+        elif name == "der":
+            plugins.append(DerPlugin(options.der_alpha, options.der_beta))
         else:
             raise ValueError(f"unknown plugin {name!r}")
     return plugins
@@ -50,6 +55,7 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
 
 __all__ = [
     "PLUGIN_NAMES",
+    "DerPlugin",
     "DistillPlugin",
     "EwcPlugin",
     "PluginOptions",

@@ -1,0 +1,124 @@
+"""Continual-learning methods, each a configuration of the product's Strategy and plugins.
+
+Literature hyper-parameters are those reported for Seq-CIFAR-10 by Buzzega et al. (DER, NeurIPS
+2020, appendix / mammoth ``best_args``), plain SGD without momentum, batch 32 (+ 32 replayed):
+
+| method | paper setting | here |
+|---|---|---|
+| fine-tune (SGD) | lr 0.1 | lr 0.1 |
+| joint | lr 0.1 | lr 0.1 |
+| oEWC | lr 0.03, lambda 10, gamma 1 | lr 0.03, ewc_lambda 20 (our penalty is lambda/2 * sum F dtheta^2), decay 1, Fisher from 128 samples per task |
+| LwF | lr 0.01, alpha 0.5, T 2, wd 5e-4 | lr 0.01, distill weight 0.5 on T^2-scaled KL over old classes, T 2, wd 5e-4 |
+| ER | lr 0.1 (buffers 200 and 500) | lr 0.1 |
+| DER++ | 200: lr 0.03, alpha 0.1, beta 0.5; 500: lr 0.03, alpha 0.2, beta 0.5 | the same |
+
+Our buffer differs from the paper's reservoir: it is rebalanced per class at the end of each task,
+and DER's logits are recorded then (by the model after the task), not while the stream passes.
+
+CVM variants use the product's own defaults (concept head with a 2-layer mapper, Adam lr 1e-3,
+asymmetric cross-entropy, 3 epochs of class-balanced head tuning after each task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cvm_edge.plugins import PluginOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    head: str  # concepts | linear
+    plugins: tuple[str, ...]
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    loss: str = "ce"
+    balance_epochs: int = 0
+    joint: bool = False
+    options: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per buffer size: overrides
+    base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def uses_buffer(self) -> bool:
+        return any(p in ("replay", "der") for p in self.plugins)
+
+    def resolved(self, buffer: int) -> dict[str, Any]:
+        """Hyper-parameters for one buffer size: optimizer fields plus plugin options."""
+        hp: dict[str, Any] = {
+            "optimizer": self.optimizer,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "loss": self.loss,
+            "balance_epochs": self.balance_epochs,
+            **self.base_options,
+        }
+        per = self.options.get(buffer)
+        if per is None and self.options:
+            per = self.options[min(self.options, key=lambda b: abs(b - buffer))]
+        hp.update(per or {})
+        return hp
+
+    def plugin_options(self, hp: dict[str, Any]) -> PluginOptions:
+        fields = {f.name for f in dataclasses.fields(PluginOptions)}
+        return PluginOptions(**{k: v for k, v in hp.items() if k in fields})
+
+
+DERPP_BY_BUFFER = {
+    200: {"lr": 0.03, "der_alpha": 0.1, "der_beta": 0.5},
+    500: {"lr": 0.03, "der_alpha": 0.2, "der_beta": 0.5},
+}
+CVM: dict[str, Any] = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "loss": "ace", "balance_epochs": 3}
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("finetune", "linear", (), lr=0.1, description="fine-tuning, no protection (lower bound)"),
+        Method("joint", "linear", (), lr=0.1, joint=True, description="all tasks' data at once (upper bound)"),
+        Method("er", "linear", ("replay",), lr=0.1, description="experience replay"),
+        Method("derpp", "linear", ("der",), lr=0.03, options=DERPP_BY_BUFFER, description="DER++"),
+        Method(
+            "lwf",
+            "linear",
+            ("distill",),
+            lr=0.01,
+            weight_decay=5e-4,
+            base_options={"distill_target": "logits", "distill_weight": 0.5, "distill_temperature": 2.0},
+            description="Learning without Forgetting (logit distillation)",
+        ),
+        Method(
+            "ewc",
+            "linear",
+            ("ewc",),
+            lr=0.03,
+            base_options={"ewc_lambda": 20.0, "ewc_decay": 1.0, "ewc_samples": 128},
+            description="online EWC",
+        ),
+        Method(
+            "cvm-er", "concepts", ("replay",), **CVM, description="concept head, replay, ACE loss, balanced head tuning"
+        ),
+        Method(
+            "cvm-er-distill",
+            "concepts",
+            ("replay", "distill"),
+            **CVM,
+            base_options={"distill_target": "embedding", "distill_weight": 1.0},
+            description="concept head, replay + embedding distillation (the product default)",
+        ),
+        Method(
+            "cvm-derpp",
+            "concepts",
+            ("der",),
+            **CVM,
+            options={200: {"der_alpha": 0.1, "der_beta": 0.5}, 500: {"der_alpha": 0.2, "der_beta": 0.5}},
+            description="concept head with DER++ logit replay, ACE on the stream",
+        ),
+    )
+}
+
+BUFFERLESS = tuple(n for n, m in METHODS.items() if not m.uses_buffer)

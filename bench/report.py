@@ -1,0 +1,306 @@
+"""Render ``bench/BENCHMARKS.md`` and the PNG plots under ``bench/plots/`` from ``bench/results``.
+
+python -m bench.report [--results bench/results] [--out bench/BENCHMARKS.md] [--plots bench/plots]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.datasets import REPO
+from cvm_edge.fsutil import atomic_write_text
+
+RESULTS = REPO / "bench" / "results"
+SKIP_DIRS = {"smoke", "update", "logs"}
+# Buzzega et al. 2020, Table 2, Seq-CIFAR-10 class-IL (50 epochs per task): accuracy in percent.
+LITERATURE = {
+    ("cifar10-5", "joint", 0): 92.20,
+    ("cifar10-5", "finetune", 0): 19.62,
+    ("cifar10-5", "ewc", 0): 19.49,
+    ("cifar10-5", "lwf", 0): 19.61,
+    ("cifar10-5", "er", 200): 44.79,
+    ("cifar10-5", "er", 500): 57.74,
+    ("cifar10-5", "derpp", 200): 64.88,
+    ("cifar10-5", "derpp", 500): 72.70,
+}
+
+
+def load_results(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(run records, grid records) of every protocol folder."""
+    runs, grids = [], []
+    for proto_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in SKIP_DIRS):
+        for f in sorted(proto_dir.glob("*.json")):
+            rec = json.loads(f.read_text())
+            if f.name.startswith("_grid"):
+                grids.append(rec)
+            elif "acc_matrix" in rec:
+                rec["_file"] = f.name
+                runs.append(rec)
+    return runs, grids
+
+
+def group_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    hp = r["hyperparameters"]
+    return (
+        r["protocol"],
+        r["method"] + r.get("tag", ""),
+        r["buffer"],
+        hp["epochs"],
+        hp["model"]["train_backbone"],
+        hp["model"]["image_size"],
+        r["device"].split(":")[0],
+    )
+
+
+def _ms(vals: Sequence[float | None]) -> str:
+    xs = [v for v in vals if v is not None]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return f"{xs[0]:.1f}"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
+
+
+def mean_matrix(group: Sequence[dict[str, Any]]) -> np.ndarray:
+    mats = [np.array([[np.nan if v is None else v for v in row] for row in r["acc_matrix"]], float) for r in group]
+    if len(mats) == 1:
+        return mats[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cells above the diagonal are all NaN
+        return np.nanmean(np.stack(mats), axis=0)
+
+
+def render_table(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str) -> list[str]:
+    lines = [
+        "| method | buffer | epochs/task | backbone training | size | seeds | final acc % | forgetting | avg incr. acc % | BWT | paper (50 ep.) | img/s (one run) | peak mem MB | wall min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(k for k in groups if k[0] == protocol):
+        g = groups[key]
+        _, method, buffer, epochs, tb, size, _device = key
+        lit = LITERATURE.get((protocol, method, buffer))
+        mem = g[0]["peak_memory"].get("cuda_max_allocated_mb", g[0]["peak_memory"]["rss_mb"])
+        mem_kind = "GPU" if "cuda_max_allocated_mb" in g[0]["peak_memory"] else "RSS"
+        lines.append(
+            f"| {method} | {buffer or '-'} | {epochs} | {tb} | {size} | {','.join(str(r['seed']) for r in g)} "
+            f"| {_ms([r['final_avg_acc'] for r in g])} | {_ms([r['forgetting'] for r in g])} "
+            f"| {_ms([r['avg_incremental_acc'] for r in g])} | {_ms([r['bwt'] for r in g])} "
+            f"| {'' if lit is None else f'{lit:.2f}'} | {statistics.mean(r['images_per_s'] for r in g):.0f} "
+            f"| {mem:.0f} ({mem_kind}) | {statistics.mean(r['wall_s'] for r in g) / 60:.1f} |"
+        )
+    return lines
+
+
+def render_grids(grids: Sequence[dict[str, Any]]) -> list[str]:
+    if not grids:
+        return []
+    lines = [
+        "| protocol | grid | GPU | processes | runs finished / launched | GPU minutes (wall) | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for g in grids:
+        ok = sum(1 for r in g["runs"] if r["rc"] == 0)
+        gpu = g.get("machine", {}).get("gpu", g["device"])
+        lines.append(
+            f"| {g['protocol']} | {g['tag']} {' '.join(g.get('extra_args', []))} | {gpu} | {g['parallel']} "
+            f"| {ok} / {len(g['runs'])} | {g['gpu_minutes']:.1f} | {g.get('note', '')} |"
+        )
+    return lines
+
+
+def render_server_latency(root: Path) -> list[str]:
+    """The serving-latency row (bench/server_latency.py): server p50 against the bare Predictor."""
+    path = root / "server_latency.json"
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    f, m = d["figures"], d["machine"]
+    return [
+        "| p50 Predictor ms | p50 server ms | ratio (target <= 1.25) | p99 server ms | command | commit | machine | date |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {f['predictor']['p50_ms']:.2f} | {f['server_client_side']['p50_ms']:.2f} | {f['ratio_p50']:.3f} | "
+        f"{f['server_client_side']['p99_ms']:.2f} | `{d['command']}` | {d['git_commit'][:12]} | "
+        f"{m['cpu']}, {m['cpu_count']} cores | {d['date'][:10]} |",
+    ]
+
+
+def render_updates(root: Path) -> list[str]:
+    d = root / "update"
+    files = sorted(d.glob("*.json")) if d.is_dir() else []
+    if not files:
+        return []
+    lines = [
+        "| train_backbone | image size | images | epochs | buffer | wall s | train img/s | peak RSS MB | new-class acc % | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in files:
+        r = json.loads(f.read_text())
+        lines.append(
+            f"| {r['train_backbone']} | {r['image_size']} | {r['n_images']} | {r['epochs']} | {r['buffer']} "
+            f"| {r['wall_s']:.1f} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['new_accuracy']:.1f} | {r['machine']} |"
+        )
+    return lines
+
+
+def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str, plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(k for k in groups if k[0] == protocol and len(groups[k][0]["acc_matrix"]) > 1)
+    if not keys:
+        return []
+    plots.mkdir(parents=True, exist_ok=True)
+    label = lambda k: f"{k[1]} b{k[2]} e{k[3]} {k[4]}-{k[5]}"  # noqa: E731
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, k in zip(axes.flat, keys, strict=False):
+        m = mean_matrix(groups[k])
+        ax.axis("on")
+        ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+        for (i, j), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
+        ax.set_title(label(k), fontsize=8)
+        ax.set_xlabel("task evaluated", fontsize=7)
+        ax.set_ylabel("after task", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    heat = plots / f"{protocol}-accuracy-matrix.png"
+    fig.savefig(heat, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab20")
+    for i, k in enumerate(keys):
+        m = mean_matrix(groups[k])
+        curve = [np.nanmean(m[r, : r + 1]) for r in range(len(m))]
+        style = "-" if "concepts" in str(groups[k][0]["hyperparameters"]["model"]["head"]) else "--"
+        ax.plot(range(1, len(curve) + 1), curve, style, marker="o", color=colors(i % 20), label=label(k))
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("mean accuracy on seen tasks (%)")
+    ax.set_title(protocol)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    curves = plots / f"{protocol}-accuracy-curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    return [heat.name, curves.name]
+
+
+HEADER = """# cvm-edge continual-learning benchmarks
+
+Rendered by `python -m bench.report` from `bench/results/**.json` (one file per run: command, commit,
+machine, device, library versions, hyper-parameters, the accuracy matrix). Every run trains through the
+product's own `Strategy` and plugins. Accuracies are class-incremental (prediction among all classes seen
+so far), in percent, mean ± std over the seeds listed; forgetting (Chaudhry et al.) and backward transfer
+are in points. `img/s` counts training images (new + replayed) per second of training time of one run;
+runs of a grid share one GPU, so one run's img/s is a share of the card, not its capacity.
+
+**Read the epochs column.** The literature protocol (Buzzega et al. 2020, Table 2) trains 50 epochs per
+task; the GPU grids recorded here could only afford 3 (or 5) epochs per task, so they are *not* the
+paper's numbers and rank methods at a small training budget (DER++ is known to need the long schedule).
+The paper column gives the published 50-epoch numbers for orientation only.
+
+Differences from the paper, on purpose: our replay buffer is class-balanced and rebalanced at the end of
+each task (the paper fills it by reservoir sampling during the stream), and DER++'s stored logits are
+recorded by the model after the task, not while the stream passes; EWC's lambda is 20 because our penalty
+is lambda/2 * sum F dtheta^2 (the paper's 10 without the 1/2); LwF's KL is scaled by T^2; the class order
+is a seeded permutation (the paper uses the natural order).
+
+## What the numbers say (2026-11-25)
+
+- **cifar10-5 at 3 epochs/task** (3 seeds; H100, up to 16 runs at a time under CUDA MPS): the concept head
+  (CVM variants, product defaults: Adam 1e-3, ACE loss, balanced head tuning) beats the linear-head baselines
+  at equal buffers: cvm-derpp 47.5 ± 0.7 / 54.9 ± 1.7 % (buffers 200 / 500), cvm-er-distill 44.1 / 51.1 %,
+  cvm-er 41.4 / 49.4 %, against ER 40.3 / 46.2 % and linear DER++ 25.9 / 24.6 %. Linear DER++ at its paper
+  learning rate (0.03) is badly under-trained at 3 epochs and here worse than ER; its loss is checked against
+  its definition by `tests/test_bench_der.py`, but it has NOT been run at the 50-epoch literature schedule, so
+  the paper's 64.9 / 72.7 % is neither confirmed nor refuted. Fine-tune 16.7, LwF 15.9, EWC 12.7 % (paper
+  19.5-19.6 %; EWC seed 2 diverged to a constant prediction after task 4, seeds 0-1 give 14.1 %). Joint
+  reaches 59.6 % at 3 epochs and 69.5 % at 5 (paper 92.2 % at 50): the budget, not the code, limits these.
+- **imagenette-5-lite0 (edge protocol, issue 8)**: with the offline ImageNet EfficientNet-Lite0 frozen
+  (train_backbone none, features cached once per update) the input size matters most: 64 px 60.7 / 70.6 %
+  (ER / CVM-ER), 128 px 78.8 / 78.1 %, 224 px 88.5 / 88.3 % (3 seeds). Best: cvm-derpp at 224 px,
+  buffer 200, 90.2 ± 1.1 % (DER++ 89.9, ER 88.5, CVM-ER 88.3, CVM-ER+distill 88.2 with the least
+  forgetting, 6.0): the 85 % target is met with the frozen backbone. Training the last stage or all of it
+  (from the same pretrained start) was worse at every size tried (224 px, 5 epochs: last 83.1 / 82.7 %, all
+  84.4 / 71.4 %), with 2-3x more forgetting: with 200 buffered images the drifting features cost more than
+  they gain.
+- The same Lite0 **from scratch** (`--pretrained none --train-backbone all`, 64 px, 10 epochs, seed 0): ER
+  32.3 %, CVM-ER 38.6 % (forgetting 54.6 vs 4.3): pretraining is worth about 50 points here.
+- `multidomain-30`, `fmnist-5` and `imagenette-5` (resnet18_cifar from scratch) are wired up but were not
+  run (no device time left).
+- **One `cvm update` on this 2-core CPU** (shared with other jobs, so slow and noisy): 2 new Imagenette
+  classes (1,892 files at 64 px upscaled to 224 px, 1,692 trained after the hold-out), buffer 500, Lite0
+  frozen, 2 epochs: 399 s wall (reading, feature caching, training, evaluation, checkpoint), 17 img/s as the
+  update reports it, peak RSS 6.6 GB (the 256-image evaluation/feature batches at 224 px dominate), new-class
+  accuracy 97.0 %, old 95.0 %. train_backbone last, same update: 1,301 s, 5.2 img/s, peak RSS 6.8 GB, new
+  94.0 %, old 92.5 %. train_backbone all was not run (it would take several times longer than last); at
+  224 px only the frozen backbone is practical on such a CPU.
+- Frozen backbone: `Strategy.train_experience` computes the new data's and the buffer's features once per
+  update (not per epoch); one more backbone pass over the new data records the buffer logits and one over the
+  buffer feeds the balanced head tuning.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.report", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "BENCHMARKS.md")
+    ap.add_argument("--plots", type=Path, default=REPO / "bench" / "plots")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    runs, grids = load_results(args.results)
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[group_key(r)].append(r)
+    for g in groups.values():
+        g.sort(key=lambda r: r["seed"])
+    lines = [HEADER]
+    for protocol in sorted({k[0] for k in groups}):
+        sample = next(r for k, g in groups.items() if k[0] == protocol for r in g)
+        lines += [
+            f"## {protocol}",
+            "",
+            f"Tasks: {len(sample['tasks'])} of {len(sample['tasks'][0])} classes; data: {', '.join(sample['datasets'])}.",
+            "",
+        ]
+        lines += render_table(groups, protocol)
+        if not args.no_plots:
+            names = plot(groups, protocol, args.plots)
+            lines += [""] + [f"![{n}](plots/{n})" for n in names]
+        lines.append("")
+    grid_lines = render_grids(grids)
+    if grid_lines:
+        lines += ["## GPU time per grid", "", *grid_lines, ""]
+    upd = render_updates(args.results)
+    if upd:
+        lines += ["## One `cvm update` on the 2-core CPU (bench/update.py)", "", *upd, ""]
+    srv = render_server_latency(args.results)
+    if srv:
+        lines += ["## Serving latency: 224x224 JPEG, 1 intra-op thread (bench/server_latency.py)", "", *srv, ""]
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print(f"wrote {args.out} ({len(runs)} runs, {len(groups)} groups)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

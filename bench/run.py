@@ -1,0 +1,386 @@
+"""One benchmark run: a method on a class-incremental protocol, trained through the product's
+Strategy and plugins, evaluated after every task, written as one JSON file.
+
+    python -m bench.run --protocol cifar10-5 --method derpp --buffer 200 --seed 0 --device cuda
+    python -m bench.run --protocol cifar10-5 --smoke        # CPU smoke: 2 tasks, 1 epoch, small subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.datasets import REPO, data_root
+from bench.methods import METHODS, Method
+from bench.metrics import summarise
+from bench.protocols import PROTOCOLS, Protocol, Scenario, build_scenario
+from bench.tables import concept_vectors, dummy_vectors
+from cvm_edge.buffer import ReplayBuffer
+from cvm_edge.data import ImageSet
+from cvm_edge.evaluate import predict_classes
+from cvm_edge.model import ModelConfig, build_model
+from cvm_edge.plugins import make_plugins
+from cvm_edge.preprocess import Preprocessing
+from cvm_edge.strategy import Strategy, TrainConfig
+
+log = logging.getLogger("bench.run")
+
+RESULTS = REPO / "bench" / "results"
+SMOKE_METHODS = ("finetune", "er", "derpp", "cvm-er-distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    protocol: Protocol
+    method: Method
+    buffer: int
+    seed: int
+    device: str = "cpu"
+    epochs: int | None = None
+    n_tasks: int | None = None
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    use_demo: bool = False
+    image_size: int | None = None
+    backbone: str | None = None
+    pretrained: str | None = None
+    train_backbone: str | None = None
+    channels_last: bool = False
+    amp_bf16: bool = False
+    tag: str = ""
+
+    @property
+    def size(self) -> int:
+        return self.image_size or self.protocol.image_size
+
+    @property
+    def run_name(self) -> str:
+        b = self.buffer if self.method.uses_buffer else 0
+        return f"{self.method.name}{self.tag}-b{b}-s{self.seed}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("CVM_BENCH_COMMIT", "unknown")
+
+
+def versions() -> dict[str, str]:
+    import PIL
+    import timm
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+    }
+
+
+def machine(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _model(spec: RunSpec, scenario: Scenario) -> tuple[torch.nn.Module, Preprocessing, ModelConfig, str]:
+    backbone_name = spec.backbone or spec.protocol.backbone
+    pretrained = spec.pretrained or spec.protocol.pretrained
+    table_fp = "none (linear head)"
+    if spec.method.head == "concepts":
+        table, table_fp = concept_vectors(scenario.class_names)
+    else:
+        table = dummy_vectors(len(scenario.class_names))
+    backbone = None
+    prep = Preprocessing(image_size=spec.size)
+    if pretrained != "none":
+        from cvm_edge.pretrained import load_pretrained_backbone
+
+        backbone, prep, backbone_name = load_pretrained_backbone(backbone_name, pretrained, spec.size)
+    config = ModelConfig(
+        backbone=backbone_name,
+        image_size=spec.size,
+        train_backbone=spec.train_backbone or spec.protocol.train_backbone,
+        head=spec.method.head,
+        pretrained=pretrained,
+    )
+    return build_model(config, table, pretrained_backbone=backbone), prep, config, table_fp
+
+
+def _task_data(split_images: np.ndarray, split_labels: np.ndarray, classes: Sequence[int]) -> ImageSet:
+    mask = np.isin(split_labels, np.asarray(classes))
+    return ImageSet(split_images[mask], split_labels[mask])
+
+
+def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    scenario = build_scenario(
+        spec.protocol,
+        spec.seed,
+        image_size=spec.size,
+        n_tasks=spec.n_tasks,
+        train_per_class=spec.train_per_class,
+        test_per_class=spec.test_per_class,
+        use_demo=spec.use_demo,
+    )
+    t_data = time.perf_counter() - t_start
+    torch.manual_seed(spec.seed)
+    model, prep, model_config, table_fp = _model(spec, scenario)
+    hp = spec.method.resolved(spec.buffer)
+    epochs = spec.epochs or spec.protocol.epochs
+    plugins = make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
+    base_cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=spec.protocol.batch_size,
+        replay_batch_size=spec.protocol.batch_size,
+        lr=hp["lr"],
+        optimizer=hp["optimizer"],
+        momentum=hp["momentum"],
+        weight_decay=hp["weight_decay"],
+        augment=True,
+        crop_pad=max(1, spec.size // 8),
+        seed=spec.seed,
+        device=spec.device,
+        progress=False,
+        loss=hp["loss"],
+        balance_epochs=hp["balance_epochs"],
+        channels_last=spec.channels_last,
+        amp_bf16=spec.amp_bf16,
+    )
+    tasks = [tuple(c for t in scenario.tasks for c in t)] if spec.method.joint else list(scenario.tasks)
+    buffer = ReplayBuffer.empty(spec.buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
+    matrix: list[list[float | None]] = []
+    per_task: list[dict[str, Any]] = []
+    seen: list[int] = []
+    images_seen, train_s, eval_s = 0, 0.0, 0.0
+    for t, classes in enumerate(tasks):
+        old = list(seen)
+        seen = sorted(set(seen) | set(classes))
+        data = _task_data(scenario.train.images, scenario.train.labels, classes)
+        cfg = dataclasses.replace(base_cfg, seed=spec.seed * 1000 + t)
+        strategy = Strategy(model, prep, plugins, cfg)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        result = strategy.train_experience(data, buffer, seen, old, task_index=t)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt_train = time.perf_counter() - t0
+        buffer = result.buffer
+        t0 = time.perf_counter()
+        row: list[float | None] = []
+        eval_tasks = scenario.tasks if spec.method.joint else scenario.tasks[: t + 1]
+        for j, tj in enumerate(scenario.tasks):
+            if j >= len(eval_tasks):
+                row.append(None)
+                continue
+            test = _task_data(scenario.test.images, scenario.test.labels, tj)
+            pred = predict_classes(model, prep, test.pixels, seen, device)  # type: ignore[arg-type]
+            row.append(round(100.0 * float((pred == test.labels).mean()), 3))
+        dt_eval = time.perf_counter() - t0
+        matrix.append(row)
+        images_seen += result.images_seen
+        train_s += dt_train
+        eval_s += dt_eval
+        per_task.append(
+            {
+                "task": t,
+                "classes": list(classes),
+                "n_train": len(data),
+                "train_s": round(dt_train, 3),
+                "eval_s": round(dt_eval, 3),
+                "steps": result.steps,
+                "images_seen": result.images_seen,
+                "final_loss": None if math.isnan(result.final_loss) else round(result.final_loss, 5),
+                "buffer_size": len(buffer),
+            }
+        )
+        log.info("%s task %d: %s (train %.1fs)", spec.run_name, t, row, dt_train)
+    wall = time.perf_counter() - t_start
+    if spec.method.joint:
+        summary: dict[str, float | None] = {
+            "final_avg_acc": float(np.mean([v for v in matrix[-1] if v is not None])),
+            "avg_incremental_acc": None,
+            "forgetting": None,
+            "bwt": None,
+        }
+    else:
+        summary = summarise(matrix)
+    peak: dict[str, float] = {"rss_mb": round(peak_rss_mb(), 1)}
+    if device.type == "cuda":
+        peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    record: dict[str, Any] = {
+        "protocol": spec.protocol.name,
+        "method": spec.method.name,
+        "method_description": spec.method.description,
+        "buffer": spec.buffer if spec.method.uses_buffer else 0,
+        "seed": spec.seed,
+        "tag": spec.tag,
+        **{k: (None if v is None else round(v, 3)) for k, v in summary.items()},
+        "acc_matrix": matrix,
+        "tasks": [list(t) for t in scenario.tasks],
+        "class_names": list(scenario.class_names),
+        "datasets": list(scenario.sources),
+        "n_train": len(scenario.train),
+        "n_test": len(scenario.test),
+        "wall_s": round(wall, 2),
+        "data_s": round(t_data, 2),
+        "train_s": round(train_s, 2),
+        "eval_s": round(eval_s, 2),
+        "images_seen": images_seen,
+        "images_per_s": round(images_seen / max(train_s, 1e-9), 1),
+        "peak_memory": peak,
+        "per_task": per_task,
+        "hyperparameters": {
+            "epochs": epochs,
+            "batch_size": base_cfg.batch_size,
+            "replay_batch_size": base_cfg.replay_batch_size,
+            "crop_pad": base_cfg.crop_pad,
+            "augment": "random crop (zero pad) + horizontal flip, on the training device",
+            "channels_last": spec.channels_last,
+            "amp_bf16": spec.amp_bf16,
+            "plugins": list(spec.method.plugins),
+            **hp,
+            "model": model_config.to_dict(),
+            "preprocessing": prep.to_dict(),
+            "concept_table": table_fp,
+            "train_per_class": spec.train_per_class,
+            "test_per_class": spec.test_per_class,
+            "buffer_policy": "class-balanced, rebalanced at the end of each task (not reservoir sampling)",
+        },
+        "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else ["python", "-m", "bench.run"])),
+        "git_commit": git_commit(),
+        "machine": machine(spec.device),
+        "device": spec.device,
+        "versions": versions(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "data_root": str(data_root()) if not spec.use_demo else "cvm_edge/demo_data (embedded sample)",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{spec.run_name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+    record["path"] = str(path)
+    return record
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--protocol", required=True, choices=sorted(PROTOCOLS))
+    ap.add_argument("--method", default=None, help=f"one or a comma list of {', '.join(METHODS)} (default: all)")
+    ap.add_argument("--buffer", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the protocol's)")
+    ap.add_argument("--tasks", type=int, default=None, help="stop after this many tasks")
+    ap.add_argument("--train-per-class", type=int, default=None)
+    ap.add_argument("--test-per-class", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--backbone", default=None)
+    ap.add_argument("--pretrained", default=None, choices=("none", "offline"))
+    ap.add_argument("--train-backbone", default=None, choices=("all", "last", "none"))
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix for the result file name (variants of one method)")
+    ap.add_argument("--smoke", action="store_true", help="2 tasks, 1 epoch, small subset, slim backbone (CPU)")
+    ap.add_argument("--demo", action="store_true", help="use the Fashion-MNIST sample embedded in cvm_edge (offline)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results root (files go to OUT/PROTOCOL/)")
+    ap.add_argument("--threads", type=int, default=None)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    protocol = PROTOCOLS[args.protocol]
+    names = args.method.split(",") if args.method else list(SMOKE_METHODS if args.smoke else METHODS)
+    bad = [n for n in names if n not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    out_dir = args.out / protocol.name
+    use_demo = bool(args.demo)
+    smoke: dict[str, Any] = {}
+    if args.smoke:
+        root = data_root()
+        use_demo = use_demo or root is None or not all((root / d).is_dir() for d in protocol.datasets)
+        smoke = {
+            "epochs": args.epochs or 1,
+            "n_tasks": args.tasks or 2,
+            "train_per_class": args.train_per_class or 200,
+            "test_per_class": args.test_per_class or 100,
+            "backbone": args.backbone or "resnet10_cifar_slim",
+        }
+        out_dir = args.out / "smoke" / protocol.name
+    argv_list = ["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)]
+    for name in names:
+        spec = RunSpec(
+            protocol=protocol,
+            method=METHODS[name],
+            buffer=args.buffer,
+            seed=args.seed,
+            device=args.device,
+            epochs=smoke.get("epochs", args.epochs),
+            n_tasks=smoke.get("n_tasks", args.tasks),
+            train_per_class=smoke.get("train_per_class", args.train_per_class),
+            test_per_class=smoke.get("test_per_class", args.test_per_class),
+            use_demo=use_demo,
+            image_size=args.image_size,
+            backbone=smoke.get("backbone", args.backbone),
+            pretrained=args.pretrained,
+            train_backbone=args.train_backbone,
+            channels_last=args.channels_last,
+            amp_bf16=args.bf16,
+            tag=args.tag,
+        )
+        rec = run(spec, out_dir, argv_list)
+        forg = rec["forgetting"]
+        print(
+            f"{protocol.name} {spec.run_name}: final {rec['final_avg_acc']:.2f}%"
+            f" forgetting {'n/a' if forg is None else f'{forg:.2f}'}"
+            f" wall {rec['wall_s']:.1f}s {rec['images_per_s']:.0f} img/s -> {rec['path']}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
