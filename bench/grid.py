@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.methods import METHODS
 from bench.run import RESULTS, git_commit, machine
+from cvm_edge.fsutil import atomic_write_text
 
 # Relative cost per step (forward passes per step, roughly), to start the longest runs first.
 COST = {"joint": 5.0, "derpp": 1.6, "cvm-derpp": 1.7, "cvm-er-distill": 1.5, "ewc": 1.1, "lwf": 1.3}
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     path = args.out / args.protocol / f"_grid-{args.tag}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
     print(f"grid {args.protocol}: {len(done)} runs in {wall / 60:.1f} min -> {path}")
     return 0 if all(d["rc"] == 0 for d in done) else 1
 

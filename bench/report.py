@@ -6,6 +6,7 @@ python -m bench.report [--results bench/results] [--out bench/BENCHMARKS.md] [--
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import statistics
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bench.datasets import REPO
-from cvm_edge.fsutil import atomic_write_text
+from cvm_edge.fsutil import atomic_write_bytes, atomic_write_text
 
 RESULTS = REPO / "bench" / "results"
 SKIP_DIRS = {"smoke", "update", "logs"}
@@ -118,6 +119,12 @@ def render_grids(grids: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def render_server_latency(root: Path) -> list[str]:
     """The serving-latency row (bench/server_latency.py): server p50 against the bare Predictor."""
     path = root / "server_latency.json"
@@ -182,7 +189,7 @@ def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str, plo
         ax.tick_params(labelsize=6)
     fig.tight_layout()
     heat = plots / f"{protocol}-accuracy-matrix.png"
-    fig.savefig(heat, dpi=110)
+    _save_png(fig, heat)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab20")
@@ -198,7 +205,7 @@ def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str, plo
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     curves = plots / f"{protocol}-accuracy-curves.png"
-    fig.savefig(curves, dpi=110)
+    _save_png(fig, curves)
     plt.close(fig)
     return [heat.name, curves.name]
 

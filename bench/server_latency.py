@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from cvm_edge.fsutil import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "photos"
 DEFAULT_OUT = REPO / "bench" / "results" / "server_latency.json"
@@ -279,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": round(time.time() - t0, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     p, s = figures["predictor"], figures["server_client_side"]
     print(
         f"p50: Predictor {p['p50_ms']:.2f} ms, server {s['p50_ms']:.2f} ms "

@@ -34,6 +34,7 @@ from PIL import Image
 from bench.datasets import REPO, load_dataset
 from bench.run import git_commit, versions
 from bench.tables import table_path
+from cvm_edge.fsutil import atomic_write_text
 
 RESULTS = REPO / "bench" / "results" / "update"
 OLD_CLASSES = (0, 1)  # tench, English springer: the untimed first update
@@ -178,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec = one(args.train_backbone, args.image_size, args.epochs, args.buffer, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"lite0-{args.train_backbone}-{args.image_size}-e{args.epochs}.json"
-    path.write_text(json.dumps(rec, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
     print(
         f"update train_backbone={args.train_backbone} {args.image_size}px: {rec['wall_s']:.1f}s "
         f"{rec['images_per_s']:.1f} img/s peak RSS {rec['peak_rss_mb']:.0f} MB new acc {rec['new_accuracy']:.1f}% -> {path}"
