@@ -44,7 +44,8 @@ class TrainConfig:
     crop_pad: int = 4
     seed: int = 0
     device: str = "cpu"
-    eval_batch_size: int = 256
+    # Inference batches: 64 keeps a 224-px EfficientNet-Lite0 pass well under 1 GB of activations on a device.
+    eval_batch_size: int = 64
     progress: bool = True
     # "ace": asymmetric cross-entropy (Caccia et al., ICLR 2022): incoming images compete only among
     # the classes of this experience, replayed ones among all seen classes, so new classes stop
@@ -320,7 +321,7 @@ class Strategy:
 
 @torch.no_grad()
 def predict_logits(
-    model: CvmModel, prep: Preprocessing, pixels: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 256
+    model: CvmModel, prep: Preprocessing, pixels: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
 ) -> np.ndarray:
     """Logits over all table rows for uint8 NHWC pixels, in eval mode."""
     model.eval()
