@@ -10,22 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cvm_edge.argtypes import int_at_least
+
 DEFAULT_OPSET = 18  # deploy.export.DEFAULT_OPSET (that module imports torch)
 DEFAULT_PORT = 8080
 PROVIDERS = ("tensorrt", "cuda", "cpu")  # the keys of deploy.predictor.PROVIDERS (that module loads onnxruntime)
-
-
-def _int_at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
-        return v
-
-    return parse
 
 
 def _non_negative_float(text: str) -> float:
@@ -101,7 +90,7 @@ def add_deploy_commands(sub: Any) -> None:
     e.add_argument("--workdir", type=Path, required=True, help="store directory")
     e.add_argument("--version", default=None, help="checkpoint version (default: the latest)")
     e.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
-    e.add_argument("--opset", type=_int_at_least(17), default=DEFAULT_OPSET, help="ONNX opset, 17 or newer")
+    e.add_argument("--opset", type=int_at_least(17), default=DEFAULT_OPSET, help="ONNX opset, 17 or newer")
     e.add_argument(
         "--calibration",
         choices=("percentile", "minmax", "entropy"),
@@ -120,8 +109,8 @@ def add_deploy_commands(sub: Any) -> None:
     src.add_argument("--workdir", type=Path, help="store directory: serve bundles/CURRENT and hot-reload it")
     src.add_argument("--bundle", type=Path, help="one bundle directory (no polling)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=_int_at_least(0), default=DEFAULT_PORT)
-    s.add_argument("--threads", type=_int_at_least(0), default=0, help="onnxruntime intra-op threads (0: default)")
+    s.add_argument("--port", type=int_at_least(0), default=DEFAULT_PORT)
+    s.add_argument("--threads", type=int_at_least(0), default=0, help="onnxruntime intra-op threads (0: default)")
     s.add_argument(
         "--providers",
         type=_providers,
@@ -129,10 +118,10 @@ def add_deploy_commands(sub: Any) -> None:
         help="execution providers in order of preference: tensorrt,cuda,cpu (missing ones fall back, logged)",
     )
     s.add_argument("--poll-interval", type=_non_negative_float, default=1.0, help="seconds between CURRENT checks")
-    s.add_argument("--max-body-bytes", type=_int_at_least(1), default=10 << 20, help="request body limit")
-    s.add_argument("--max-pixels", type=_int_at_least(1), default=40_000_000, help="decoded image pixel limit")
-    s.add_argument("--max-files", type=_int_at_least(1), default=32, help="files per multipart request")
-    s.add_argument("--max-batch", type=_int_at_least(1), default=64, help="images per inference request")
+    s.add_argument("--max-body-bytes", type=int_at_least(1), default=10 << 20, help="request body limit")
+    s.add_argument("--max-pixels", type=int_at_least(1), default=40_000_000, help="decoded image pixel limit")
+    s.add_argument("--max-files", type=int_at_least(1), default=32, help="files per multipart request")
+    s.add_argument("--max-batch", type=int_at_least(1), default=64, help="images per inference request")
     s.add_argument("--model-name", default="cvm", help="model name in the v2 endpoints")
     s.add_argument("--trt-cache", type=Path, default=None, help="TensorRT engine/timing cache directory")
     s.add_argument("--trt-fp16", action="store_true", help="let TensorRT build fp16 kernels")
