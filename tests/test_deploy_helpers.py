@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FASHION_NAMES, SHARED_DATA, run_cli
+from conftest import FASHION_NAMES, SHARED_DATA, init_store, run_cli
 from cvm_edge.demo import load_sample, write_class_folders
 
 PHOTOS = SHARED_DATA / "photos"
@@ -45,23 +45,7 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory, table: Path, dest: P
     if "store" not in _TEMPLATE:
         base = tmp_path_factory.mktemp("deploy-template")
         wd = base / "w"
-        assert (
-            run_cli(
-                "-q",
-                "init",
-                "--workdir",
-                str(wd),
-                "--concepts",
-                str(table),
-                "--backbone",
-                "resnet10_cifar_slim",
-                "--pretrained",
-                "none",
-                "--image-size",
-                "32",
-            )
-            == 0
-        )
+        init_store(wd, table)
         assert update(wd, write_folders(base / "data", [0, 1], 60), "--epochs", "2") == 0
         _TEMPLATE["store"] = wd
     shutil.copytree(_TEMPLATE["store"], dest)
