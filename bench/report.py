@@ -141,6 +141,54 @@ def render_server_latency(root: Path) -> list[str]:
     ]
 
 
+def render_inference(root: Path) -> list[str]:
+    """The inference rows (bench/inference.py): p50 per side, ratios, the FLOPs floor; then provenance and targets."""
+    path = root / "inference.json"
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    peak = ", ".join(f"{t} thread(s) {v['gflops']:.1f}" for t, v in d["peak_matmul"]["threads"].items())
+    lines = [
+        "| model | precision | threads | GFLOPs | floor ms | ORT defaults | ORT (Predictor options) | Predictor (JPEG) "
+        "| server (HTTP) | torch eager | p99 Predictor | Predictor / ORT | server / Predictor | ORT / floor "
+        "| Predictor q/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in d["models"]:
+        name = f"{model['backbone']} {model['image_size']} px"
+        for r in model["runs"]:
+            if "error" in r:
+                lines.append(
+                    f"| {name} | {r['precision']} | {r['threads']} | refused by its gate: {r['error'][:100]} |"
+                )
+                continue
+            s, q = r["sides"], r["ratios"]
+            torch_p50 = f"{s['torch_eager']['p50_ms']:.2f}" if "torch_eager" in s else "-"
+            lines.append(
+                f"| {name} | {r['precision']} | {r['threads']} | {model['gflops']:.3f} | {r['floor_ms']:.2f} "
+                f"| {s['ort_defaults']['p50_ms']:.2f} | {s['ort']['p50_ms']:.2f} | {s['predictor']['p50_ms']:.2f} "
+                f"| {s['server']['p50_ms']:.2f} | {torch_p50} | {s['predictor']['p99_ms']:.2f} "
+                f"| {q['predictor_over_ort']:.3f} | {q['server_over_predictor']:.3f} | {q['ort_over_floor']:.2f} "
+                f"| {s['predictor']['throughput_qps']:.0f} |"
+            )
+    lines += [
+        "",
+        f"Latencies are p50 ms over {d['settings']['queries']} queries per side after warm-up"
+        f"{' (QUICK run)' if d.get('quick') else ''}; floor = FLOPs / peak matmul rate ({peak} GFLOP/s). "
+        f"Command `{d['command']}`, commit {d['git_commit'][:12]}, {m['cpu']}, {m['cpu_count']} cores "
+        f"(load average at start {m.get('load_average_at_start', 'n/a')}), {d['date'][:10]}.",
+    ]
+    if d.get("note"):
+        lines += ["", f"Note: {d['note']}"]
+    for t in d.get("targets", []):
+        lines.append(
+            f"- target {t['target']} <= {t['at_most']} ({t['where']}): {t['value']:.3f}, "
+            f"{'met' if t['met'] else 'missed'}"
+        )
+    return lines
+
+
 def render_updates(root: Path) -> list[str]:
     d = root / "update"
     files = sorted(d.glob("*.json")) if d.is_dir() else []
@@ -304,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     srv = render_server_latency(args.results)
     if srv:
         lines += ["## Serving latency: 224x224 JPEG, 1 intra-op thread (bench/server_latency.py)", "", *srv, ""]
+    inf = render_inference(args.results)
+    if inf:
+        lines += ["## Inference latency, SingleStream (bench/inference.py)", "", *inf, ""]
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out} ({len(runs)} runs, {len(groups)} groups)")
     return 0

@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import http.client
 import io
 import json
-import os
-import platform
-import shlex
 import shutil
 import signal
 import socket
@@ -37,43 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.provenance import provenance
 from cvm_edge.fsutil import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "photos"
 DEFAULT_OUT = REPO / "bench" / "results" / "server_latency.json"
 TARGET_RATIO = 1.25
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> dict[str, Any]:
-    import onnxruntime as ort
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "providers": ort.get_available_providers(),
-    }
 
 
 def _cvm(*argv: str) -> None:
@@ -84,8 +50,17 @@ def _cvm(*argv: str) -> None:
         raise SystemExit(f"cvm {' '.join(argv)} failed with exit {code}")
 
 
-def build_store(root: Path, classes: int = 3) -> Path:
-    """A 224-px Lite0 store trained on ``classes`` photo classes; returns the workdir."""
+def build_store(
+    root: Path,
+    classes: int = 3,
+    backbone: str = "tf_efficientnet_lite0",
+    image_size: int = 224,
+    pretrained: str = "offline",
+    train_backbone: str = "none",
+    epochs: int = 1,
+) -> Path:
+    """A store trained on ``classes`` photo classes (default: 224-px Lite0, offline ImageNet weights,
+    frozen backbone); its update exports and publishes the fp32 bundle. Returns the workdir."""
     from cvm_edge.concepts import slugify
 
     if not PHOTOS.is_dir():
@@ -103,10 +78,10 @@ def build_store(root: Path, classes: int = 3) -> Path:
     wd = root / "w"
     _cvm(
         "init", "--workdir", str(wd), "--concepts", str(root / "table.npz"),
-        "--backbone", "tf_efficientnet_lite0", "--pretrained", "offline", "--image-size", "224",
-        "--train-backbone", "none",
+        "--backbone", backbone, "--pretrained", pretrained, "--image-size", str(image_size),
+        "--train-backbone", train_backbone,
     )  # fmt: skip
-    _cvm("update", "--workdir", str(wd), "--data", str(data), "--epochs", "1", "--no-progress")
+    _cvm("update", "--workdir", str(wd), "--data", str(data), "--epochs", str(epochs), "--no-progress")
     return wd
 
 
@@ -256,13 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = json.loads((bundle / "manifest.json").read_text())
         image, image_name = test_image()
         figures = measure(bundle, image, args.requests, args.rounds, args.warmup, args.threads)
+    import onnxruntime as ort
+
     result: dict[str, Any] = {
         "benchmark": "server_latency",
-        "command": " ".join(["python -m bench.server_latency", *(shlex.quote(a) for a in (argv or sys.argv[1:]))]),
-        "git_commit": git_commit(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        **provenance("python -m bench.server_latency", sys.argv[1:] if argv is None else argv),
         "setup": {
+            "providers": ort.get_available_providers(),
             "image": image_name,
             "image_bytes": len(image),
             "intra_op_threads": args.threads,

@@ -17,6 +17,7 @@ from cvm_edge.errors import DataError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard: a 40 MP frame is beyond any camera we target
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+DRAFT_GAP = 2  # a drafted JPEG keeps at least this many times the resized size (Pillow's thumbnail rule)
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -38,6 +39,10 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
+    # Decode a JPEG much larger than needed at 1/2, 1/4 or 1/8 scale (see draft_jpeg). Part of the
+    # recorded preprocessing so training and serving of one checkpoint always agree; records made
+    # before it existed read as False and keep the full-size decode they were trained with.
+    jpeg_draft: bool = True
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -58,13 +63,21 @@ class Preprocessing:
             std=tuple(d["std"]),  # type: ignore[arg-type]
             interpolation=str(d.get("interpolation", "bilinear")),
             crop_pct=float(d.get("crop_pct", 1.0)),  # type: ignore[arg-type]
+            jpeg_draft=bool(d.get("jpeg_draft", False)),
         )
 
 
 def open_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] = SUPPORTED_FORMATS
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] = SUPPORTED_FORMATS,
+    prep: Preprocessing | None = None,
 ) -> Image.Image:
-    """Decode encoded image bytes into an RGB Pillow image, with size and format checks first."""
+    """Decode encoded image bytes into an RGB Pillow image, with size and format checks first.
+
+    With ``prep`` (and ``prep.jpeg_draft``), a JPEG much larger than the model's input is decoded at
+    a reduced scale (:func:`draft_jpeg`): several times faster, and it keeps at least ``DRAFT_GAP``
+    times the pixels the resize needs."""
     if not data:
         raise DataError("empty image")
     try:
@@ -81,10 +94,31 @@ def open_image(
     if w <= 0 or h <= 0 or w * h > max_pixels:
         raise ImageTooLargeError(f"image is {w}x{h}, over the limit of {max_pixels} pixels")
     try:
+        if prep is not None:
+            draft_jpeg(img, prep)
         img.load()
         return _to_rgb(img)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces here
         raise DataError(f"cannot decode image: {exc}") from None
+
+
+def resized_size(w: int, h: int, prep: Preprocessing) -> tuple[int, int]:
+    """The size a ``w`` x ``h`` image is resized to before the centre crop: shorter side
+    ``image_size / crop_pct``, never below ``image_size``."""
+    size = prep.image_size
+    target = max(size, round(size / prep.crop_pct))
+    scale = target / min(w, h)
+    return max(size, round(w * scale)), max(size, round(h * scale))
+
+
+def draft_jpeg(img: Image.Image, prep: Preprocessing) -> None:
+    """Before ``load()``: let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling),
+    keeping at least ``DRAFT_GAP`` times the resized size, so the resize that follows still filters
+    (the same rule as Pillow's ``thumbnail``). No-op for other formats and small images."""
+    if not prep.jpeg_draft or img.format != "JPEG":
+        return
+    nw, nh = resized_size(*img.size, prep)
+    img.draft(None, (nw * DRAFT_GAP, nh * DRAFT_GAP))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -97,26 +131,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_crop(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """RGB image -> uint8 HWC array of ``image_size`` x ``image_size``."""
+    """RGB image -> uint8 HWC array of ``image_size`` x ``image_size`` (one resize, one crop)."""
     size = prep.image_size
-    target = max(size, round(size / prep.crop_pct))
     w, h = img.size
-    scale = target / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    nw, nh = resized_size(w, h, prep)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), _INTERPOLATION[prep.interpolation])
     left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    if (nw, nh) != (size, size):
+        img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)
 
 
 def load_pixels(data: bytes, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes -> uint8 HWC array ready for :func:`normalise`."""
-    return resize_crop(open_image(data, max_pixels=max_pixels), prep)
+    """Encoded bytes -> uint8 HWC array ready for :func:`normalise` (decode once, at a reduced
+    scale when the JPEG is much larger than needed; resize and crop once)."""
+    return resize_crop(open_image(data, max_pixels=max_pixels, prep=prep), prep)
 
 
 def array_to_pixels(arr: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -131,11 +165,20 @@ def array_to_pixels(arr: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """uint8 NHWC (or HWC) -> float32 NCHW normalised input."""
+    """uint8 NHWC (or HWC) -> float32 NCHW normalised input: ``(x / 255 - mean) / std``.
+
+    One float32 buffer, converted into by a strided copy and then updated in place: the same
+    float32 operations in the same order as ``cvm_edge.augment.to_input`` (bit-identical to the
+    expression), without the temporaries, about five times faster at 224 px."""
     x = np.asarray(pixels)
     if x.ndim == 3:
         x = x[None]
     mean = np.asarray(prep.mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(prep.std, dtype=np.float32).reshape(1, 3, 1, 1)
-    chw = x.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1.0 / 255.0)
-    return np.ascontiguousarray((chw - mean) / std)
+    n, h, w, _ = x.shape
+    out = np.empty((n, 3, h, w), np.float32)
+    np.copyto(out, x.transpose(0, 3, 1, 2), casting="unsafe")
+    out *= np.float32(1.0 / 255.0)
+    out -= mean
+    out /= std
+    return out

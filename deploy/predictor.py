@@ -34,6 +34,11 @@ class PredictorOptions:
     providers: tuple[str, ...] = ("cpu",)  # in order of preference; CPU is always the last resort
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 1
+    # Idle intra-op threads busy-wait for the next op when True (onnxruntime's default). Off by
+    # default: on a small shared CPU (the update job, the HTTP server, other processes) spinning
+    # threads take cores the others need; bench/inference.py measured 2-thread p50 at about half
+    # with it off under load, and no difference on 1 thread (there is no pool to spin).
+    allow_spinning: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_batch: int = 64  # the largest batch a caller may send (TensorRT builds its profile for it)
     device_id: int = 0
@@ -84,6 +89,23 @@ def resolve_providers(
     return out
 
 
+def session_options(opts: PredictorOptions) -> ort.SessionOptions:
+    """The onnxruntime session options of a Predictor (bench/inference.py times a bare session with
+    the same options): every graph optimisation (constant folding, Conv+activation fusion, the
+    NCHWc layout of the CPU provider), sequential execution, the memory arena and memory-pattern
+    planning (on by default: repeated same-shape runs reuse one plan), explicit thread counts."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_cpu_mem_arena = True
+    so.enable_mem_pattern = True
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if opts.allow_spinning else "0")
+    return so
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     out: np.ndarray = e / e.sum(axis=1, keepdims=True)
@@ -109,11 +131,7 @@ class Predictor:
         self.prep: Preprocessing = self.bundle.prep
         self.classes: list[str] = self.bundle.classes
         model_bytes = self.bundle.read_verified_model()  # sha256 first; the same bytes are loaded
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.options.intra_op_threads
-        so.inter_op_num_threads = self.options.inter_op_threads
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so = session_options(self.options)
         providers = resolve_providers(self.options, self.prep.image_size)
         try:
             self.session = ort.InferenceSession(model_bytes, so, providers=providers)
@@ -170,6 +188,9 @@ class Predictor:
         return self.run(normalise(pixels, self.prep))
 
     def run_images(self, images: Sequence[bytes]) -> Outputs:
+        """Decode each image once, then one session call for the whole batch."""
+        if len(images) == 1:
+            return self.run_pixels(self.pixels(images[0])[None])
         return self.run_pixels(np.stack([self.pixels(b) for b in images]))
 
     def top_k(self, outputs: Outputs, k: int) -> list[list[dict[str, Any]]]:
