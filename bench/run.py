@@ -62,7 +62,7 @@ class RunSpec:
     backbone: str | None = None
     pretrained: str | None = None
     train_backbone: str | None = None
-    channels_last: bool = False
+    channels_last: bool = True
     amp_bf16: bool = False
     tag: str = ""
 
@@ -316,7 +316,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--backbone", default=None)
     ap.add_argument("--pretrained", default=None, choices=("none", "offline"))
     ap.add_argument("--train-backbone", default=None, choices=("all", "last", "none"))
-    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC model and inputs"
+    )
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--tag", default="", help="suffix for the result file name (variants of one method)")
     ap.add_argument("--smoke", action="store_true", help="2 tasks, 1 epoch, small subset, slim backbone (CPU)")

@@ -19,17 +19,18 @@ def to_input(pixels: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
 def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Per-sample random crop after ``pad`` pixels of zero padding, and a random horizontal flip.
 
-    Random numbers come from a CPU generator so a seed gives the same crops on any device.
+    Random numbers come from ``generator``, which lives on the batch's device: drawing them there
+    keeps a GPU training step free of host round-trips (a seed repeats its crops on one device type).
     """
     n, c, h, w = x.shape
     dev = x.device
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
-        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
+        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
         rows = (oy.view(n, 1) + torch.arange(h, device=dev).view(1, h)).view(n, 1, h, 1)
         x = padded.gather(2, rows.expand(n, c, h, w + 2 * pad))
         cols = (ox.view(n, 1) + torch.arange(w, device=dev).view(1, w)).view(n, 1, 1, w)
         x = x.gather(3, cols.expand(n, c, h, w))
-    flip = (torch.rand((n,), generator=generator) < 0.5).to(dev)
+    flip = torch.rand((n,), generator=generator, device=dev) < 0.5
     return torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)

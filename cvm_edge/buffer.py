@@ -81,30 +81,35 @@ class ReplayBuffer:
         Old classes keep a seeded subset of what they had (with their recorded logits); new
         classes are sampled from ``new``. Classes present in both pool their samples.
         """
+        return self.updated_with_selection(new, new_logits, seed)[0]
+
+    def updated_with_selection(
+        self, new: ImageSet, new_logits: np.ndarray | None, seed: int
+    ) -> tuple[ReplayBuffer, np.ndarray]:
+        """:meth:`updated`, plus the kept entries' indices into ``old entries + new samples``.
+
+        The pool is never materialised: entries are gathered from the old buffer and ``new``
+        separately, so an update of thousands of 224-px images does not copy them all once more."""
         rng = np.random.default_rng(seed)
         width = max(self.logits.shape[1], new_logits.shape[1] if new_logits is not None else 0)
-        old_logits = _pad(self.logits, width)
-        fresh_logits = _pad(new_logits if new_logits is not None else np.zeros((len(new), 0), np.float16), width)
-        pool_pixels = np.concatenate([self.pixels, new.pixels]) if len(new) else self.pixels
-        pool_labels = np.concatenate([self.labels, new.labels]) if len(new) else self.labels
-        pool_logits = np.concatenate([old_logits, fresh_logits]) if len(new) else old_logits
+        pool_labels = np.concatenate([self.labels, new.labels])
         counts = {int(c): int((pool_labels == c).sum()) for c in np.unique(pool_labels)}
-        cap = min(self.capacity, self.max_bytes // _bytes_per_sample(pool_pixels.shape[1:], width))
+        cap = min(self.capacity, self.max_bytes // _bytes_per_sample(self.pixels.shape[1:], width))
         quotas = _quotas(counts, cap)
         keep = []
         for cls in sorted(counts):
             idx = np.flatnonzero(pool_labels == cls)
             keep.append(np.sort(rng.choice(idx, size=quotas[cls], replace=False)))
-        sel = np.concatenate(keep) if keep else np.zeros((0,), np.int64)
-        return dataclasses.replace(
-            self, pixels=pool_pixels[sel], labels=pool_labels[sel], logits=pool_logits[sel].astype(np.float16)
+        sel = np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
+        old_sel, new_sel = sel[sel < len(self)], sel[sel >= len(self)] - len(self)
+        fresh_logits = new_logits if new_logits is not None else np.zeros((len(new), 0), np.float16)
+        buffer = dataclasses.replace(
+            self,
+            pixels=np.concatenate([self.pixels[old_sel], new.pixels[new_sel]]),
+            labels=pool_labels[sel],
+            logits=np.concatenate([_pad(self.logits[old_sel], width), _pad(fresh_logits[new_sel], width)]),
         )
-
-    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """Indices of ``n`` random entries (with replacement when the buffer is smaller)."""
-        if len(self) == 0 or n <= 0:
-            return np.zeros((0,), np.int64)
-        return rng.choice(len(self), size=n, replace=len(self) < n)
+        return buffer, sel
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()

@@ -114,10 +114,13 @@ def load_image_folder(
     """Decode every image of an update folder. Unreadable files are listed in one error,
     or skipped with a warning each when ``skip_bad``."""
     pairs = list_labelled_files(data_dir, table, table_hint)
-    pixels, labels, bad = [], [], []
+    # One preallocated array instead of a list then np.stack: half the peak memory for big folders.
+    pixels = np.empty((len(pairs), prep.image_size, prep.image_size, 3), np.uint8)
+    labels: list[int] = []
+    bad: list[str] = []
     for path, cls in tqdm(pairs, desc="reading images", unit="img", leave=False):
         try:
-            pixels.append(load_pixels(path.read_bytes(), prep))
+            pixels[len(labels)] = load_pixels(path.read_bytes(), prep)
             labels.append(cls)
         except (DataError, OSError) as exc:
             bad.append(f"{path} ({exc})")
@@ -126,9 +129,9 @@ def load_image_folder(
     if bad and not skip_bad:
         listed = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise DataError(f"{len(bad)} unreadable image(s): {listed}. Fix or remove them, or pass --skip-bad-images")
-    if not pixels:
+    if not labels:
         raise DataError(f"no readable images in {data_dir}")
-    return ImageSet(np.stack(pixels), np.asarray(labels, dtype=np.int64))
+    return ImageSet(pixels[: len(labels)], np.asarray(labels, dtype=np.int64))
 
 
 def holdout_split(data: ImageSet, fraction: float, seed: int, max_per_class: int = 100) -> tuple[ImageSet, ImageSet]:

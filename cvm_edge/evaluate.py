@@ -7,28 +7,30 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cvm_edge.data import ImageSet
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import predict_logits
+
+
+def classes_from_logits(logits: np.ndarray, seen: Sequence[int]) -> np.ndarray:
+    """Predicted table rows from logits over all rows, choosing only among ``seen`` classes."""
+    seen_arr = np.asarray(sorted(seen), dtype=np.int64)
+    if len(logits) == 0:
+        return np.zeros((0,), np.int64)
+    return seen_arr[np.argmax(logits[:, seen_arr], axis=1)]
 
 
 def predict_classes(
     model: CvmModel, prep: Preprocessing, pixels: np.ndarray, seen: Sequence[int], device: torch.device | str = "cpu"
 ) -> np.ndarray:
     """Predicted table rows, choosing only among ``seen`` classes."""
-    seen_arr = np.asarray(sorted(seen), dtype=np.int64)
-    logits = predict_logits(model, prep, pixels, device)
-    if len(logits) == 0:
-        return np.zeros((0,), np.int64)
-    return seen_arr[np.argmax(logits[:, seen_arr], axis=1)]
+    return classes_from_logits(predict_logits(model, prep, pixels, device), seen)
 
 
-def per_class_accuracy(
-    model: CvmModel, prep: Preprocessing, data: ImageSet, seen: Sequence[int], device: torch.device | str = "cpu"
-) -> dict[int, float]:
-    pred = predict_classes(model, prep, data.pixels, seen, device)
-    return {c: float((pred[data.labels == c] == c).mean()) for c in data.classes}
+def per_class_accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, seen: Sequence[int]) -> dict[int, float]:
+    """Per-class accuracy of logits over all table rows, choosing only among ``seen`` classes."""
+    pred = classes_from_logits(logits, seen)
+    return {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
 
 
 def mean_over(acc: dict[int, float], classes: Sequence[int]) -> float | None:

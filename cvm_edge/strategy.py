@@ -44,8 +44,8 @@ class TrainConfig:
     crop_pad: int = 4
     seed: int = 0
     device: str = "cpu"
-    # Inference batches: 64 keeps a 224-px EfficientNet-Lite0 pass well under 1 GB of activations on a device.
-    eval_batch_size: int = 64
+    # Inference batch size; None picks one from the image size (see ``eval_batch_for``).
+    eval_batch_size: int | None = None
     progress: bool = True
     # "ace": asymmetric cross-entropy (Caccia et al., ICLR 2022): incoming images compete only among
     # the classes of this experience, replayed ones among all seen classes, so new classes stop
@@ -55,9 +55,12 @@ class TrainConfig:
     # and scale are tuned for this many epochs on the (class-balanced) replay buffer, which removes
     # the bias towards the classes that were just trained on. 0 turns it off.
     balance_epochs: int = 3
-    # Opt-in GPU speed-ups (benchmarks); both default off so `cvm update` is unchanged.
-    channels_last: bool = False  # NHWC memory format for the model and its image inputs
-    amp_bf16: bool = False  # bfloat16 autocast for the training forward pass and losses
+    # NHWC memory format for the model and its image inputs: on CPU (oneDNN) it roughly halves the
+    # time of an EfficientNet-Lite0 pass; `cvm update` turns it on, the benchmarks choose.
+    channels_last: bool = False
+    amp_bf16: bool = False  # bfloat16 autocast for the training forward pass and losses (GPU benchmarks)
+    # Refresh the progress bar's loss every this many steps: reading the loss waits for the device.
+    log_every: int = 25
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.replay_batch_size < 0:
@@ -68,6 +71,19 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError("eval_batch_size must be >= 1")
+
+    def eval_batch(self, image_size: int) -> int:
+        return self.eval_batch_size or eval_batch_for(image_size)
+
+
+def eval_batch_for(image_size: int) -> int:
+    """Inference batch size for square inputs of ``image_size``: 16 at 224 px, 256 at 32 px.
+
+    Measured on 2 CPU cores with Lite0 at 224 px: batch 16 needs ~290 MB of activations and runs
+    faster per image than batch 64 (~1.2 GB), so batches are capped by pixel count, not by images."""
+    return max(1, min(256, (16 * 224 * 224) // (image_size * image_size)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +123,20 @@ class Context:
     device: torch.device
     cached: bool  # inputs are backbone features (frozen backbone)
     buffer_inputs: torch.Tensor  # buffer pixels or their features, on device
-    rng: np.random.Generator
+    buffer_labels: torch.Tensor  # int64 table rows, on device
+    buffer_logits: torch.Tensor  # float32 logits recorded at insertion, on device
+    rng: np.random.Generator  # host randomness: the epoch's data order (drawn once per epoch)
+    gen: torch.Generator  # on the training device: crops, flips and buffer draws never wait for the host
     task_index: int
+
+    def sample_buffer(self, n: int) -> torch.Tensor | None:
+        """Device indices of ``n`` buffer entries, without replacement when the buffer holds ``n``."""
+        m = len(self.buffer_labels)
+        if m == 0 or n <= 0:
+            return None
+        if m >= n:
+            return torch.randperm(m, generator=self.gen, device=self.gen.device)[:n]
+        return torch.randint(0, m, (n,), generator=self.gen, device=self.gen.device)
 
     def forward_head(self, model: CvmModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings, logits) of ``model`` for a prepared input."""
@@ -169,21 +197,37 @@ class Strategy:
         self.device = torch.device(config.device)
 
     # ----- input preparation -------------------------------------------------------------
-    @torch.no_grad()
-    def _features(self, pixels: np.ndarray) -> torch.Tensor:
-        """Backbone features of uint8 pixels, in eval mode, batched (for a frozen backbone)."""
+    def _eval_model(self) -> CvmModel:
         self.model.eval()
+        if self.config.channels_last:
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return self.model
+
+    @torch.no_grad()
+    def features(self, pixels: np.ndarray) -> torch.Tensor:
+        """Backbone features of uint8 pixels, in eval mode, batched (for a frozen backbone)."""
+        model = self._eval_model()
         out = []
-        bs = self.config.eval_batch_size
+        bs = self.config.eval_batch(self.prep.image_size)
         for i in range(0, len(pixels), bs):
             x = to_input(torch.from_numpy(pixels[i : i + bs]).to(self.device), self.prep)
-            out.append(self.model.features(x))
+            if self.config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(model.features(x))
         if not out:
-            return torch.zeros((0, feature_dim(self.model.backbone)), device=self.device)
+            return torch.zeros((0, feature_dim(model.backbone)), device=self.device)
         return torch.cat(out)
 
+    @torch.no_grad()
+    def head_logits(self, feats: torch.Tensor) -> np.ndarray:
+        """Logits (over all table rows) of cached backbone features, in eval mode."""
+        model = self._eval_model()
+        bs = 1024
+        out = [model.head(feats[i : i + bs]).float().cpu().numpy() for i in range(0, len(feats), bs)]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
     def _inputs(self, pixels: np.ndarray, cached: bool) -> torch.Tensor:
-        return self._features(pixels) if cached else torch.from_numpy(pixels).to(self.device)
+        return self.features(pixels) if cached else torch.from_numpy(pixels).to(self.device)
 
     def _prepare(self, inputs: torch.Tensor, cached: bool, generator: torch.Generator) -> torch.Tensor:
         if cached:
@@ -215,6 +259,7 @@ class Strategy:
             for p in teacher.parameters():
                 p.requires_grad_(False)
         cached = model.backbone_frozen
+        uses_buffer = any(p.uses_buffer for p in self.plugins)
         if cached:
             log.info(
                 "backbone frozen: computing features once for %d new and %d replay images", len(new_data), len(buffer)
@@ -231,10 +276,11 @@ class Strategy:
             prep=self.prep,
             device=self.device,
             cached=cached,
-            buffer_inputs=self._inputs(buffer.pixels, cached)
-            if any(p.uses_buffer for p in self.plugins)
-            else torch.zeros(0),
+            buffer_inputs=self._inputs(buffer.pixels, cached) if uses_buffer else torch.zeros(0),
+            buffer_labels=torch.from_numpy(buffer.labels if uses_buffer else buffer.labels[:0]).to(self.device),
+            buffer_logits=torch.from_numpy(buffer.logits.astype(np.float32)).to(self.device),
             rng=np.random.default_rng(cfg.seed),
+            gen=torch.Generator(device=self.device).manual_seed(cfg.seed),
             task_index=task_index,
         )
         for plugin in self.plugins:
@@ -247,13 +293,13 @@ class Strategy:
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        gen = torch.Generator().manual_seed(cfg.seed)
         # Without replay there is nothing to protect old rows with; the plain loss is the honest baseline.
-        loss_kind = cfg.loss if any(p.uses_buffer for p in self.plugins) else "ce"
+        loss_kind = cfg.loss if uses_buffer else "ce"
         n = len(new_data)
         steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
         bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"task {task_index}", unit="step", disable=not cfg.progress)
-        last_loss, steps, images = float("nan"), 0, 0
+        last_loss: torch.Tensor | None = None
+        steps, images = 0, 0
         model.train()
         for _epoch in range(cfg.epochs):
             order = torch.from_numpy(ctx.rng.permutation(n)).to(self.device)
@@ -266,7 +312,7 @@ class Strategy:
                 )
                 for plugin in self.plugins:
                     batch = plugin.extend_batch(ctx, batch)
-                x = self._prepare(batch.inputs, cached, gen)
+                x = self._prepare(batch.inputs, cached, ctx.gen)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
                     z, logits = ctx.forward_head(model, x)
                     out = Output(x=x, embeddings=z, logits=logits)
@@ -278,30 +324,52 @@ class Strategy:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                last_loss = float(loss.detach())
+                last_loss = loss.detach()
                 steps += 1
                 images += len(batch.labels)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.3f}")
+                if cfg.progress and steps % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{float(last_loss):.3f}")
         bar.close()
         model.eval()
         for plugin in self.plugins:
             plugin.after_experience(ctx)
         new_buffer = buffer
-        if any(p.uses_buffer for p in self.plugins):
-            new_logits = predict_logits(model, self.prep, new_data.pixels, self.device, cfg.eval_batch_size)
-            new_buffer = buffer.updated(
+        pool_feats: torch.Tensor | None = None
+        if uses_buffer:
+            # With a frozen backbone the features are already here: the logits to store and the
+            # features for head balancing cost no second backbone pass.
+            if cached:
+                new_logits = self.head_logits(train_inputs)
+            else:
+                new_logits = predict_logits(
+                    model, self.prep, new_data.pixels, self.device, cfg.eval_batch(self.prep.image_size)
+                )
+            new_buffer, sel = buffer.updated_with_selection(
                 new_data, new_logits.astype(np.float16), seed=cfg.seed + 7919 * (task_index + 1)
             )
+            if cached:
+                pool_feats = torch.cat([ctx.buffer_inputs, train_inputs]).index_select(
+                    0, torch.from_numpy(sel).to(self.device)
+                )
+        # Free the cached inputs before head balancing: on a device they are the biggest allocation.
+        del train_inputs
+        ctx.buffer_inputs = torch.zeros(0)
         if cfg.balance_epochs and len(new_buffer):
-            self._balance_head(ctx, new_buffer)
-        return ExperienceResult(buffer=new_buffer, final_loss=last_loss, steps=steps, images_seen=images)
+            self._balance_head(ctx, new_buffer, pool_feats)
+        return ExperienceResult(
+            buffer=new_buffer,
+            final_loss=float("nan") if last_loss is None else float(last_loss),
+            steps=steps,
+            images_seen=images,
+        )
 
-    def _balance_head(self, ctx: Context, buffer: ReplayBuffer) -> None:
+    def _balance_head(self, ctx: Context, buffer: ReplayBuffer, feats: torch.Tensor | None) -> None:
         """Tune only the head on the class-balanced buffer, backbone features computed once."""
         cfg = self.config
         model = self.model
-        feats = self._features(buffer.pixels)
+        if feats is None:
+            feats = self.features(buffer.pixels)
         labels = torch.from_numpy(buffer.labels).to(self.device)
         params = [p for p in model.head.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=cfg.lr * 0.5)
@@ -321,39 +389,39 @@ class Strategy:
 
 @torch.no_grad()
 def predict_logits(
-    model: CvmModel, prep: Preprocessing, pixels: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 64
+    model: CvmModel,
+    prep: Preprocessing,
+    pixels: np.ndarray,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Logits over all table rows for uint8 NHWC pixels, in eval mode."""
     model.eval()
+    bs = batch_size or eval_batch_for(prep.image_size)
     out = []
-    for i in range(0, len(pixels), batch_size):
-        x = to_input(torch.from_numpy(pixels[i : i + batch_size]).to(device), prep)
+    for i in range(0, len(pixels), bs):
+        # NHWC input: oneDNN's fast CPU path, and conv output follows the input's layout.
+        x = to_input(torch.from_numpy(pixels[i : i + bs]).to(device), prep).contiguous(
+            memory_format=torch.channels_last
+        )
         out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: str) -> torch.Tensor:
     """Cross-entropy over the seen classes; with ``ace`` the incoming images only over this
-    experience's classes (replayed images keep the full set)."""
+    experience's classes (replayed images keep the full set).
+
+    Both terms are computed for every sample and one is selected per sample with ``where``, so no
+    boolean indexing forces the host to wait for the device."""
+    seen_ce = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(batch.labels, ctx.seen), reduction="none")
     if kind == "ce":
-        return F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(batch.labels, ctx.seen))
+        return seen_ce.mean()
     current = ctx.current_classes
-    new = ~batch.from_buffer
-    terms = []
-    if bool(new.any()):
-        terms.append(
-            F.cross_entropy(
-                restricted_logits(logits[new], current), targets_in(batch.labels[new], current), reduction="sum"
-            )
-        )
-    if bool(batch.from_buffer.any()):
-        old = batch.from_buffer
-        terms.append(
-            F.cross_entropy(
-                restricted_logits(logits[old], ctx.seen), targets_in(batch.labels[old], ctx.seen), reduction="sum"
-            )
-        )
-    return torch.stack(terms).sum() / len(batch.labels)
+    # Replayed labels may lie outside this experience's classes: clamp keeps their (unused) index valid.
+    pos = targets_in(batch.labels, current).clamp_max(len(current) - 1)
+    new_ce = F.cross_entropy(restricted_logits(logits, current), pos, reduction="none")
+    return torch.where(batch.from_buffer, seen_ce, new_ce).mean()
 
 
 def plugin_states(plugins: Sequence[Plugin]) -> dict[str, Any]:

@@ -43,7 +43,10 @@ def _setup(alpha: float, beta: float) -> tuple[Context, DerPlugin]:
         device=torch.device("cpu"),
         cached=False,
         buffer_inputs=torch.from_numpy(pixels),
+        buffer_labels=torch.from_numpy(labels),
+        buffer_logits=torch.from_numpy(logits.astype(np.float32)),
         rng=np.random.default_rng(7),
+        gen=torch.Generator().manual_seed(7),
         task_index=1,
     )
     plugin = DerPlugin(alpha, beta)
@@ -58,8 +61,8 @@ def test_der_loss_matches_its_definition() -> None:
     loss = plugin.loss(ctx, batch, dummy)
     assert loss is not None and torch.isfinite(loss)
     # replay the same draws by hand
-    rng = np.random.default_rng(7)
-    i1, i2 = ctx.buffer.sample(5, rng), ctx.buffer.sample(5, rng)
+    gen = torch.Generator().manual_seed(7)
+    i1, i2 = (torch.randperm(12, generator=gen)[:5].numpy() for _ in range(2))
     with torch.no_grad():
         out = ctx.model(to_input(torch.from_numpy(ctx.buffer.pixels[np.concatenate([i1, i2])]), ctx.prep))
     mse = F.mse_loss(out[:5], torch.from_numpy(ctx.buffer.logits[i1].astype(np.float32)))

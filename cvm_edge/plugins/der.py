@@ -13,7 +13,6 @@ that experience.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,39 +29,38 @@ class DerPlugin(Plugin):
             raise ValueError("der alpha and beta must be >= 0")
         self.alpha = alpha
         self.beta = beta
-        self._gen = torch.Generator()
-
-    def before_experience(self, ctx: Context) -> None:
-        self._gen = torch.Generator().manual_seed(ctx.config.seed + 104729)
 
     def _prepare(self, ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
         if ctx.cached:
             return inputs
         x = to_input(inputs, ctx.prep)
         if ctx.config.augment:
-            x = random_crop_flip(x, ctx.config.crop_pad, self._gen)
+            x = random_crop_flip(x, ctx.config.crop_pad, ctx.gen)
         if ctx.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
         n = ctx.config.replay_batch_size
-        if len(ctx.buffer) == 0 or n == 0 or (self.alpha == 0 and self.beta == 0):
+        if self.alpha == 0 and self.beta == 0:
             return None
-        idx_mse = ctx.buffer.sample(n, ctx.rng)
-        idx_ce = ctx.buffer.sample(n, ctx.rng) if self.beta > 0 else idx_mse[:0]
-        idx_all = torch.from_numpy(np.concatenate([idx_mse, idx_ce]))
-        x = self._prepare(ctx, ctx.buffer_inputs.index_select(0, idx_all.to(ctx.buffer_inputs.device)))
+        idx_mse = ctx.sample_buffer(n)
+        if idx_mse is None:
+            return None
+        # Two independent draws (as in the paper), one forward pass for both.
+        idx_ce = ctx.sample_buffer(n) if self.beta > 0 else idx_mse[:0]
+        assert idx_ce is not None
+        x = self._prepare(ctx, ctx.buffer_inputs.index_select(0, torch.cat([idx_mse, idx_ce])))
         _, logits = ctx.forward_head(ctx.model, x)
         logits = logits.float()
         m = len(idx_mse)
         total = torch.zeros((), device=logits.device)
         if self.alpha > 0:
-            stored = torch.from_numpy(ctx.buffer.logits[idx_mse].astype("float32")).to(logits.device)
+            stored = ctx.buffer_logits.index_select(0, idx_mse)
             width = min(stored.shape[1], logits.shape[1])
             total = total + self.alpha * F.mse_loss(logits[:m, :width], stored[:, :width])
         if self.beta > 0:
-            y = torch.from_numpy(ctx.buffer.labels[idx_ce]).to(logits.device)
+            y = ctx.buffer_labels.index_select(0, idx_ce)
             total = total + self.beta * F.cross_entropy(
                 restricted_logits(logits[m:], ctx.seen), targets_in(y, ctx.seen)
             )

@@ -14,19 +14,17 @@ class ReplayPlugin(Plugin):
     uses_buffer = True
 
     def extend_batch(self, ctx: Context, batch: Batch) -> Batch:
-        idx_np = ctx.buffer.sample(ctx.config.replay_batch_size, ctx.rng)
-        if len(idx_np) == 0:
+        idx = ctx.sample_buffer(ctx.config.replay_batch_size)
+        if idx is None:
             return batch
-        idx = torch.from_numpy(idx_np).to(ctx.device)
-        labels = torch.from_numpy(ctx.buffer.labels[idx_np]).to(ctx.device)
-        logits = torch.from_numpy(ctx.buffer.logits[idx_np].astype("float32")).to(ctx.device)
+        logits = ctx.buffer_logits.index_select(0, idx)
         old_logits = batch.buffer_logits
         if old_logits is None:
             old_logits = torch.zeros((len(batch.labels), logits.shape[1]), device=ctx.device)
         return dataclasses.replace(
             batch,
             inputs=torch.cat([batch.inputs, ctx.buffer_inputs.index_select(0, idx)]),
-            labels=torch.cat([batch.labels, labels]),
+            labels=torch.cat([batch.labels, ctx.buffer_labels.index_select(0, idx)]),
             from_buffer=torch.cat([batch.from_buffer, torch.ones(len(idx), dtype=torch.bool, device=ctx.device)]),
             buffer_logits=torch.cat([old_logits, logits]),
         )
