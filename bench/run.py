@@ -64,6 +64,7 @@ class RunSpec:
     train_backbone: str | None = None
     channels_last: bool = True
     amp_bf16: bool = False
+    compile_mode: str = ""
     tag: str = ""
 
     @property
@@ -184,6 +185,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         balance_epochs=hp["balance_epochs"],
         channels_last=spec.channels_last,
         amp_bf16=spec.amp_bf16,
+        compile_mode=spec.compile_mode,
     )
     tasks = [tuple(c for t in scenario.tasks for c in t)] if spec.method.joint else list(scenario.tasks)
     buffer = ReplayBuffer.empty(spec.buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
@@ -275,6 +277,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "augment": "random crop (zero pad) + horizontal flip, on the training device",
             "channels_last": spec.channels_last,
             "amp_bf16": spec.amp_bf16,
+            "compile_mode": spec.compile_mode,
             "plugins": list(spec.method.plugins),
             **hp,
             "model": model_config.to_dict(),
@@ -320,6 +323,7 @@ def _parser() -> argparse.ArgumentParser:
         "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC model and inputs"
     )
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--compile", default="", metavar="MODE", help="torch.compile the backbone (e.g. reduce-overhead)")
     ap.add_argument("--tag", default="", help="suffix for the result file name (variants of one method)")
     ap.add_argument("--smoke", action="store_true", help="2 tasks, 1 epoch, small subset, slim backbone (CPU)")
     ap.add_argument("--demo", action="store_true", help="use the Fashion-MNIST sample embedded in cvm_edge (offline)")
@@ -371,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_backbone=args.train_backbone,
             channels_last=args.channels_last,
             amp_bf16=args.bf16,
+            compile_mode=args.compile,
             tag=args.tag,
         )
         rec = run(spec, out_dir, argv_list)

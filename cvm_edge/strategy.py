@@ -59,6 +59,9 @@ class TrainConfig:
     # time of an EfficientNet-Lite0 pass; `cvm update` turns it on, the benchmarks choose.
     channels_last: bool = False
     amp_bf16: bool = False  # bfloat16 autocast for the training forward pass and losses (GPU benchmarks)
+    # torch.compile mode for a trained backbone ("" off; e.g. "reduce-overhead" captures CUDA graphs,
+    # which removes the per-kernel launch cost that dominates small-image GPU steps). Benchmarks only.
+    compile_mode: str = ""
     # Refresh the progress bar's loss every this many steps: reading the loss waits for the device.
     log_every: int = 25
 
@@ -260,6 +263,10 @@ class Strategy:
                 p.requires_grad_(False)
         cached = model.backbone_frozen
         uses_buffer = any(p.uses_buffer for p in self.plugins)
+        if cfg.compile_mode and not cached and not getattr(model.backbone, "_cvm_compiled", False):
+            # In place: state-dict keys stay those of the plain module, so checkpoints are unchanged.
+            model.backbone.compile(mode=cfg.compile_mode)
+            setattr(model.backbone, "_cvm_compiled", True)  # noqa: B010 (nn.Module typing)
         if cached:
             log.info(
                 "backbone frozen: computing features once for %d new and %d replay images", len(new_data), len(buffer)
