@@ -42,18 +42,34 @@ def _plugin_list(text: str) -> tuple[str, ...]:
 
 
 # ----- embed --------------------------------------------------------------------------------
+def _class_specs_and_descriptions(args: argparse.Namespace) -> tuple[list[Any], dict[str, tuple[str, ...]] | None]:
+    """Classes from --classes, else the keys of --descriptions; --descriptions adds prototype rows."""
+    from llm_embeddings.classfile import ClassSpec, read_class_file
+    from llm_embeddings.descriptions import load_descriptions
+
+    if args.classes is None and args.descriptions is None:
+        raise UsageError("give --classes FILE, --descriptions FILE.yaml, or both")
+    descriptions = load_descriptions(args.descriptions) if args.descriptions is not None else None
+    if args.classes is not None:
+        specs = read_class_file(args.classes)
+    else:
+        assert descriptions is not None
+        specs = [ClassSpec(name) for name in descriptions]
+    return specs, descriptions
+
+
 def cmd_embed_build(args: argparse.Namespace) -> int:
     from llm_embeddings.build import DEFAULT_TEMPLATES, build_table
-    from llm_embeddings.classfile import read_class_file
     from llm_embeddings.encoder import load_encoder
 
-    specs = read_class_file(args.classes)
+    specs, descriptions = _class_specs_and_descriptions(args)
     encoder = load_encoder(args.model)
-    table = build_table(specs, encoder, tuple(args.template) if args.template else DEFAULT_TEMPLATES)
+    table = build_table(specs, encoder, tuple(args.template) if args.template else DEFAULT_TEMPLATES, descriptions)
     _warn_similar(table)
     table.save(args.out)
     print(
-        f"wrote {args.out}: {len(table)} classes, {table.dim}-d, encoder {table.encoder_id}, fingerprint {table.fingerprint}"
+        f"wrote {args.out}: {len(table)} classes, {len(table.vectors)} prototype rows, {table.dim}-d, "
+        f"encoder {table.encoder_id}, fingerprint {table.fingerprint}"
     )
     return 0
 
@@ -61,13 +77,16 @@ def cmd_embed_build(args: argparse.Namespace) -> int:
 def cmd_embed_extend(args: argparse.Namespace) -> int:
     from cvm_edge.concepts import ConceptTable
     from llm_embeddings.build import extend_table
-    from llm_embeddings.classfile import read_class_file
     from llm_embeddings.encoder import load_encoder
 
     table = ConceptTable.load(args.table)
-    specs = read_class_file(args.classes)
+    specs, descriptions = _class_specs_and_descriptions(args)
+    if args.classes is None:  # descriptions alone: the classes they name that the table lacks
+        specs = [s for s in specs if table.lookup(s.name) is None]
+        if not specs:
+            raise UsageError(f"every class in {args.descriptions} is already in {args.table}")
     encoder = load_encoder(args.model)
-    new = extend_table(table, specs, encoder)
+    new = extend_table(table, specs, encoder, descriptions)
     _warn_similar(new)
     new.save(args.out)
     print(f"wrote {args.out}: {len(table)} + {len(specs)} = {len(new)} classes, fingerprint {new.fingerprint}")
@@ -106,6 +125,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         pretrained=pretrained or "none",
         buffer_size=args.buffer_size,
         seed=args.seed,
+        prototype_temperature=args.prototype_temperature,
     )
     version = init_store(args.workdir, opts)
     print(
@@ -127,7 +147,10 @@ def cmd_update(args: argparse.Namespace) -> int:
         buffer_size=args.buffer_size,
         plugins=args.plugins,
         plugin_options=PluginOptions(
-            distill_weight=args.distill_weight, distill_target=args.distill_target, ewc_lambda=args.ewc_lambda
+            distill_weight=args.distill_weight,
+            distill_target=args.distill_target,
+            ewc_lambda=args.ewc_lambda,
+            similarity_scaling=args.similarity_scaling,
         ),
         max_forgetting=args.max_forgetting,
         force=args.force,
@@ -263,7 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     esub = embed.add_subparsers(dest="embed_command", metavar="ACTION", required=True)
     b = esub.add_parser("build", help="embed class names (and descriptions) into a new table")
     b.add_argument(
-        "--classes", type=Path, required=True, help=".txt (one name a line) or .yaml (names with descriptions)"
+        "--classes",
+        type=Path,
+        default=None,
+        help=".txt (one name a line) or .yaml (names; inline descriptions are averaged into the name row)",
+    )
+    b.add_argument(
+        "--descriptions",
+        default=None,
+        help="YAML of class name -> list of descriptions, or a bundled set (cifar10, fashion_mnist, gtsrb, "
+        "imagenette): each description becomes one more prototype row of its class; without --classes, "
+        "its keys are the classes",
     )
     b.add_argument("--out", type=Path, required=True, help="table file to write (.npz)")
     b.add_argument(
@@ -273,7 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_embed_build)
     e = esub.add_parser("extend", help="append classes to a table; existing rows stay bit-identical")
     e.add_argument("--table", type=Path, required=True, help="existing table (.npz)")
-    e.add_argument("--classes", type=Path, required=True, help="new classes (.txt or .yaml)")
+    e.add_argument("--classes", type=Path, default=None, help="new classes (.txt or .yaml)")
+    e.add_argument(
+        "--descriptions",
+        default=None,
+        help="YAML of class name -> descriptions (or a bundled set) for the new classes' prototype rows; "
+        "without --classes, the classes it names that the table lacks are appended",
+    )
     e.add_argument("--out", type=Path, required=True, help="table file to write (may be the same as --table)")
     e.add_argument("--model", default=None, help="must be the encoder the table was built with (default: bundled)")
     e.set_defaults(func=cmd_embed_extend)
@@ -297,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--pretrained", default=None, help="none | offline | hub | PATH to a timm-compatible checkpoint")
     i.add_argument("--buffer-size", type=_non_negative_int, default=500, help="replay buffer capacity (images)")
     i.add_argument("--seed", type=int, default=0)
+    i.add_argument(
+        "--prototype-temperature",
+        type=_positive_float,
+        default=0.1,
+        help="T of the class score T*log(mean exp(cos/T)) over a class's prototypes (multi-prototype tables)",
+    )
     i.set_defaults(func=cmd_init)
 
     u = sub.add_parser("update", help="learn the classes in a data folder and publish a new version")
@@ -325,6 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--distill-weight", type=float, default=1.0)
     u.add_argument("--distill-target", choices=("embedding", "logits"), default="embedding")
     u.add_argument("--ewc-lambda", type=float, default=100.0)
+    u.add_argument(
+        "--similarity-scaling",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="P",
+        help="scale distill weight and EWC lambda by clip((old-new cosine / table mean cosine)^P, 1/4, 4) "
+        "(P defaults to 1 when the flag is given; 0: off)",
+    )
     u.add_argument(
         "--max-forgetting", type=float, default=10.0, help="refuse to publish if old-class accuracy drops more (points)"
     )

@@ -1,7 +1,9 @@
 """CvmModel: a timm backbone, a Mapper into the concept space, and a head.
 
 ``head="concepts"``: ``logits = exp(logit_scale) * normalise(mapper(f)) @ table.T`` with a fixed
-table (a buffer, never trained): adding a class adds a row, the head never changes shape.
+table (a buffer, never trained): adding a class adds a row, the head never changes shape. With a
+multi-prototype table each class score aggregates the cosines to its prototypes with a
+temperature-scaled log-mean-exp (see :meth:`ConceptHead.class_scores`).
 ``head="linear"``: an ordinary learned classifier over the same class rows, for baselines.
 """
 
@@ -20,6 +22,9 @@ from cvm_edge.backbones import TRAIN_BACKBONE_CHOICES, create_backbone, feature_
 
 HEAD_CHOICES = ("concepts", "linear")
 MAX_LOGIT_SCALE = math.log(100.0)
+# LogSumExp temperature over a class's prototype cosines: 0.1 sits between "best prototype wins"
+# (T -> 0, max) and "all prototypes count alike" (T -> inf, mean); cosines span [-1, 1].
+DEFAULT_PROTOTYPE_TEMPERATURE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,9 @@ class ModelConfig:
     mapper_hidden: int = 512  # 0 gives a linear mapper
     init_logit_scale: float = math.log(16.0)
     pretrained: str = "none"  # none | offline | hub | a local checkpoint path
+    # Multi-prototype tables only (single-prototype logits do not depend on it); stored in the
+    # checkpoint and the bundle manifest with the rest of this config.
+    prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE
 
     def __post_init__(self) -> None:
         if self.train_backbone not in TRAIN_BACKBONE_CHOICES:
@@ -39,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"head must be one of {HEAD_CHOICES}")
         if self.mapper_hidden < 0:
             raise ValueError("mapper_hidden must be >= 0")
+        if not self.prototype_temperature > 0:
+            raise ValueError("prototype_temperature must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,26 +76,85 @@ class Mapper(nn.Module):
 
 
 class ConceptHead(nn.Module):
-    def __init__(self, feat_dim: int, table: np.ndarray, hidden: int, init_logit_scale: float) -> None:
+    """Mapper plus a fixed concept table.
+
+    ``table`` is :meth:`cvm_edge.concepts.ConceptTable.as_float32`: ``[C, D]`` (one prototype per
+    class: ``logits = scale * z @ table.T``, today's head, bit for bit) or ``[C, P, D]`` with
+    all-zero padding rows (several prototypes: see :meth:`class_scores`)."""
+
+    def __init__(
+        self,
+        feat_dim: int,
+        table: np.ndarray,
+        hidden: int,
+        init_logit_scale: float,
+        prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE,
+    ) -> None:
         super().__init__()
-        self.mapper = Mapper(feat_dim, table.shape[1], hidden)
+        self.mapper = Mapper(feat_dim, table.shape[-1], hidden)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        # The table is data, not a parameter: it is stored in concepts.npz beside the weights.
+        self.prototype_temperature = float(prototype_temperature)
+        # The table is data, not a parameter: it is stored in concepts.npz beside the weights, so
+        # none of these buffers is persistent (checkpoints of single-prototype stores are unchanged).
         self.table: torch.Tensor
-        self.register_buffer("table", torch.from_numpy(np.asarray(table, dtype=np.float32)), persistent=False)
+        self.prototype_mask: torch.Tensor  # bool [C, P]: which padded slots are real prototypes
+        self.log_counts: torch.Tensor  # float [C]: log of each class's prototype count
+        self.register_buffer("table", torch.zeros(0), persistent=False)
+        self.register_buffer("prototype_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.register_buffer("log_counts", torch.zeros(0), persistent=False)
+        self.set_table(table)
+
+    @property
+    def multi_prototype(self) -> bool:
+        return self.table.dim() == 3
 
     def embed(self, f: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.mapper(f), dim=-1)
 
+    def class_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-class score in cosine units: ``T * log(mean_p exp(s_p / T))`` over the class's
+        prototype cosines ``s_p``, i.e. the temperature-scaled LogSumExp ``T * logsumexp(s / T)``
+        minus ``T * log(P_c)``.
+
+        The ``- T log P_c`` term makes a class score independent of how many prototypes it has
+        (one prototype gives exactly its cosine; ``P`` identical ones give that cosine too);
+        without it a class with five descriptions would out-score a single-row class by up to
+        ``T log 5`` for no visual reason. Computed with the max subtracted (stable, and exact for
+        single-prototype classes); padding is masked with ``-inf``. Dense, fixed shapes only, so
+        the graph exports to ONNX as MatMul/Reshape/Where/ReduceMax/Exp/ReduceSum/Log."""
+        c, p, d = self.table.shape
+        s = (z @ self.table.reshape(c * p, d).t()).reshape(-1, c, p)
+        s = s.masked_fill(~self.prototype_mask, float("-inf"))
+        # The gradient of t*logsumexp does not depend on the shift, so the max is a constant here.
+        m = s.amax(dim=-1, keepdim=True).detach()
+        t = self.prototype_temperature
+        lse = torch.log(torch.exp((s - m) / t).sum(dim=-1))
+        return m.squeeze(-1) + t * (lse - self.log_counts)
+
     def logits_from_embedding(self, z: torch.Tensor) -> torch.Tensor:
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        return scale * z @ self.table.t()
+        if not self.multi_prototype:
+            return scale * z @ self.table.t()
+        return scale * self.class_scores(z)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embedding(self.embed(f))
 
     def set_table(self, table: np.ndarray) -> None:
-        self.table = torch.from_numpy(np.asarray(table, dtype=np.float32)).to(self.logit_scale.device)
+        arr = np.asarray(table, dtype=np.float32)
+        if arr.ndim not in (2, 3):
+            raise ValueError(f"a concept table is [C, D] or [C, P, D], got shape {arr.shape}")
+        device = self.logit_scale.device
+        self.table = torch.from_numpy(arr).to(device)
+        if arr.ndim == 3:
+            mask = np.any(arr != 0, axis=-1)
+            if not mask.any(axis=1).all():
+                raise ValueError("every class needs at least one non-zero prototype row")
+            self.prototype_mask = torch.from_numpy(mask).to(device)
+            self.log_counts = torch.from_numpy(np.log(mask.sum(axis=1)).astype(np.float32)).to(device)
+        else:
+            self.prototype_mask = torch.ones((arr.shape[0], 1), dtype=torch.bool, device=device)
+            self.log_counts = torch.zeros(arr.shape[0], device=device)
 
 
 class LinearHead(nn.Module):
@@ -126,7 +195,9 @@ class CvmModel(nn.Module):
         dim = feature_dim(self.backbone)
         self.head: ConceptHead | LinearHead
         if config.head == "concepts":
-            self.head = ConceptHead(dim, table, config.mapper_hidden, config.init_logit_scale)
+            self.head = ConceptHead(
+                dim, table, config.mapper_hidden, config.init_logit_scale, config.prototype_temperature
+            )
         else:
             self.head = LinearHead(dim, table.shape[0])
         self.trainable_backbone = set_trainable(self.backbone, config.train_backbone)

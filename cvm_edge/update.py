@@ -19,9 +19,10 @@ from cvm_edge.data import ImageSet, holdout_split, load_image_folder
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError
 from cvm_edge.evaluate import mean_over, per_class_accuracy_from_logits
 from cvm_edge.fsutil import FileLock
-from cvm_edge.model import CvmModel, ModelConfig, build_model
+from cvm_edge.model import DEFAULT_PROTOTYPE_TEMPERATURE, CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import PluginOptions, make_plugins
 from cvm_edge.preprocess import Preprocessing
+from cvm_edge.similarity import class_vectors, task_similarity
 from cvm_edge.strategy import Strategy, TrainConfig, predict_logits
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class InitOptions:
     pretrained: str = "none"
     buffer_size: int = DEFAULT_BUFFER
     seed: int = 0
+    prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE  # multi-prototype tables only
 
 
 def resolve_backbone(opts: InitOptions) -> tuple[torch.nn.Module | None, Preprocessing, str]:
@@ -76,6 +78,7 @@ def init_store(workdir: Path, opts: InitOptions) -> int:
             head=opts.head,
             mapper_hidden=opts.mapper_hidden,
             pretrained=opts.pretrained,
+            prototype_temperature=opts.prototype_temperature,
         )
         model = build_model(config, table.as_float32(), pretrained_backbone=backbone)
         ckpt = Checkpoint(
@@ -129,6 +132,10 @@ class UpdateReport:
             f"  new classes ({', '.join(e['new_class_names'])}): {pct(e['new_accuracy'])}",
             f"  old classes: {pct(e['old_accuracy'])} (before this update: {pct(e['old_accuracy_before'])})",
         ]
+        sim = e.get("similarity") or {}
+        if sim.get("at_risk"):  # task similarity (cvm_edge.similarity)
+            risky = ", ".join(f"{r['class']} ({r['cosine']:.2f} to {r['nearest_new']})" for r in sim["at_risk"][:3])
+            lines.append(f"  old classes most at risk: {risky}; scaling factor {sim['factor']:g}")
         if self.version is not None:
             lines.append(f"  published {version_name(self.version)}")
         return "\n".join(lines)
@@ -187,6 +194,10 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         del data  # train and val are copies: at 224 px the full set is hundreds of MB
         old_classes = [c for c in prev.seen if c not in new_classes]
         seen = sorted(set(prev.seen) | set(new_classes))
+        # Task similarity from the concept table (before training): reported, and the factor the
+        # distill/ewc plugins apply when --similarity-scaling is on (they compute it the same way).
+        similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
+        log.info("task similarity: %s", similarity.summary(table.names))
         device = torch.device(opts.device)
 
         model = model_from_checkpoint(prev).to(device)
@@ -241,6 +252,7 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
             "images_per_s": result.images_seen / max(1e-9, time.perf_counter() - t0),
             "wall_s": time.perf_counter() - t0,
             "forced": False,
+            "similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling),
         }
         drop = 100.0 * (old_before - old_after) if old_before is not None and old_after is not None else 0.0
         if drop > opts.max_forgetting:

@@ -133,8 +133,10 @@ def test_unreadable_model_exit_1(tmp_path: Path, capsys) -> None:
 def test_usage_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert run_cli("embed", "build", "--classes", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.npz")) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert run_cli("embed", "build", "--out", "x.npz") == 2  # neither --classes nor --descriptions
+    assert "give --classes FILE, --descriptions FILE.yaml, or both" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        run_cli("embed", "build", "--out", "x.npz")  # --classes missing: argparse usage error
+        run_cli("embed", "build", "--classes", "c.txt")  # --out missing: argparse usage error
     assert exc.value.code == 2
 
 

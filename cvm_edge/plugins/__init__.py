@@ -24,6 +24,9 @@ class PluginOptions:
     ewc_samples: int = 512
     der_alpha: float = 0.1  # DER++ (Buzzega et al. 2020): weight of the MSE to stored logits
     der_beta: float = 0.5  # DER++: weight of the cross-entropy on a second buffer batch (0: plain DER)
+    # Task-similarity scaling of distill_weight and ewc_lambda (cvm_edge.similarity): the power P of
+    # factor = clip((mean old-new cosine / table mean cosine) ** P, 1/4, 4); 0 is off.
+    similarity_scaling: float = 0.0
 
 
 def parse_plugin_list(text: str) -> list[str]:
@@ -43,9 +46,18 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
         if name == "replay":
             plugins.append(ReplayPlugin())
         elif name == "distill":
-            plugins.append(DistillPlugin(options.distill_weight, options.distill_target, options.distill_temperature))
+            plugins.append(
+                DistillPlugin(
+                    options.distill_weight,
+                    options.distill_target,
+                    options.distill_temperature,
+                    options.similarity_scaling,
+                )
+            )
         elif name == "ewc":
-            plugins.append(EwcPlugin(options.ewc_lambda, options.ewc_decay, options.ewc_samples))
+            plugins.append(
+                EwcPlugin(options.ewc_lambda, options.ewc_decay, options.ewc_samples, options.similarity_scaling)
+            )
         elif name == "der":
             plugins.append(DerPlugin(options.der_alpha, options.der_beta))
         else:

@@ -3,31 +3,52 @@
 After each experience the diagonal empirical Fisher information of the trainable weights is
 estimated on that experience's data and accumulated; training then pays
 ``lambda / 2 * sum(F * (theta - theta_star)^2)`` for moving weights that mattered before.
+
+With ``similarity_scaling = P != 0``, ``lambda`` of each experience is multiplied by the task
+similarity factor of :mod:`cvm_edge.similarity` (new classes close to old ones: hold weights harder).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from cvm_edge.augment import to_input
+from cvm_edge.similarity import experience_factor
 from cvm_edge.strategy import Batch, Context, Output, Plugin, restricted_logits, targets_in
+
+log = logging.getLogger(__name__)
 
 
 class EwcPlugin(Plugin):
     name = "ewc"
 
-    def __init__(self, lam: float = 100.0, decay: float = 1.0, samples: int = 512) -> None:
+    def __init__(
+        self, lam: float = 100.0, decay: float = 1.0, samples: int = 512, similarity_scaling: float = 0.0
+    ) -> None:
         if lam < 0 or not 0 <= decay <= 1 or samples < 1:
             raise ValueError("ewc lambda must be >= 0, decay in [0, 1], samples >= 1")
         self.lam = lam
         self.decay = decay
         self.samples = samples
+        self.similarity_scaling = similarity_scaling
+        self.factor = 1.0  # this experience's similarity factor (1 unless scaling is on)
         self.fisher: dict[str, torch.Tensor] = {}
         self.star: dict[str, torch.Tensor] = {}
 
+    @property
+    def effective_lambda(self) -> float:
+        return self.lam * self.factor
+
+    def before_experience(self, ctx: Context) -> None:
+        self.factor = experience_factor(ctx, self.similarity_scaling)
+        if self.similarity_scaling:
+            log.info("ewc lambda %g x similarity factor %.3f = %.4g", self.lam, self.factor, self.effective_lambda)
+
     def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
-        if not self.fisher or self.lam == 0:
+        if not self.fisher or self.effective_lambda == 0:
             return None
         total = torch.zeros((), device=ctx.device)
         for name, p in ctx.model.named_parameters():
@@ -35,7 +56,7 @@ class EwcPlugin(Plugin):
             if f is None or not p.requires_grad or f.shape != p.shape:
                 continue
             total = total + (f.to(p.device) * (p - self.star[name].to(p.device)) ** 2).sum()
-        return 0.5 * self.lam * total
+        return 0.5 * self.effective_lambda * total
 
     def after_experience(self, ctx: Context) -> None:
         model = ctx.model
