@@ -161,6 +161,13 @@ def demo_dataset(size: int) -> Dataset:
     return Dataset("fashion_mnist_sample", tuple(str(c) for c in s["classes"]), train, test)
 
 
+def first_per_class_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first ``per_class`` images of every class, in file order (seed-independent:
+    part of a protocol's data definition, so every seed sees the same images)."""
+    keep = [np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
+
+
 def per_class_subset(split: Split, per_class: int, seed: int) -> Split:
     """At most ``per_class`` images of every class, chosen with a seed."""
     rng = np.random.default_rng(seed)

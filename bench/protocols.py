@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bench.datasets import Dataset, Split, demo_dataset, load_dataset, per_class_subset
+from bench.datasets import Dataset, Split, demo_dataset, first_per_class_indices, load_dataset, per_class_subset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,8 @@ class Protocol:
     train_backbone: str = "all"
     epochs: int = 50
     batch_size: int = 32
+    # Training images kept per class of each dataset (the first N in file order), None for all.
+    max_train_per_class: int | None = None
     note: str = ""
 
 
@@ -49,7 +51,9 @@ PROTOCOLS: dict[str, Protocol] = {
             32,
             5,
             epochs=10,
-            note="CIFAR-10, then Fashion-MNIST, then Imagenette, all 32x32 RGB: 30 classes in 6 tasks of 5",
+            max_train_per_class=1000,
+            note="CIFAR-10, then Fashion-MNIST, then Imagenette, all 32x32 RGB: 30 classes in 6 tasks of 5; "
+            "the first 1,000 training images of each class (Imagenette has ~950), so no domain dominates by count",
         ),
     )
 }
@@ -100,6 +104,11 @@ def build_scenario(
     each dataset are shuffled with ``seed``; datasets keep their protocol order)."""
     size = image_size or protocol.image_size
     datasets = [demo_dataset(size)] if use_demo else [load_dataset(n, size) for n in protocol.datasets]
+    if protocol.max_train_per_class is not None:
+        cap = protocol.max_train_per_class
+        datasets = [
+            dataclasses.replace(d, train=d.train.take(first_per_class_indices(d.train.labels, cap))) for d in datasets
+        ]
     names, train, test, groups = _merge(datasets)
     if train_per_class is not None:
         train = per_class_subset(train, train_per_class, seed)

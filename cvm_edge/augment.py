@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from cvm_edge.preprocess import Preprocessing
 
 
+@functools.lru_cache(maxsize=16)
+def _channel_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: building a tensor from Python numbers on a GPU is a host-to-device copy
+    # that waits for the whole queue, twice per batch otherwise.
+    return (
+        torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+        torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+    )
+
+
 def to_input(pixels: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     """uint8 NHWC -> normalised float32 NCHW; the same arithmetic as ``preprocess.normalise``."""
     x = pixels.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-    mean = torch.tensor(prep.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = _channel_constants(tuple(prep.mean), tuple(prep.std), x.device)
     return ((x - mean) / std).contiguous()
 
 
