@@ -25,6 +25,8 @@ MAX_LOGIT_SCALE = math.log(100.0)
 # LogSumExp temperature over a class's prototype cosines: 0.1 sits between "best prototype wins"
 # (T -> 0, max) and "all prototypes count alike" (T -> inf, mean); cosines span [-1, 1].
 DEFAULT_PROTOTYPE_TEMPERATURE = 0.1
+# Stands in for the cosine of a padding slot: below any real cosine (unit vectors: >= -1).
+PAD_COSINE = -2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +122,19 @@ class ConceptHead(nn.Module):
         (one prototype gives exactly its cosine; ``P`` identical ones give that cosine too);
         without it a class with five descriptions would out-score a single-row class by up to
         ``T log 5`` for no visual reason. Computed with the max subtracted (stable, and exact for
-        single-prototype classes); padding is masked with ``-inf``. Dense, fixed shapes only, so
-        the graph exports to ONNX as MatMul/Reshape/Where/ReduceMax/Exp/ReduceSum/Log."""
+        single-prototype classes). Padding takes no part: its cosine is replaced by
+        :data:`PAD_COSINE` (below any real cosine, so never the max) and its exp term is multiplied
+        by 0. Every intermediate stays finite (no ``-inf`` masks): int8 calibration measures the
+        range of every tensor in the graph and fails on an infinite one. Dense, fixed shapes only,
+        so the graph exports to ONNX as MatMul/Reshape/Where/ReduceMax/Exp/Mul/ReduceSum/Log."""
         c, p, d = self.table.shape
         s = (z @ self.table.reshape(c * p, d).t()).reshape(-1, c, p)
-        s = s.masked_fill(~self.prototype_mask, float("-inf"))
-        # The gradient of t*logsumexp does not depend on the shift, so the max is a constant here.
+        s = s.masked_fill(~self.prototype_mask, PAD_COSINE)
+        # The gradient of T*logsumexp does not depend on the shift, so the max is a constant here.
         m = s.amax(dim=-1, keepdim=True).detach()
         t = self.prototype_temperature
-        lse = torch.log(torch.exp((s - m) / t).sum(dim=-1))
-        return m.squeeze(-1) + t * (lse - self.log_counts)
+        e = torch.exp((s - m) / t) * self.prototype_mask.to(s.dtype)  # in [0, 1]; the max term is exactly 1
+        return m.squeeze(-1) + t * (torch.log(e.sum(dim=-1)) - self.log_counts)
 
     def logits_from_embedding(self, z: torch.Tensor) -> torch.Tensor:
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()

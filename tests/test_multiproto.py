@@ -198,6 +198,10 @@ def test_multi_prototype_store_trains_exports_and_predicts(
     assert manifest["parity"]["passed"] and manifest["parity"]["top1_agreement"] == 1.0
     assert manifest["model"]["prototype_temperature"] == 0.2 and manifest["classes"] == ["Sandal", "Sneaker"]
     assert ConceptTable.load(wd / "bundles" / "v000002" / "concepts.npz").prototypes == ck.table.prototypes
+    # int8 calibration measures every tensor of the graph: the head must keep them all finite
+    assert run_cli("-q", "export", "--workdir", str(wd), "--precision", "int8") == 0
+    int8 = json.loads((wd / "bundles" / "v000002-int8" / "manifest.json").read_text())
+    assert int8["parity"]["passed"]
     capsys.readouterr()
     img = next((data / "sandal").iterdir())
     assert run_cli("predict", "--workdir", str(wd), str(img), "--json") == 0
