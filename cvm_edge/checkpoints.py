@@ -23,11 +23,14 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import StoreError
 from cvm_edge.fsutil import (
+    InjectedFault,
     clean_stale_tmp,
     fault_point,
     make_tmp_dir,
     publish_dir,
     read_pointer,
+    remove_tmp_dir,
+    write_error,
     write_pointer,
 )
 from cvm_edge.model import ModelConfig
@@ -99,8 +102,10 @@ class CheckpointStore:
         return self.latest_pointer.is_file()
 
     def clean_stale(self) -> list[Path]:
-        """Remove temp dirs of crashed writers. Call while holding the lock."""
-        return clean_stale_tmp(self.root)
+        """Remove temp dirs of crashed writers, checkpoints and bundles alike (a writer killed while
+        exporting leaves ``bundles/.tmp-*``; the next start of any writer must remove it). Call
+        while holding the lock."""
+        return clean_stale_tmp(self.root) + clean_stale_tmp(self.workdir / "bundles")
 
     def versions(self) -> list[int]:
         if not self.root.is_dir():
@@ -129,7 +134,10 @@ class CheckpointStore:
         versions = self.versions()
         version = (versions[-1] if versions else 0) + 1
         parent = read_pointer(self.latest_pointer)
-        tmp = make_tmp_dir(self.root, version_name(version))
+        try:
+            tmp = make_tmp_dir(self.root, version_name(version))
+        except OSError as exc:
+            raise StoreError(f"{write_error('a new checkpoint', self.root, exc)}; nothing was written") from None
         created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         meta = {
             "format": FORMAT,
@@ -144,18 +152,32 @@ class CheckpointStore:
             "plugins": list(ckpt.plugins),
             "history": list(ckpt.history),
         }
-        torch.save(ckpt.weights, tmp / "model.pt")
-        torch.save(ckpt.plugin_state, tmp / "plugins.pt")
-        (tmp / "concepts.npz").write_bytes(ckpt.table.to_bytes())
-        (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
-        _save_imageset(tmp / "val.npz", ckpt.val)
-        fault_point("checkpoint_files_written")
-        # meta.json last: a version directory without it is never considered complete
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        publish_dir(tmp, self.path(version))
+        name = version_name(version)
+        try:
+            torch.save(ckpt.weights, tmp / "model.pt")
+            torch.save(ckpt.plugin_state, tmp / "plugins.pt")
+            (tmp / "concepts.npz").write_bytes(ckpt.table.to_bytes())
+            (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
+            _save_imageset(tmp / "val.npz", ckpt.val)
+            fault_point("checkpoint_files_written")
+            # meta.json last: a version directory without it is never considered complete
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            publish_dir(tmp, self.path(version))
+        except InjectedFault:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:  # a full disk reaches torch/numpy as any of these
+            error = write_error(f"checkpoint {name}", self.root, exc)
+            remove_tmp_dir(tmp)  # give the space back; the previous version is untouched
+            raise StoreError(f"{error}; {parent or 'the previous version'} stays current") from None
         fault_point("before_pointer")
-        write_pointer(self.latest_pointer, version_name(version))
-        log.info("published checkpoint %s", version_name(version))
+        try:
+            write_pointer(self.latest_pointer, name)
+        except OSError as exc:
+            error = write_error("the LATEST pointer", self.root, exc)
+            if read_pointer(self.latest_pointer) != name:  # nothing names the new version: free its space
+                remove_tmp_dir(self.path(version))
+            raise StoreError(f"{error}; {read_pointer(self.latest_pointer)} stays current") from None
+        log.info("published checkpoint %s", name)
         return version
 
     def load(self, version: int | None = None) -> Checkpoint:

@@ -166,10 +166,14 @@ def cmd_update(args: argparse.Namespace) -> int:
     exported: list[str] = []
 
     def export_hook(version: int) -> None:  # runs inside run_update's lock, after the checkpoint is saved
+        from cvm_edge.fsutil import fault_point, scratch_dir
         from deploy.export import export_bundle
 
+        log.info("exporting the bundle of v%d", version)
+        fault_point("update_exporting")
         try:
-            exported.append(export_bundle(args.workdir, version).summary())
+            with scratch_dir(args.workdir / "checkpoints"):
+                exported.append(export_bundle(args.workdir, version).summary())
         except CvmError as exc:
             raise CvmError(
                 f"checkpoint v{version} was saved, but no bundle was published ({exc}); the server keeps the "
@@ -445,6 +449,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         raise
+    except OSError as exc:  # a file system failure no command turned into a CvmError: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cvm: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        # os and pathlib refuse a path with a NUL byte (from a file such as labels.csv) this way
+        if "embedded null byte" not in str(exc):
+            raise
+        print("cvm: error: a path given to this command contains a NUL byte; refused", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cvm: interrupted", file=sys.stderr)
         return 130

@@ -7,11 +7,13 @@ the old or the new version on disk, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 FAULT_ENV = "CVM_FAULT_AT"
+FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk was full
 
 
 class InjectedFault(RuntimeError):
@@ -30,10 +33,16 @@ class InjectedFault(RuntimeError):
 
 
 def fault_point(name: str) -> None:
-    """Test hook: fail here when the environment asks for it.
+    """Test hook: misbehave here when the environment asks for it (see RELIABILITY.md).
 
-    ``CVM_FAULT_AT=<name>`` raises :class:`InjectedFault`; ``CVM_FAULT_AT=<name>:exit`` kills the
-    process on the spot with ``os._exit(137)``, which is what a power cut looks like to the disk.
+    ``CVM_FAULT_AT=<name>[:<mode>]``, where mode is
+
+    - (none): raise :class:`InjectedFault`;
+    - ``exit``: ``os._exit(137)`` on the spot, which is what a power cut looks like to the disk;
+    - ``stop``: say so on stderr and ``SIGSTOP`` this process, so a harness can ``kill -9`` it at
+      exactly this point (a ``SIGCONT`` lets it go on);
+    - ``sleep=<s>``: wait ``s`` seconds (widens a race window);
+    - ``enospc``: raise ``OSError(ENOSPC)``, a full disk where no small filesystem can be mounted.
     """
     wanted = os.environ.get(FAULT_ENV, "")
     if not wanted:
@@ -43,6 +52,18 @@ def fault_point(name: str) -> None:
         return
     if mode == "exit":
         os._exit(137)
+    if mode == "stop":
+        import signal
+        import sys
+
+        print(f"cvm: fault point {name} reached (pid {os.getpid()}); stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    if mode.startswith("sleep="):
+        time.sleep(float(mode.removeprefix("sleep=")))
+        return
+    if mode == "enospc":
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {name})")
     raise InjectedFault(f"fault injected at {name}")
 
 
@@ -105,10 +126,50 @@ def publish_dir(tmp: Path, final: Path) -> None:
     """Move a fully written temp directory to its final name, durably."""
     fsync_tree(tmp)
     fault_point("before_rename")
+    # the same step, told apart by store (checkpoints_before_rename, bundles_before_rename)
+    fault_point(f"{final.parent.name}_before_rename")
     if final.exists():
         raise StoreError(f"refusing to overwrite existing {final}")
     os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+def remove_tmp_dir(tmp: Path) -> None:
+    """Remove a writer's own temp directory after a failed write (frees the space it took)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_error(what: str, where: Path, exc: BaseException) -> StoreError:
+    """One line for a failed write that names a full disk when that is the cause.
+
+    torch and numpy report a full disk as a bare RuntimeError/ValueError without an errno, so the
+    free space left on the filesystem (measured before the caller frees its temp files) decides."""
+    try:
+        free: int | None = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < FULL_BYTES)
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if full:
+        detail = f"no space left on the device ({free if free is not None else '?'} bytes free; {detail})"
+    return StoreError(f"cannot write {what} in {where}: {detail}")
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path) -> Iterator[Path]:
+    """A temp directory inside ``parent`` that is the process's default temp dir while it is open.
+
+    Writers (ONNX export, quantisation) put their scratch files here rather than in /tmp: what a
+    killed writer leaves behind is removed by the next writer's :func:`clean_stale_tmp` instead
+    of piling up in /tmp, and a full store disk shows up as a failed write of this command."""
+    tmp = make_tmp_dir(parent, "scratch")
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp)
+    try:
+        yield tmp
+    finally:
+        tempfile.tempdir = before
+        remove_tmp_dir(tmp)
 
 
 def clean_stale_tmp(parent: Path) -> list[Path]:

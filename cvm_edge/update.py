@@ -18,7 +18,7 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split, load_image_folder
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError
 from cvm_edge.evaluate import mean_over, per_class_accuracy_from_logits
-from cvm_edge.fsutil import FileLock
+from cvm_edge.fsutil import FileLock, fault_point
 from cvm_edge.model import DEFAULT_PROTOTYPE_TEMPERATURE, CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import PluginOptions, make_plugins
 from cvm_edge.preprocess import Preprocessing
@@ -230,6 +230,14 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         all_val = ImageSet.concat([prev.val, val], prev.prep.image_size)
         scorer = _ValidationScorer(strategy, all_val, seen)
         acc_before = scorer.accuracy(old_classes)
+        # phase lines: the operator sees where a long update is; the kill tests aim at each phase
+        log.info(
+            "training on %d images of %d class(es), starting from %s",
+            len(train),
+            len(new_classes),
+            version_name(prev.version),
+        )
+        fault_point("update_training")
         result = strategy.train_experience(train, buffer, seen, old_classes, task_index=len(prev.history) + 1)
 
         acc = scorer.accuracy()
@@ -264,6 +272,8 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
                 )
             entry["forced"] = True
             log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", drop)
+        log.info("trained and evaluated in %.1f s; saving the checkpoint", time.perf_counter() - t0)
+        fault_point("update_saving")
         ckpt = dataclasses.replace(
             prev,
             table=table,

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from cvm_edge.errors import ModelLoadError, StoreError
-from cvm_edge.fsutil import fault_point, make_tmp_dir, publish_dir, read_pointer, write_pointer
+from cvm_edge.fsutil import (
+    InjectedFault,
+    fault_point,
+    make_tmp_dir,
+    publish_dir,
+    read_pointer,
+    remove_tmp_dir,
+    write_error,
+    write_pointer,
+)
 from cvm_edge.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -147,15 +156,30 @@ def publish_bundle(root: Path, name: str, files: Mapping[str, bytes], manifest: 
     the store lock."""
     if not NAME_RE.match(name):
         raise ValueError(f"bad bundle name {name!r}")
-    tmp = make_tmp_dir(root, name)
-    for fname, data in files.items():
-        (tmp / fname).write_bytes(data)
-    fault_point("bundle_files_written")
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    final = root / name
-    publish_dir(tmp, final)
+    previous = read_pointer(root / POINTER)
+    keeps = f"the server keeps {previous or 'what it serves'}"
+    try:
+        tmp = make_tmp_dir(root, name)
+    except OSError as exc:
+        raise StoreError(f"{write_error(f'bundle {name}', root, exc)}; nothing was written, {keeps}") from None
+    try:
+        for fname, data in files.items():
+            (tmp / fname).write_bytes(data)
+        fault_point("bundle_files_written")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        final = root / name
+        publish_dir(tmp, final)
+    except InjectedFault:
+        raise
+    except OSError as exc:
+        error = write_error(f"bundle {name}", root, exc)
+        remove_tmp_dir(tmp)  # give the space back
+        raise StoreError(f"{error}; {keeps}") from None
     fault_point("before_bundle_pointer")
-    write_pointer(root / POINTER, name)
+    try:
+        write_pointer(root / POINTER, name)
+    except OSError as exc:
+        raise StoreError(f"{write_error('the CURRENT pointer', root, exc)}; {keeps}") from None
     log.info("published bundle %s", name)
     return final
 

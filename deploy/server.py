@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime as dt
 import hmac
 import json
 import logging
+import math
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,7 +45,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cvm_edge import __version__
 from cvm_edge.errors import CvmError, DataError, ModelLoadError
-from cvm_edge.fsutil import read_pointer
+from cvm_edge.fsutil import fault_point, read_pointer
 from cvm_edge.preprocess import UnsupportedImageError, normalise
 from deploy.bundle import checkpoint_dir_name, current_bundle_dir
 from deploy.predictor import Outputs, Predictor, PredictorOptions
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "CVM_ADMIN_TOKEN"
 RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp", "application/octet-stream")
 V2_OUTPUTS = ("logits", "probabilities", "embedding", "label")
+MAX_POINTER_CHASES = 3
+MAX_V2_DIMS = 8  # [B, 3, H, W] needs 4; anything far longer is garbage
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
@@ -155,6 +161,17 @@ class MetricsMiddleware:
 
 
 # ----- model holder ------------------------------------------------------------------------------
+def release_free_memory() -> bool:
+    """``malloc_trim(0)``: return free heap pages to the OS (glibc only; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0))
+
+
 @dataclasses.dataclass(frozen=True)
 class Loaded:
     predictor: Predictor
@@ -186,6 +203,7 @@ class ModelHolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.loads = 0
+        self._retired: list[weakref.ref[Predictor]] = []  # replaced models still held by in-flight requests
 
     def target(self) -> Path | None:
         if self.settings.bundle is not None:
@@ -210,25 +228,31 @@ class ModelHolder:
                 if force:
                     raise HTTPError(409, "no bundle has been published yet (run `cvm export`)")
                 return False
-            key = str(target)
             serving = self.current.predictor.bundle.path if self.current else None
-            if not force and (key == str(serving) or key == self._failed):
+            if not force and (str(target) == str(serving) or str(target) == self._failed):
                 return False
-            try:
-                predictor = self.factory(target, self.settings.predictor)
-                predictor.warmup()
-            except CvmError as exc:
-                self._record_failure(key, exc)
-                if force:
-                    raise
-                return False
-            except Exception as exc:  # noqa: BLE001 - a broken bundle must never take the server down
-                self._record_failure(key, ModelLoadError(f"bundle {target.name}: {exc}"))
-                if force:
-                    raise ModelLoadError(f"bundle {target.name}: {exc}") from None
+            predictor = None
+            # A rollback or a publish may move CURRENT while a bundle loads: never swap in one that
+            # CURRENT no longer names, chase the pointer instead (a few times; then the poller goes on).
+            for _ in range(MAX_POINTER_CHASES):
+                predictor = self._load(target, force)
+                if predictor is None:
+                    return False
+                fault_point("server_before_swap")
+                moved = self._pointer_moved(target)
+                if moved is None:
+                    break
+                log.info("CURRENT moved to %s while %s loaded; loading that instead", moved.name, target.name)
+                predictor = None
+                if str(moved) == str(serving) and not force:
+                    return False  # it moved back to what is serving: nothing to swap
+                target = moved
+            if predictor is None:
                 return False
             previous = self.current
             self.current = Loaded(predictor, _now())  # the swap: one reference
+            if previous is not None:
+                self._retired.append(weakref.ref(previous.predictor))
             self._failed = None
             self.last_error = None
             self.metrics.set_model(predictor)
@@ -245,6 +269,34 @@ class ModelHolder:
             )
             return True
 
+    def _load(self, target: Path, force: bool) -> Predictor | None:
+        """Load and warm ``target``; None (or a raise when ``force``) when it fails."""
+        key = str(target)
+        try:
+            predictor = self.factory(target, self.settings.predictor)
+            predictor.warmup()
+        except CvmError as exc:
+            self._record_failure(key, exc)
+            if force:
+                raise
+            return None
+        except Exception as exc:  # noqa: BLE001 - a broken bundle must never take the server down
+            self._record_failure(key, ModelLoadError(f"bundle {target.name}: {exc}"))
+            if force:
+                raise ModelLoadError(f"bundle {target.name}: {exc}") from None
+            return None
+        return predictor
+
+    def _pointer_moved(self, loaded: Path) -> Path | None:
+        """The bundle CURRENT names now, when that is no longer ``loaded`` (None: it still is)."""
+        if self.settings.bundle is not None:
+            return None
+        try:
+            now = self.target()
+        except CvmError:
+            return None  # a broken pointer is the next poll's business; what loaded was CURRENT
+        return None if now is None or str(now) == str(loaded) else now
+
     def _record_failure(self, key: str | None, exc: CvmError) -> None:
         self._failed = key
         serving = self.current.predictor.name if self.current else None
@@ -259,6 +311,16 @@ class ModelHolder:
                 self.check()
             except Exception:  # the poller must outlive any one bad bundle
                 log.exception("bundle poll failed")
+            self.release_retired()
+
+    def release_retired(self) -> bool:
+        """Once every replaced model is gone (its last request finished), hand the memory it
+        freed back to the OS. Without this, glibc keeps the freed heap of each old onnxruntime
+        session and the RSS of a server that reloads often grows by about a model per reload."""
+        if not self._retired or any(ref() is not None for ref in self._retired):
+            return False
+        self._retired.clear()
+        return release_free_memory()
 
     def start(self) -> None:
         try:
@@ -363,19 +425,21 @@ def _v2_inputs(predictor: Predictor, body: Any) -> tuple[np.ndarray, str | None,
     if not isinstance(tensor, dict):
         raise HTTPError(400, "each input must be an object with name, shape, datatype and data")
     shape, dtype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise HTTPError(400, "input 'shape' must be a list of non-negative integers")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_V2_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise HTTPError(400, f"input 'shape' must be a list of at most {MAX_V2_DIMS} non-negative integers")
     if not isinstance(data, list):
         raise HTTPError(400, "input 'data' must be a list (the JSON tensor encoding)")
     rid = body.get("id")
     wanted = V2_OUTPUTS if not body.get("outputs") else _v2_requested_outputs(body["outputs"])
     if dtype == "FP32":
-        try:
-            x = np.asarray(data, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise HTTPError(400, "FP32 data must be numbers (flat or nested lists)") from None
-        if x.size != int(np.prod(shape)):
-            raise HTTPError(400, f"FP32 data has {x.size} elements but shape {shape} needs {int(np.prod(shape))}")
+        x = _fp32_array(data)
+        needed = math.prod(shape)  # exact: np.prod wraps around at 2**63 and lets a huge shape through
+        if x.size != needed:
+            raise HTTPError(400, f"FP32 data has {x.size} elements but shape {shape} needs {needed}")
         x = x.reshape(shape)
         if not np.isfinite(x).all():
             raise HTTPError(422, "FP32 data holds NaN or infinite values")
@@ -402,6 +466,19 @@ def _v2_inputs(predictor: Predictor, body: Any) -> tuple[np.ndarray, str | None,
     raise HTTPError(
         400, f"input datatype must be FP32 (a [B, 3, H, W] tensor) or BYTES (encoded images), not {dtype!r}"
     )
+
+
+def _fp32_array(data: list[Any]) -> np.ndarray:
+    """JSON numbers (flat or nested lists) as float32; strings, booleans, nulls, objects, ragged
+    lists and integers beyond float range are refused (400), not coerced or crashed on."""
+    try:
+        raw = np.asarray(data)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise HTTPError(400, "FP32 data must be numbers in flat or evenly nested lists") from None
+    if raw.dtype.kind not in "iuf":  # object (ragged, huge ints, nulls), str, bool
+        raise HTTPError(400, "FP32 data must be numbers in flat or evenly nested lists")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
+        return raw.astype(np.float32)
 
 
 def _v2_requested_outputs(outputs: Any) -> list[str]:
@@ -540,7 +617,7 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
         raw = await read_body(request, settings.max_body_bytes)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise HTTPError(400, "the body must be JSON (Open Inference Protocol v2 request)") from None
         predictor = holder.require()
 
