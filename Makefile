@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS := train,embed,serve,offline,dev
 
-.PHONY: demo test lint bench-smoke install constraints clean
+.PHONY: demo test lint reliability bench-smoke install constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
+
+# Every reliability test, the 60 s load test included (RELIABILITY.md); their figures replace
+# $(RELIABILITY_OUT) only when all pass.
+RELIABILITY_OUT ?= bench/results/reliability.json
+reliability: $(STAMP)
+	rm -f $(RELIABILITY_OUT).new
+	CVM_RELIABILITY_RESULTS=$(RELIABILITY_OUT).new $(PY) -m pytest -q -m "reliability or not reliability" tests/test_reliability_*.py
+	mv $(RELIABILITY_OUT).new $(RELIABILITY_OUT)
 
 bench-smoke: $(STAMP)
 	$(PY) -m bench.run --protocol cifar10-5 --smoke

@@ -254,4 +254,22 @@ def record(section: str, figures: dict[str, Any], path: Path | None = None) -> N
     if target.is_file():
         data = json.loads(target.read_text(encoding="utf-8"))
     data[section] = {**figures, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    data["environment"] = environment()
     atomic_write_json(target, data)
+
+
+def environment() -> dict[str, Any]:
+    """Where the figures were measured (timings mean little without it)."""
+    import platform
+
+    import onnxruntime
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "git_commit": commit.stdout.strip() or None,
+        "shared_photos": PHOTOS.is_dir(),
+    }
