@@ -41,7 +41,7 @@ def fault_point(name: str) -> None:
     - ``exit``: ``os._exit(137)`` on the spot, which is what a power cut looks like to the disk;
     - ``stop``: say so on stderr and ``SIGSTOP`` this process, so a harness can ``kill -9`` it at
       exactly this point (a ``SIGCONT`` lets it go on);
-    - ``sleep=<s>``: wait ``s`` seconds (widens a race window);
+    - ``sleep=<s>``: say so on stderr and wait ``s`` seconds (widens a race window);
     - ``enospc``: raise ``OSError(ENOSPC)``, a full disk where no small filesystem can be mounted.
     """
     wanted = os.environ.get(FAULT_ENV, "")
@@ -52,11 +52,14 @@ def fault_point(name: str) -> None:
         return
     if mode == "exit":
         os._exit(137)
-    if mode == "stop":
-        import signal
+    if mode in ("stop",) or mode.startswith("sleep="):
         import sys
 
-        print(f"cvm: fault point {name} reached (pid {os.getpid()}); stopping", file=sys.stderr, flush=True)
+        # the harness waits for this line to know the process is exactly here
+        print(f"cvm: fault point {name} reached (pid {os.getpid()}); {mode}", file=sys.stderr, flush=True)
+    if mode == "stop":
+        import signal
+
         os.kill(os.getpid(), signal.SIGSTOP)
         return
     if mode.startswith("sleep="):

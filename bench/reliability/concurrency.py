@@ -75,12 +75,18 @@ def rollback_during_reload(
     CURRENT; ``rollback(*args)`` runs `cvm rollback --workdir W *args`."""
     start = current_bundle_name(workdir)
     start_version = latest()
+    marker = "fault point server_before_swap reached"
     with LoopClient(server.url, images) as client:
         time.sleep(0.5)
+        loads = server.log().count(marker)
         if rollback() != 0:
             raise AssertionError("the first rollback failed")
         rolled_to = current_bundle_name(workdir)
-        time.sleep(1.0)  # the poller (0.2 s) has found it and is inside the load -> swap window
+        deadline = time.monotonic() + 30  # until the poller has loaded it and sits in the load -> swap window
+        while server.log().count(marker) == loads:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server never loaded {rolled_to}: {server.log()[-2000:]}")
+            time.sleep(0.02)
         if rollback("--to", str(start_version)) != 0:
             raise AssertionError("the second rollback failed")
         t_back = time.monotonic()
