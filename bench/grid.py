@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.methods import METHODS
-from bench.run import RESULTS, git_commit, machine
+from bench.provenance import git_commit
+from bench.run import RESULTS, machine
 from cvm_edge.fsutil import atomic_write_text
 
 # Relative cost per step (forward passes per step, roughly), to start the longest runs first.

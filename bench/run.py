@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import logging
 import math
-import os
-import platform
 import resource
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import provenance
 from bench.datasets import REPO, data_root
 from bench.methods import METHODS, Method
 from bench.metrics import summarise
@@ -77,38 +74,17 @@ class RunSpec:
         return f"{self.method.name}{self.tag}-b{b}-s{self.seed}"
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("CVM_BENCH_COMMIT", "unknown")
-
-
-def versions() -> dict[str, str]:
-    import PIL
-    import timm
-
+def versions() -> dict[str, str | None]:
+    """Library versions (bench.provenance) plus the CUDA and cuDNN that torch was built with."""
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
+        **provenance.versions(),
         "cuda": str(torch.version.cuda),
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
     }
 
 
 def machine(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
+    info: dict[str, Any] = {**provenance.machine(), "torch_threads": torch.get_num_threads()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -288,11 +264,11 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "buffer_policy": "class-balanced, rebalanced at the end of each task (not reservoir sampling)",
         },
         "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else ["python", "-m", "bench.run"])),
-        "git_commit": git_commit(),
+        "git_commit": provenance.git_commit(),
         "machine": machine(spec.device),
         "device": spec.device,
         "versions": versions(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": provenance.utc_now(),
         "data_root": str(data_root()) if not spec.use_demo else "cvm_edge/demo_data (embedded sample)",
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,8 @@ def list_labelled_files(data_dir: Path, table: ConceptTable, table_hint: str = "
                 raise DataError(f"{csv_path} needs a header with columns path,label")
             for line, row in enumerate(reader, start=2):
                 rel, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+                if "\x00" in rel or "\x00" in label:
+                    raise DataError(f"{csv_path}:{line}: a NUL byte in the path or label")
                 path = (data_dir / rel).resolve()
                 if not rel or root not in path.parents:
                     raise DataError(f"{csv_path}:{line}: path {rel!r} is empty or outside the data folder")

@@ -288,6 +288,9 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         version = store.save(ckpt)
         entry["version"] = version
         if publish_hook is not None:
+            # The export loads the saved version itself: drop this update's images, features and
+            # models first, so a device's peak memory is that of the bigger step, not of both.
+            del ckpt, prev, train, val, all_val, scorer, strategy, model, result, plugins
             publish_hook(version)
     return UpdateReport(version=version, entry=entry)
 

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -31,7 +31,8 @@ from cvm_edge.checkpoints import Checkpoint, CheckpointStore
 from cvm_edge.errors import CvmError, UsageError
 from cvm_edge.fsutil import FileLock, clean_stale_tmp
 from cvm_edge.model import MAX_LOGIT_SCALE, CvmModel
-from cvm_edge.preprocess import normalise
+from cvm_edge.preprocess import Preprocessing, normalise
+from cvm_edge.strategy import eval_batch_for
 from cvm_edge.update import model_from_checkpoint
 from deploy.bundle import (
     CONCEPTS_FILE,
@@ -69,7 +70,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     calibration: str = "percentile"  # int8 only: how activation ranges are chosen from the buffer
     min_parity_images: int = MIN_PARITY_IMAGES
-    batch_size: int = 64
+    # Parity batches; None sizes them by pixels like training's inference (16 at 224 px: batch 64
+    # of Lite0 at 224 px alone took ~1.2 GB of activations).
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -151,12 +154,35 @@ def parity_images(ckpt: Checkpoint, minimum: int) -> ParityImages:
     return ParityImages(np.ascontiguousarray(pixels), len(ckpt.val), info)
 
 
-def _batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
+class Inputs(Protocol):
+    """Model inputs that can be sliced into batches: an array, or :class:`LazyNormalised`."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyNormalised:
+    """uint8 images normalised one batch at a time: 900 parity images at 224 px would take
+    ~550 MB as one float32 array, more than the rest of an update on a device."""
+
+    pixels: np.ndarray
+    prep: Preprocessing
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        return normalise(self.pixels[index], self.prep)
+
+
+def _batches(x: Inputs, size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(x), size):
         yield x[i : i + size]
 
 
-def torch_outputs(graph: ExportGraph, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def torch_outputs(graph: ExportGraph, x: Inputs, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     logits, emb = [], []
     with torch.inference_mode():
         for b in _batches(x, batch_size):
@@ -166,7 +192,7 @@ def torch_outputs(graph: ExportGraph, x: np.ndarray, batch_size: int) -> tuple[n
     return np.concatenate(logits), np.concatenate(emb)
 
 
-def onnx_outputs(model_bytes: bytes, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def onnx_outputs(model_bytes: bytes, x: Inputs, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     logits, emb = [], []
     for b in _batches(x, batch_size):
@@ -254,7 +280,7 @@ def _head_nodes(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def to_int8(fp32: bytes, calibration: np.ndarray, method: str, work: Path) -> bytes:
+def to_int8(fp32: bytes, calibration: Inputs, method: str, work: Path) -> bytes:
     """Static QDQ quantisation (per-channel int8 weights, uint8 activations) calibrated on ``calibration``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -395,18 +421,22 @@ def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions
     if not ckpt.seen:
         raise UsageError(f"version {ckpt.version} has not learned any class yet; run `cvm update` first")
     root = bundles_root(workdir)
+    root.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(root)
     graph = ExportGraph(model_from_checkpoint(ckpt), ckpt.seen).eval()
     images = parity_images(ckpt, opts.min_parity_images)
-    x = normalise(images.pixels, ckpt.prep)
-    ref = torch_outputs(graph, x, opts.batch_size)
+    x = LazyNormalised(images.pixels, ckpt.prep)
+    batch = opts.batch_size or eval_batch_for(ckpt.prep.image_size)
+    ref = torch_outputs(graph, x, batch)
     seen_index = {c: i for i, c in enumerate(ckpt.seen)}
     val_labels = np.asarray([seen_index.get(int(c), -1) for c in ckpt.val.labels], np.int64)
 
     if opts.precision == "int8" and len(ckpt.buffer) == 0:
         raise UsageError("int8 calibration needs replay-buffer images; this checkpoint has none")
     try:
-        with tempfile.TemporaryDirectory(prefix="cvm-export-") as tmp:
+        # Scratch inside the bundles folder, not /tmp: a killed export's leftovers are ".tmp-*" entries
+        # that the next writer's clean_stale_tmp removes, and a full store disk fails here, visibly.
+        with tempfile.TemporaryDirectory(prefix=".tmp-export-", dir=root) as tmp:
             work = Path(tmp)
             fp32, exporter = export_fp32(graph, ckpt.prep.image_size, opts.opset, work)
             if opts.precision == "fp32":
@@ -414,8 +444,8 @@ def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions
             elif opts.precision == "fp16":
                 model_bytes = to_fp16(fp32)
             else:
-                model_bytes = to_int8(fp32, normalise(ckpt.buffer.pixels, ckpt.prep), opts.calibration, work)
-            figures = parity_figures(ref, onnx_outputs(model_bytes, x, opts.batch_size), val_labels)
+                model_bytes = to_int8(fp32, LazyNormalised(ckpt.buffer.pixels, ckpt.prep), opts.calibration, work)
+            figures = parity_figures(ref, onnx_outputs(model_bytes, x, batch), val_labels)
     except CvmError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporter/quantiser failures become one line; nothing was published
