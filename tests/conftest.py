@@ -11,18 +11,7 @@ from cvm_edge.demo import load_sample, write_class_folders
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
-FASHION_NAMES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+FASHION_NAMES = [str(n) for n in load_sample()["classes"]]  # the embedded sample names its classes
 
 
 def run_cli(*argv: str) -> int:
