@@ -72,6 +72,7 @@ def one(
     threads: int | None,
     per_class: int | None,
     export: bool = True,
+    device: str = "cpu",
 ) -> dict[str, object]:
     import torch
 
@@ -101,11 +102,11 @@ def one(
                 buffer_size=buffer,
             ),
         )
-        run_update(store, UpdateOptions(data_dir=old_dir, epochs=1, progress=False, force=True))
+        run_update(store, UpdateOptions(data_dir=old_dir, epochs=1, progress=False, force=True, device=device))
         # The timed update is a real `cvm update` process: its peak RSS is that of the command a device
         # runs (imports included), not of this harness, which also holds the whole dataset.
         cmd = [sys.executable, "-m", "cvm_edge.cli", "-q", "update", "--workdir", str(store), "--data", str(new_dir)]
-        cmd += ["--epochs", str(epochs), "--force"] + ([] if export else ["--no-export"])
+        cmd += ["--epochs", str(epochs), "--force", "--device", device] + ([] if export else ["--no-export"])
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -122,6 +123,7 @@ def one(
             "epochs": epochs,
             "buffer": buffer,
             "export": export,
+            "device": device,
             "plugins": e["plugins"],
             "steps": e["steps"],
             "wall_s": round(wall, 2),
@@ -131,7 +133,8 @@ def one(
             "new_accuracy": round(100.0 * float(e["new_accuracy"]), 2),
             "old_accuracy": None if e["old_accuracy"] is None else round(100.0 * float(e["old_accuracy"]), 2),
             "new_classes": [names[c] for c in NEW_CLASSES],
-            "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}",
+            "machine": f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
+            + (f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""),
             "torch_threads": threads or torch.get_num_threads(),
             "command": " ".join(["python", "-m", "bench.update", *sys.argv[1:]]),
             "timed_command": "cvm update --workdir STORE --data NEW " + " ".join(cmd[cmd.index("--epochs") :]),
@@ -160,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--per-class", type=int, default=None, help="new images per class (default: all, ~950)")
     ap.add_argument("--no-export", action="store_true", help="time `cvm update --no-export` (no bundle)")
+    ap.add_argument("--device", default="cpu", help="torch device of the update (cpu, cuda)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -170,14 +174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd += ["--epochs", str(args.epochs), "--buffer", str(args.buffer), "--out", str(args.out)]
             cmd += ["--per-class", str(args.per_class)] if args.per_class else []
             cmd += ["--no-export"] if args.no_export else []
+            cmd += ["--device", args.device]
             rc |= subprocess.run(cmd, check=False).returncode
         return rc
     rec = one(
-        args.train_backbone, args.image_size, args.epochs, args.buffer, args.threads, args.per_class, not args.no_export
+        args.train_backbone,
+        args.image_size,
+        args.epochs,
+        args.buffer,
+        args.threads,
+        args.per_class,
+        not args.no_export,
+        args.device,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     size_tag = f"-n{rec['n_images']}" if args.per_class else ""
-    export_tag = "-noexport" if args.no_export else ""
+    export_tag = ("-noexport" if args.no_export else "") + ("" if args.device == "cpu" else f"-{args.device}")
     path = args.out / f"lite0-{args.train_backbone}-{args.image_size}-e{args.epochs}{size_tag}{export_tag}.json"
     atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
     print(
