@@ -166,14 +166,13 @@ def cmd_update(args: argparse.Namespace) -> int:
     exported: list[str] = []
 
     def export_hook(version: int) -> None:  # runs inside run_update's lock, after the checkpoint is saved
-        from cvm_edge.fsutil import fault_point, scratch_dir
+        from cvm_edge.fsutil import fault_point
         from deploy.export import export_bundle
 
         log.info("exporting the bundle of v%d", version)
         fault_point("update_exporting")
         try:
-            with scratch_dir(args.workdir / "checkpoints"):
-                exported.append(export_bundle(args.workdir, version).summary())
+            exported.append(export_bundle(args.workdir, version).summary())
         except CvmError as exc:
             raise CvmError(
                 f"checkpoint v{version} was saved, but no bundle was published ({exc}); the server keeps the "

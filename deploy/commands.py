@@ -46,14 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     opts = ExportOptions(precision=args.precision, opset=args.opset, calibration=args.calibration)
     version = parse_version(args.version) if args.version is not None else None
-    from contextlib import nullcontext
-
-    from cvm_edge.fsutil import scratch_dir
-
-    # scratch files inside the store: a killed export leaves nothing in /tmp that no one removes
-    scratch_parent = args.workdir / "checkpoints"
-    with scratch_dir(scratch_parent) if scratch_parent.is_dir() else nullcontext(scratch_parent):
-        result = export_locked(args.workdir, version, opts)
+    result = export_locked(args.workdir, version, opts)
     print(result.summary())
     return 0
 

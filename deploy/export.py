@@ -15,7 +15,6 @@ import datetime as dt
 import io
 import logging
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore
 from cvm_edge.errors import CvmError, UsageError
-from cvm_edge.fsutil import FileLock, clean_stale_tmp
+from cvm_edge.fsutil import FileLock, clean_stale_tmp, scratch_dir
 from cvm_edge.model import MAX_LOGIT_SCALE, CvmModel
 from cvm_edge.preprocess import Preprocessing, normalise
 from cvm_edge.strategy import eval_batch_for
@@ -434,10 +433,10 @@ def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions
     if opts.precision == "int8" and len(ckpt.buffer) == 0:
         raise UsageError("int8 calibration needs replay-buffer images; this checkpoint has none")
     try:
-        # Scratch inside the bundles folder, not /tmp: a killed export's leftovers are ".tmp-*" entries
-        # that the next writer's clean_stale_tmp removes, and a full store disk fails here, visibly.
-        with tempfile.TemporaryDirectory(prefix=".tmp-export-", dir=root) as tmp:
-            work = Path(tmp)
+        # Scratch inside the bundles folder, not /tmp, for our files and the exporter's and quantiser's
+        # own temp files: a killed export leaves ".tmp-*" entries that the next writer's clean_stale_tmp
+        # removes, and a full store disk fails here, visibly.
+        with scratch_dir(root) as work:
             fp32, exporter = export_fp32(graph, ckpt.prep.image_size, opts.opset, work)
             if opts.precision == "fp32":
                 model_bytes = fp32
