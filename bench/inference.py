@@ -52,7 +52,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.provenance import provenance
-from bench.server_latency import PHOTOS, _Client, _free_port, _wait_ready, build_store
+from bench.server_latency import PHOTOS, _Client, _free_port, _wait_ready, build_store, timed
 from cvm_edge.fsutil import atomic_write_text
 from cvm_edge.preprocess import normalise
 
@@ -105,15 +105,6 @@ def stats(ms: Sequence[float]) -> dict[str, float]:
         "n": len(a),
         "throughput_qps": round(float(1000.0 * len(a) / a.sum()), 2),
     }
-
-
-def timed(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(1000.0 * (time.perf_counter() - t0))
-    return out
 
 
 # ----- machine and model figures --------------------------------------------------------------------

@@ -104,7 +104,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _timed(fn: Callable[[], Any], n: int) -> list[float]:
+def timed(fn: Callable[[], Any], n: int) -> list[float]:
+    """Milliseconds of ``n`` calls of ``fn``, one by one."""
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -181,15 +182,15 @@ def measure(bundle: Path, image: bytes, requests: int, rounds: int, warmup: int,
         def call_predictor() -> None:
             predictor.classify([image], 5)
 
-        _timed(call_predictor, warmup)
-        _timed(call_server, warmup)
+        timed(call_predictor, warmup)
+        timed(call_server, warmup)
         server_reported.clear()
         bare: list[float] = []
         served: list[float] = []
         per_round = max(1, requests // rounds)
         for _ in range(rounds):
-            bare += _timed(call_predictor, per_round)
-            served += _timed(call_server, per_round)
+            bare += timed(call_predictor, per_round)
+            served += timed(call_server, per_round)
         answer = json.loads(client.request("POST", "/v1/classify", image, "image/jpeg")[1])
         client.close()
     finally:

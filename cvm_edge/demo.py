@@ -32,6 +32,12 @@ def load_sample() -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def sample_class_names() -> list[str]:
+    """The sample's class names (index = label), read without decompressing its images."""
+    with resources.files("cvm_edge.demo_data").joinpath(SAMPLE).open("rb") as fh, np.load(fh) as z:
+        return [str(n) for n in z["classes"]]
+
+
 def write_class_folders(
     root: Path, images: np.ndarray, labels: np.ndarray, names: Sequence[str], classes: Sequence[int]
 ) -> Path:

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cvm_edge.demo import load_sample, write_class_folders
+from cvm_edge.demo import load_sample, sample_class_names, write_class_folders
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
-FASHION_NAMES = [str(n) for n in load_sample()["classes"]]  # the embedded sample names its classes
+FASHION_NAMES = sample_class_names()
 
 
 def run_cli(*argv: str) -> int:

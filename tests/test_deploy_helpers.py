@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import io
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bench.reliability.common import Server as ServerProcess
 from conftest import FASHION_NAMES, SHARED_DATA, init_store, run_cli
 from cvm_edge.demo import load_sample, write_class_folders
 
@@ -88,12 +86,3 @@ def photos() -> list[Path]:
     files = sorted(PHOTOS.glob("*.jpg"))
     assert len(files) == 300
     return files
-
-
-def running_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    server = ServerProcess(args, log_path, env)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()

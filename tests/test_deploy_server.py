@@ -23,12 +23,12 @@ from test_deploy_helpers import (
     encode,
     generated_images,
     photos,
-    running_server,
     trained_store,
     update,
     write_folders,
 )
 
+from bench.reliability.common import running_server
 from conftest import run_cli
 from cvm_edge.fsutil import write_pointer
 from deploy.bundle import current_bundle_dir
@@ -45,7 +45,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, fashion_table: Path) -> Pa
 @pytest.fixture(scope="module")
 def server(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    yield from running_server(["--workdir", str(workdir), "--threads", "1"], log, env={"CVM_ADMIN_TOKEN": ADMIN_TOKEN})
+    with running_server(["--workdir", str(workdir), "--threads", "1"], log, env={"CVM_ADMIN_TOKEN": ADMIN_TOKEN}) as s:
+        yield s
 
 
 @pytest.fixture()

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deploy_helpers import running_server, trained_store
+from test_deploy_helpers import trained_store
 
-from bench.reliability.common import real_jpegs, record
+from bench.reliability.common import real_jpegs, record, running_server
 from bench.reliability.fuzz import payloads, run_fuzz
 
 SEED = int(os.environ.get("CVM_FUZZ_SEED", "0"))
@@ -22,7 +22,8 @@ SEED = int(os.environ.get("CVM_FUZZ_SEED", "0"))
 def server(tmp_path_factory: pytest.TempPathFactory, fashion_table: Path) -> Iterator[Any]:
     wd = trained_store(tmp_path_factory, fashion_table, tmp_path_factory.mktemp("fuzz") / "w")
     log = tmp_path_factory.mktemp("fuzz-log") / "server.log"
-    yield from running_server(["--workdir", str(wd), "--threads", "1"], log)
+    with running_server(["--workdir", str(wd), "--threads", "1"], log) as s:
+        yield s
 
 
 def test_corpus_is_reproducible_and_large_enough() -> None:

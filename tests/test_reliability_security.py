@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_deploy_helpers import generated_images, running_server, trained_store
+from test_deploy_helpers import generated_images, trained_store
 
-from bench.reliability.common import record
+from bench.reliability.common import record, running_server
 from conftest import run_cli
 from cvm_edge.checkpoints import CheckpointStore, parse_version
 from cvm_edge.errors import StoreError
@@ -115,15 +115,10 @@ def _listening(port: int) -> list[str]:
 def test_the_server_binds_loopback_by_default(workdir: Path, tmp_path: Path) -> None:
     if not os.path.exists("/proc/net/tcp"):
         pytest.skip("no /proc/net/tcp here")
-    gen = running_server(["--workdir", str(workdir)], tmp_path / "server.log")
-    server = next(gen)
-    try:
+    with running_server(["--workdir", str(workdir)], tmp_path / "server.log") as server:
         addrs = _listening(server.port)
         assert addrs == ["0100007F"], addrs  # 127.0.0.1 only: not 0.0.0.0, not ::
         FIGURES["bind"] = {"listening_on": "127.0.0.1"}
-    finally:
-        with pytest.raises(StopIteration):
-            next(gen)
 
 
 # ----- user strings and paths -----------------------------------------------------------------------

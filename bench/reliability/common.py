@@ -22,13 +22,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from cvm_edge.demo import load_sample, write_class_folders
+from cvm_edge.demo import load_sample, sample_class_names, write_class_folders
 from cvm_edge.fsutil import TMP_PREFIX, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = REPO.parent / "shared" / "data" / "photos"
 RESULTS_ENV = "CVM_RELIABILITY_RESULTS"
-FASHION_NAMES = tuple(str(n) for n in load_sample()["classes"])
+FASHION_NAMES = tuple(sample_class_names())
 # the small store of the tests: 0.3M-parameter backbone at 32 px, one epoch, no head tuning
 SMALL_INIT = ("--backbone", "resnet10_cifar_slim", "--pretrained", "none", "--image-size", "32", "--buffer-size", "20")
 FAST_UPDATE = ("--epochs", "1", "--balance-epochs", "0", "--force", "--no-progress")
