@@ -38,6 +38,18 @@ def jobs(methods: Sequence[str], buffers: Sequence[int], seeds: Sequence[int]) -
     return sorted(out, key=lambda j: (j[2], -COST.get(j[0], 1.0)))
 
 
+def parse_job(text: str) -> tuple[str, int, int]:
+    """``derpp:500:0`` -> ("derpp", 500, 0); the buffer of a method without one is recorded as 0."""
+    try:
+        m, b, s = text.split(":")
+        job = (m, int(b), int(s))
+    except ValueError:
+        raise SystemExit(f"bad job {text!r}: expected METHOD:BUFFER:SEED") from None
+    if m not in METHODS:
+        raise SystemExit(f"unknown method {m!r} in job {text!r}")
+    return (m, job[1] if METHODS[m].uses_buffer else 0, job[2])
+
+
 def _stop(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the clean-up below must not be interrupted
     raise KeyboardInterrupt
@@ -81,11 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--logs", type=Path, default=None)
     ap.add_argument("--tag", default="grid")
     ap.add_argument("--deadline", type=float, default=None, help="seconds: start no run after this")
+    ap.add_argument(
+        "--jobs", default=None, help="explicit runs METHOD:BUFFER:SEED,... in this order (instead of the product)"
+    )
     ap.add_argument("--skip-existing", type=Path, default=None, help="results root: skip runs whose JSON is there")
     ap.add_argument("extra", nargs="*", help="arguments passed to every bench.run (after --)")
     args = ap.parse_args(argv)
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
-    todo = jobs(methods, [int(b) for b in args.buffers.split(",")], [int(s) for s in args.seeds.split(",")])
+    if args.jobs:
+        todo = [parse_job(j) for j in args.jobs.split(",") if j]
+    else:
+        todo = jobs(methods, [int(b) for b in args.buffers.split(",")], [int(s) for s in args.seeds.split(",")])
     if args.skip_existing is not None:
         have = args.skip_existing / args.protocol
         todo = [j for j in todo if not (have / f"{j[0]}-b{j[1]}-s{j[2]}.json").is_file()]

@@ -62,6 +62,7 @@ class RunSpec:
     channels_last: bool = True
     amp_bf16: bool = False
     compile_mode: str = ""
+    cuda_graph: bool = False
     tag: str = ""
 
     @property
@@ -162,6 +163,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         channels_last=spec.channels_last,
         amp_bf16=spec.amp_bf16,
         compile_mode=spec.compile_mode,
+        cuda_graph=spec.cuda_graph,
     )
     tasks = [tuple(c for t in scenario.tasks for c in t)] if spec.method.joint else list(scenario.tasks)
     buffer = ReplayBuffer.empty(spec.buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
@@ -254,6 +256,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "channels_last": spec.channels_last,
             "amp_bf16": spec.amp_bf16,
             "compile_mode": spec.compile_mode,
+            "cuda_graph": spec.cuda_graph,
             "plugins": list(spec.method.plugins),
             **hp,
             "model": model_config.to_dict(),
@@ -300,6 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--compile", default="", metavar="MODE", help="torch.compile the backbone (e.g. reduce-overhead)")
+    ap.add_argument(
+        "--cuda-graph", action="store_true", help="replay each full training step from one CUDA graph (GPU)"
+    )
     ap.add_argument("--tag", default="", help="suffix for the result file name (variants of one method)")
     ap.add_argument("--smoke", action="store_true", help="2 tasks, 1 epoch, small subset, slim backbone (CPU)")
     ap.add_argument("--demo", action="store_true", help="use the Fashion-MNIST sample embedded in cvm_edge (offline)")
@@ -352,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             channels_last=args.channels_last,
             amp_bf16=args.bf16,
             compile_mode=args.compile,
+            cuda_graph=args.cuda_graph,
             tag=args.tag,
         )
         rec = run(spec, out_dir, argv_list)

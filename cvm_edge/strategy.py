@@ -22,6 +22,7 @@ from cvm_edge.augment import random_crop_flip, to_input
 from cvm_edge.backbones import feature_dim
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
+from cvm_edge.graphed import GraphedStep
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
 
@@ -62,6 +63,9 @@ class TrainConfig:
     # torch.compile mode for a trained backbone ("" off; e.g. "reduce-overhead" captures CUDA graphs,
     # which removes the per-kernel launch cost that dominates small-image GPU steps). Benchmarks only.
     compile_mode: str = ""
+    # Capture each full training step as one CUDA graph and replay it (cvm_edge.graphed): one launch
+    # per step instead of hundreds, for small-image GPU training where the host is the limit.
+    cuda_graph: bool = False
     # Refresh the progress bar's loss every this many steps: reading the loss waits for the device.
     log_every: int = 25
 
@@ -76,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError("eval_batch_size must be >= 1")
+        if self.cuda_graph and not self.device.startswith("cuda"):
+            raise ValueError("cuda_graph needs a CUDA device")
 
     def eval_batch(self, image_size: int) -> int:
         return self.eval_batch_size or eval_batch_for(image_size)
@@ -295,16 +301,39 @@ class Strategy:
         train_inputs = self._inputs(new_data.pixels, cached)
         train_labels = torch.from_numpy(new_data.labels).to(self.device)
         params = model.trainable_parameters()
-        opt: torch.optim.Optimizer
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(params, cfg)
         # Without replay there is nothing to protect old rows with; the plain loss is the honest baseline.
         loss_kind = cfg.loss if uses_buffer else "ce"
         n = len(new_data)
         steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
         bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"task {task_index}", unit="step", disable=not cfg.progress)
+        batch_sizes: dict[int, int] = {}  # indices per step -> images per step (with replayed ones)
+
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            batch = Batch(
+                inputs=train_inputs.index_select(0, idx),
+                labels=train_labels.index_select(0, idx),
+                from_buffer=torch.zeros(len(idx), dtype=torch.bool, device=self.device),
+            )
+            for plugin in self.plugins:
+                batch = plugin.extend_batch(ctx, batch)
+            batch_sizes[len(idx)] = len(batch.labels)
+            x = self._prepare(batch.inputs, cached, ctx.gen)
+            # Autocast's weight cache must be off inside a CUDA graph capture (torch.cuda.graphs).
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16, cache_enabled=False):
+                z, logits = ctx.forward_head(model, x)
+                out = Output(x=x, embeddings=z, logits=logits)
+                loss = classification_loss(logits.float(), batch, ctx, loss_kind)
+                for plugin in self.plugins:
+                    extra = plugin.loss(ctx, batch, out)
+                    if extra is not None:
+                        loss = loss + extra.float()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        run_step = GraphedStep(step, cfg.batch_size, self.device, generators=(ctx.gen,)) if cfg.cuda_graph else step
         last_loss: torch.Tensor | None = None
         steps, images = 0, 0
         model.train()
@@ -312,31 +341,20 @@ class Strategy:
             order = torch.from_numpy(ctx.rng.permutation(n)).to(self.device)
             for start in range(0, n, cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
-                batch = Batch(
-                    inputs=train_inputs.index_select(0, idx),
-                    labels=train_labels.index_select(0, idx),
-                    from_buffer=torch.zeros(len(idx), dtype=torch.bool, device=self.device),
-                )
-                for plugin in self.plugins:
-                    batch = plugin.extend_batch(ctx, batch)
-                x = self._prepare(batch.inputs, cached, ctx.gen)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
-                    z, logits = ctx.forward_head(model, x)
-                    out = Output(x=x, embeddings=z, logits=logits)
-                    loss = classification_loss(logits.float(), batch, ctx, loss_kind)
-                    for plugin in self.plugins:
-                        extra = plugin.loss(ctx, batch, out)
-                        if extra is not None:
-                            loss = loss + extra.float()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                last_loss = loss.detach()
+                last_loss = run_step(idx)
                 steps += 1
-                images += len(batch.labels)
+                images += batch_sizes[len(idx)]
                 bar.update(1)
                 if cfg.progress and steps % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{float(last_loss):.3f}")
+        if isinstance(run_step, GraphedStep):
+            log.info(
+                "task %d: %d steps replayed from a CUDA graph, %d eager",
+                task_index,
+                run_step.replays,
+                run_step.eager_steps,
+            )
+            del run_step  # frees the graph's private memory pool
         bar.close()
         model.eval()
         for plugin in self.plugins:
@@ -360,7 +378,7 @@ class Strategy:
                     0, torch.from_numpy(sel).to(self.device)
                 )
         # Free the cached inputs before head balancing: on a device they are the biggest allocation.
-        del train_inputs
+        train_inputs = torch.zeros(0)  # (the step closure holds this name too: rebinding frees it)
         ctx.buffer_inputs = torch.zeros(0)
         if cfg.balance_epochs and len(new_buffer):
             self._balance_head(ctx, new_buffer, pool_feats)
@@ -413,6 +431,13 @@ def predict_logits(
         )
         out.append(model(x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimiser; Adam keeps its step count on the device when steps are graphed."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=cfg.cuda_graph)
 
 
 def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: str) -> torch.Tensor:

@@ -37,6 +37,9 @@ class EwcPlugin(Plugin):
         self.factor = 1.0  # this experience's similarity factor (1 unless scaling is on)
         self.fisher: dict[str, torch.Tensor] = {}
         self.star: dict[str, torch.Tensor] = {}
+        # (parameter, Fisher, anchor) on the training device for this experience: copied once in
+        # before_experience, not per step (a host-to-device copy per step would also break a CUDA graph).
+        self._terms: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
 
     @property
     def effective_lambda(self) -> float:
@@ -44,18 +47,21 @@ class EwcPlugin(Plugin):
 
     def before_experience(self, ctx: Context) -> None:
         self.factor = experience_factor(ctx, self.similarity_scaling)
-        if self.similarity_scaling:
-            log.info("ewc lambda %g x similarity factor %.3f = %.4g", self.lam, self.factor, self.effective_lambda)
-
-    def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
-        if not self.fisher or self.effective_lambda == 0:
-            return None
-        total = torch.zeros((), device=ctx.device)
+        self._terms = []
         for name, p in ctx.model.named_parameters():
             f = self.fisher.get(name)
             if f is None or not p.requires_grad or f.shape != p.shape:
                 continue
-            total = total + (f.to(p.device) * (p - self.star[name].to(p.device)) ** 2).sum()
+            self._terms.append((p, f.to(p.device), self.star[name].to(p.device)))
+        if self.similarity_scaling:
+            log.info("ewc lambda %g x similarity factor %.3f = %.4g", self.lam, self.factor, self.effective_lambda)
+
+    def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
+        if not self._terms or self.effective_lambda == 0:
+            return None
+        total = torch.zeros((), device=ctx.device)
+        for p, f, star in self._terms:
+            total = total + (f * (p - star) ** 2).sum()
         return 0.5 * self.effective_lambda * total
 
     def after_experience(self, ctx: Context) -> None:
