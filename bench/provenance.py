@@ -40,7 +40,10 @@ LIBRARIES = (
 
 
 def git_commit(repo: Path = REPO) -> str:
-    """``HEAD`` of ``repo``, plus ``+dirty`` when the tree has uncommitted changes."""
+    """``$CVM_BENCH_COMMIT`` when set (a copied tree on a GPU machine may carry stale git metadata),
+    else ``HEAD`` of ``repo``, plus ``+dirty`` when the tree has uncommitted changes."""
+    if os.environ.get("CVM_BENCH_COMMIT"):
+        return os.environ["CVM_BENCH_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)

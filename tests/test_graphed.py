@@ -62,10 +62,15 @@ def test_graph_replay_trains_like_eager(sample: dict[str, np.ndarray], plugins: 
     r_e = eager.train_experience(*args, task_index=1)
     r_g = graphed.train_experience(*args, task_index=1)
     assert r_g.steps == r_e.steps == 22 and r_g.images_seen == r_e.images_seen
-    moved = max(float((p - b).abs().max()) for p, b in zip(graphed.model.parameters(), before, strict=True))
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(graphed.model.parameters(), before, strict=True))
     assert moved > 1e-3  # the replayed steps really trained
     # Same seed, same kernels: the replayed graph draws the same random numbers as eager execution.
     assert r_g.final_loss == pytest.approx(r_e.final_loss, rel=1e-3, abs=1e-4)
+    # SGD runs the same arithmetic either way. Graphed Adam is torch's capturable variant (step count
+    # and bias correction on the device in float32, not on the host in float64); Adam's normalised
+    # update turns those last-bit differences into ~1e-3 weight differences after 22 steps
+    # (measured on an H200: largest 6e-4), so its weights are compared at that scale.
+    rtol, atol = (1e-3, 1e-4) if optimizer == "sgd" else (1e-2, 2e-3)
     for (name, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values(), strict=True):
         if a.is_floating_point():
-            assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
+            assert torch.allclose(a, b, rtol=rtol, atol=atol), name
