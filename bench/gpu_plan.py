@@ -1,7 +1,9 @@
 """How many runs of a priority list fit a GPU lease, from a measured step rate (bench.step_speed).
 
 A run that is cut by the end of the lease leaves no result, so the grid starts only as many runs
-per GPU as the measured aggregate rate finishes in the time left:
+per GPU as the measured aggregate rate finishes in the time left. The rate is measured on DER++ steps
+(32 new + 64 replayed images); lighter methods count by the images they pass forward and backward per
+step (:data:`STEP_COST`), so more of them share a GPU:
 
     python -m bench.gpu_plan --speed step_speed.json --mode graph-bf16 --seconds 1150 --gpus 2 \
         --steps-per-run 78250 --jobs derpp:500:0,cvm-derpp:500:0,...
@@ -17,18 +19,41 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+# Images through forward and backward per step, relative to DER++'s 96 (a teacher's forward-only pass
+# counts a third of an image).
+STEP_COST = {
+    "finetune": 32 / 96,
+    "joint": 32 / 96,
+    "ewc": 32 / 96,
+    "lwf": (32 + 32 / 3) / 96,
+    "er": 64 / 96,
+    "cvm-er": 64 / 96,
+    "cvm-er-distill": (64 + 64 / 3) / 96,
+}
+
+
+def job_cost(job: str) -> float:
+    """A job's share of a DER++ run (``METHOD:BUFFER:SEED``; unknown methods count as DER++)."""
+    return STEP_COST.get(job.split(":")[0], 1.0)
+
+
+def pack(jobs: Sequence[str], gpus: int, capacity: float) -> list[list[str]]:
+    """Jobs in priority order onto the GPUs, each up to ``capacity`` DER++-run equivalents: every job
+    goes to the least-loaded GPU that still has room; one that fits nowhere is left out (so are later
+    ones only if they do not fit either)."""
+    out: list[list[str]] = [[] for _ in range(gpus)]
+    load = [0.0] * gpus
+    for job in jobs:
+        g = min(range(gpus), key=lambda i: load[i])
+        if load[g] + job_cost(job) <= capacity + 1e-9:
+            out[g].append(job)
+            load[g] += job_cost(job)
+    return out
+
 
 def runs_per_gpu(rate_steps_per_s: float, seconds: float, steps_per_run: int, lo: int, hi: int) -> int:
     """Runs that share one GPU and all finish: aggregate rate x time / steps per run, within [lo, hi]."""
     return max(lo, min(hi, int(rate_steps_per_s * seconds / steps_per_run)))
-
-
-def assign(jobs: Sequence[str], gpus: int, per_gpu: int) -> list[list[str]]:
-    """The first ``gpus * per_gpu`` jobs, dealt to the GPUs in turn (each GPU gets a mix of the top)."""
-    out: list[list[str]] = [[] for _ in range(gpus)]
-    for i, job in enumerate(jobs[: gpus * per_gpu]):
-        out[i % gpus].append(job)
-    return out
 
 
 def measured_rate(speed: dict, mode: str) -> float:
@@ -52,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rate = measured_rate(json.loads(args.speed.read_text()), args.mode)
     n = runs_per_gpu(rate, args.seconds, args.steps_per_run, args.min, args.max)
-    print(f"# {args.mode}: {rate:.0f} steps/s per GPU -> {n} runs per GPU", file=sys.stderr)
-    for gpu, jobs in enumerate(assign([j for j in args.jobs.split(",") if j], args.gpus, n)):
+    print(f"# {args.mode}: {rate:.0f} steps/s per GPU -> {n} DER++-run equivalents per GPU", file=sys.stderr)
+    for gpu, jobs in enumerate(pack([j for j in args.jobs.split(",") if j], args.gpus, n)):
         if jobs:
             print(gpu, ",".join(jobs))
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_plan import assign, main, measured_rate, runs_per_gpu
+from bench.gpu_plan import job_cost, main, measured_rate, pack, runs_per_gpu
 from bench.grid import parse_job
 
 
@@ -18,10 +18,15 @@ def test_runs_per_gpu_finish_within_the_time_and_stay_in_bounds() -> None:
     assert runs_per_gpu(1e6, 1150, 78250, lo=2, hi=8) == 8
 
 
-def test_assign_deals_the_top_of_the_list_to_each_gpu() -> None:
-    jobs = [f"j{i}" for i in range(7)]
-    assert assign(jobs, 2, 3) == [["j0", "j2", "j4"], ["j1", "j3", "j5"]]
-    assert assign(jobs[:1], 2, 3) == [["j0"], []]
+def test_pack_deals_equal_jobs_in_turn_and_fills_by_cost() -> None:
+    jobs = [f"derpp:500:{i}" for i in range(7)]
+    assert pack(jobs, 2, 3) == [jobs[0:6:2], jobs[1:6:2]]
+    assert pack(jobs[:1], 2, 3) == [jobs[:1], []]
+    # Three fine-tune runs (32 images a step) weigh one DER++ run (96): a GPU with room for 2 DER++
+    # runs takes 1 DER++ run and 3 fine-tune runs.
+    light = ["derpp:500:0", "finetune:0:0", "finetune:0:1", "finetune:0:2", "finetune:0:3"]
+    assert job_cost("finetune:0:0") * 3 == job_cost("derpp:500:0") == 1.0
+    assert pack(light, 1, 2) == [light[:4]]
 
 
 def test_measured_rate_uses_the_largest_process_count_and_skips_errors() -> None:
