@@ -17,7 +17,7 @@ from cvm_edge.checkpoints import Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split, load_image_folder
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError
-from cvm_edge.evaluate import mean_over, per_class_accuracy_from_logits
+from cvm_edge.evaluate import classes_from_logits, mean_over
 from cvm_edge.fsutil import FileLock, fault_point
 from cvm_edge.model import DEFAULT_PROTOTYPE_TEMPERATURE, CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import PluginOptions, make_plugins
@@ -179,21 +179,19 @@ class _ValidationScorer:
     """Per-class validation accuracy before and after training.
 
     With a frozen backbone the validation features are computed once and only the head is rerun,
-    so the old-class gate costs no second backbone pass over the validation set."""
+    so the old-class gate costs no second backbone pass over the validation set. Rows are the
+    earlier updates' held-out images first, then this update's (``n_earlier`` splits them)."""
 
-    def __init__(self, strategy: Strategy, val: ImageSet, seen: list[int]) -> None:
+    def __init__(self, strategy: Strategy, val: ImageSet, seen: list[int], n_earlier: int) -> None:
         self.strategy, self.val, self.seen = strategy, val, seen
+        self.earlier = np.arange(len(val)) < n_earlier
         self.feats = strategy.features(val.pixels) if strategy.model.backbone_frozen and len(val) else None
 
-    def accuracy(self, classes: Sequence[int] | None = None, rows: slice = slice(None)) -> dict[int, float]:
-        """Per-class accuracy on the validation rows ``rows`` (all by default) of ``classes``."""
-        keep = np.zeros(len(self.val), bool)
-        keep[rows] = True
-        if classes is not None:
-            keep &= np.isin(self.val.labels, list(classes))
+    def predict(self, keep: np.ndarray) -> np.ndarray:
+        """Predicted table rows (among the seen classes) of the rows where ``keep``; -1 elsewhere."""
+        pred = np.full(len(self.val), -1, np.int64)
         if not keep.any():
-            return {}
-        labels = self.val.labels[keep]
+            return pred
         if self.feats is not None:
             logits = self.strategy.head_logits(self.feats[torch.from_numpy(keep).to(self.feats.device)])
         else:
@@ -201,7 +199,27 @@ class _ValidationScorer:
             logits = predict_logits(
                 s.model, s.prep, self.val.pixels[keep], s.device, s.config.eval_batch(s.prep.image_size)
             )
-        return per_class_accuracy_from_logits(logits, labels, self.seen)
+        pred[keep] = classes_from_logits(logits, self.seen)
+        return pred
+
+    def rows(self, earlier_classes: Sequence[int], current_classes: Sequence[int]) -> np.ndarray:
+        """Earlier held-out rows of ``earlier_classes`` and this update's rows of ``current_classes``."""
+        labels = self.val.labels
+        return (self.earlier & np.isin(labels, list(earlier_classes))) | (
+            ~self.earlier & np.isin(labels, list(current_classes))
+        )
+
+    def accuracy(self, pred: np.ndarray, classes: Sequence[int], part: str) -> dict[int, float]:
+        """Per-class accuracy of ``pred`` on the ``earlier`` or ``current`` rows, or on ``all``."""
+        rows = {"earlier": self.earlier, "current": ~self.earlier, "all": np.ones(len(self.val), bool)}[part]
+        out = {}
+        for c in classes:
+            mask = rows & (self.val.labels == c)
+            if mask.any():
+                if (pred[mask] < 0).any():
+                    raise AssertionError(f"class {c} was not predicted on the {part} rows")  # a caller's bug
+                out[int(c)] = float((pred[mask] == c).mean())
+        return out
 
 
 def _load_table_for_update(current: ConceptTable, path: Path | None) -> ConceptTable:
@@ -272,13 +290,13 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         )
         strategy = Strategy(model, prev.prep, plugins, cfg)
         all_val = ImageSet.concat([prev.val, val], prev.prep.image_size)
-        scorer = _ValidationScorer(strategy, all_val, seen)
+        scorer = _ValidationScorer(strategy, all_val, seen, n_earlier=len(prev.val))
         # Old classes are judged on the held-out images of earlier updates only (for a revisited
         # class: its earlier domains), so an update that ruins what the previous version knew is
         # caught even when it does well on the new images of the same class.
-        earlier, current = slice(0, len(prev.val)), slice(len(prev.val), None)
-        acc_before = scorer.accuracy(old_classes, earlier)
-        revisited_new_before = scorer.accuracy(revisited, current) if revisited else {}
+        pred_before = scorer.predict(scorer.rows(old_classes, revisited))
+        acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
+        revisited_new_before = scorer.accuracy(pred_before, revisited, "current")
         # phase lines: the operator sees where a long update is; the kill tests aim at each phase
         log.info(
             "training on %d images of %d class(es), starting from %s",
@@ -289,8 +307,9 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         fault_point("update_training")
         result = strategy.train_experience(train, buffer, seen, old_classes, task_index=len(prev.history) + 1)
 
-        acc = scorer.accuracy()
-        acc_earlier = scorer.accuracy(old_classes, earlier)
+        pred = scorer.predict(np.ones(len(all_val), bool))
+        acc = scorer.accuracy(pred, seen, "all")
+        acc_earlier = scorer.accuracy(pred, old_classes, "earlier")
         old_before = mean_over(acc_before, old_classes)
         old_after = mean_over(acc_earlier, old_classes)
         entry: dict[str, Any] = {
@@ -302,7 +321,7 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
             "revisited_class_names": [table.names[c] for c in revisited],
             "trained_classes": list(trained_classes),
             "revisited": _revisited_figures(
-                revisited, revisited_new_before, scorer.accuracy(revisited, current), acc_before, acc_earlier
+                revisited, revisited_new_before, scorer.accuracy(pred, revisited, "current"), acc_before, acc_earlier
             ),
             "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
             "old_accuracy_before": old_before,

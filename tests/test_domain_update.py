@@ -113,3 +113,37 @@ def test_gate_protects_the_earlier_domain_of_revisited_classes(
     e = CheckpointStore(store).load().history[-1]
     assert e["forced"] is True and e["kind"] == "domain-incremental"
     assert e["revisited"]["earlier_data_after"] < e["revisited"]["earlier_data_before"] - 0.1
+
+
+def test_ace_gives_revisited_classes_the_full_softmax() -> None:
+    """Incoming images of a known class compete among all seen classes; those of a new class only
+    among this experience's classes (a one-class experience of a new class gives zero loss)."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from cvm_edge.strategy import Batch, classification_loss
+
+    logits = torch.tensor([[2.0, 0.5, 1.0, -1.0], [0.0, 1.5, 3.0, 0.2]])
+    seen = torch.arange(4)
+    batch = Batch(torch.zeros(2), torch.tensor([1, 3]), torch.zeros(2, dtype=torch.bool))
+
+    def loss(current: list[int], revisited: list[int]) -> float:
+        ctx = types.SimpleNamespace(
+            seen=seen,
+            current_classes=torch.tensor(current),
+            revisited_classes=torch.tensor(revisited, dtype=torch.long),
+        )
+        return float(classification_loss(logits, batch, ctx, "ace"))  # type: ignore[arg-type]
+
+    full = F.cross_entropy(logits, torch.tensor([1, 3]), reduction="none")
+    only_current = F.cross_entropy(logits[:, [1, 3]], torch.tensor([0, 1]), reduction="none")
+    assert loss([1, 3], [1, 3]) == pytest.approx(float(full.mean()))  # known classes only: plain CE
+    assert loss([1, 3], []) == pytest.approx(float(only_current.mean()))  # new classes only: ACE as before
+    assert loss([1, 3], [1]) == pytest.approx(float((full[0] + only_current[1]) / 2))  # mixed
+    one = Batch(torch.zeros(1), torch.tensor([1]), torch.zeros(1, dtype=torch.bool))
+    ctx1 = types.SimpleNamespace(seen=seen, current_classes=torch.tensor([1]), revisited_classes=torch.tensor([1]))
+    assert float(classification_loss(logits[:1], one, ctx1, "ace")) > 0.5  # type: ignore[arg-type]
+    ctx1.revisited_classes = torch.zeros(0, dtype=torch.long)
+    assert float(classification_loss(logits[:1], one, ctx1, "ace")) == pytest.approx(0.0)  # type: ignore[arg-type]
