@@ -147,3 +147,22 @@ def test_ace_gives_revisited_classes_the_full_softmax() -> None:
     assert float(classification_loss(logits[:1], one, ctx1, "ace")) > 0.5  # type: ignore[arg-type]
     ctx1.revisited_classes = torch.zeros(0, dtype=torch.long)
     assert float(classification_loss(logits[:1], one, ctx1, "ace")) == pytest.approx(0.0)  # type: ignore[arg-type]
+
+
+def test_domain_update_on_a_frozen_backbone_scores_from_cached_features(
+    fashion_table: Path, sample: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """The frozen-backbone path (features computed once, head rerun) gives the same bookkeeping."""
+    wd = tmp_path / "frozen"
+    init_store(wd, fashion_table, "--buffer-size", "40", "--train-backbone", "none")
+    assert _update(wd, _folder(sample, tmp_path / "clean", [0, 1, 2], 0, 30, dark=False), "--epochs", "2") == 0
+    assert (
+        _update(wd, _folder(sample, tmp_path / "dark", [0, 1, 2], 30, 30, dark=True), "--epochs", "1", "--force") == 0
+    )
+    e = CheckpointStore(wd).load().history[-1]
+    assert e["kind"] == "domain-incremental" and e["revisited_classes"] == [0, 1, 2]
+    assert e["old_accuracy"] == pytest.approx(e["revisited"]["earlier_data_after"])
+    assert e["old_accuracy_before"] == pytest.approx(e["revisited"]["earlier_data_before"])
+    # the first update's figures on the clean held-out images are what the second one starts from
+    first = CheckpointStore(wd).load(2).history[-1]["per_class_accuracy"]
+    assert e["old_accuracy_before"] == pytest.approx(np.mean([first[k] for k in ("0", "1", "2")]))
