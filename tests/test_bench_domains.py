@@ -110,7 +110,7 @@ def test_every_shift_changes_real_cifar10_images() -> None:
 
 def test_smoke_run_fills_the_domain_matrix_and_the_report(tmp_path: Path) -> None:
     argv = ["--protocol", "cifar10-domains", "--method", "cvm-er-distill", "--out", str(tmp_path)]
-    tiny = ["--smoke", "--demo", "--train-per-class", "20", "--test-per-class", "10", "--threads", "2"]
+    tiny = ["--smoke", "--demo", "--train-per-class", "10", "--test-per-class", "10", "--threads", "1"]
     assert bench_run.main(argv + tiny) == 0
     folder = tmp_path / "smoke" / "cifar10-domains"
     rec = json.loads((folder / "cvm-er-distill-b200-s0.json").read_text())
