@@ -166,3 +166,21 @@ def test_domain_update_on_a_frozen_backbone_scores_from_cached_features(
     # the first update's figures on the clean held-out images are what the second one starts from
     first = CheckpointStore(wd).load(2).history[-1]["per_class_accuracy"]
     assert e["old_accuracy_before"] == pytest.approx(np.mean([first[k] for k in ("0", "1", "2")]))
+
+
+def test_store_written_before_buffer_tags_takes_a_domain_update(
+    store: Path, sample: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """A version saved before buffer entries carried their update (no ``tasks`` member): its
+    entries count as one earlier experience and keep half of each revisited class's share."""
+    path = store / "checkpoints" / "v000002" / "buffer.npz"
+    with np.load(path) as z:
+        members = {k: z[k] for k in z.files if k != "tasks"}
+    path.chmod(0o644)
+    with open(path, "wb") as fh:
+        np.savez(fh, **members)
+    assert (
+        _update(store, _folder(sample, tmp_path / "dark", [0, 1], 40, 40, dark=True), "--epochs", "1", "--force") == 0
+    )
+    buf = CheckpointStore(store).load().buffer
+    assert buf.task_counts(0) == {-1: 10, 2: 10} and buf.task_counts(1) == {-1: 10, 2: 10}
