@@ -1,5 +1,10 @@
 """Continual-learning metrics from an accuracy matrix ``a[i][j]`` (percent): accuracy on task j's
-test set after training task i, predicting among all classes seen by then (class-incremental)."""
+test set after training task i, predicting among all classes seen by then (class-incremental).
+
+Domain-incremental protocols fill every cell (task j's test set is domain j, all classes, also
+before domain j is trained: a[i][j] for j > i is zero-shot transfer). The metrics below read only
+cells with j <= i, so they mean the same there: final average = mean accuracy over all domains after
+the last task, forgetting = how much of each earlier domain was lost."""
 
 from __future__ import annotations
 
@@ -27,6 +32,16 @@ def forgetting(a: Matrix) -> float | None:
         return None
     vals = [max(a[i][j] for i in range(j, t - 1)) - a[t - 1][j] for j in range(t - 1)]  # type: ignore[type-var,operator]
     return float(np.mean(vals))
+
+
+def forgetting_per_task(a: Matrix) -> list[float | None]:
+    """For every task j before the last: best accuracy on it before the last step minus the final one
+    (the terms :func:`forgetting` averages); None for the last task, which nothing came after."""
+    t = len(a)
+    return [
+        max(a[i][j] for i in range(j, t - 1)) - a[t - 1][j] if j < t - 1 else None  # type: ignore[type-var,operator]
+        for j in range(t)
+    ]
 
 
 def backward_transfer(a: Matrix) -> float | None:

@@ -1,4 +1,8 @@
-"""Named class-incremental protocols and the seeded scenarios they produce."""
+"""Named continual-learning protocols and the seeded scenarios they produce.
+
+Class-incremental protocols bring new classes in every task. Domain-incremental ones (``domains``
+set) bring the same classes in every task, each time through another domain shift of
+:mod:`bench.domains` (applied to that task's training images and to domain j's test images)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench.datasets import Dataset, Split, demo_dataset, first_per_class_indices, load_dataset, per_class_subset
+from bench.domains import SHIFTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +28,14 @@ class Protocol:
     batch_size: int = 32
     # Training images kept per class of each dataset (the first N in file order), None for all.
     max_train_per_class: int | None = None
+    # Domain-incremental: one task per domain (bench.domains.SHIFTS names), every task all classes.
+    domains: tuple[str, ...] = ()
     note: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.domains if d not in SHIFTS]
+        if unknown:
+            raise ValueError(f"protocol {self.name}: unknown domain(s) {unknown}; known: {', '.join(SHIFTS)}")
 
 
 LITERATURE = "Buzzega et al. 2020 (DER), Table 2 protocol: reduced ResNet-18 from scratch, SGD, batch 32 + 32 replayed"
@@ -46,6 +58,18 @@ PROTOCOLS: dict[str, Protocol] = {
             note="edge protocol (issue 8): ImageNet EfficientNet-Lite0, 64 px images upscaled",
         ),
         Protocol(
+            "cifar10-domains",
+            ("cifar10",),
+            32,
+            10,
+            epochs=10,
+            max_train_per_class=1000,
+            domains=("clean", "greyscale", "low-light", "blur", "jpeg"),
+            note="domain-incremental (MLLM-CL's domain track, issue 7 item 5): all 10 CIFAR-10 classes on clean "
+            "images, then greyscale, low light, Gaussian blur and JPEG artefacts (bench/domains.py, fixed seeds); "
+            "the first 1,000 training images per class in every domain; a[i][j] on domain j's full test set",
+        ),
+        Protocol(
             "multidomain-30",
             ("cifar10", "fashion_mnist", "imagenette"),
             32,
@@ -65,8 +89,9 @@ class Scenario:
     class_names: tuple[str, ...]  # table rows
     train: Split
     test: Split
-    tasks: tuple[tuple[int, ...], ...]  # table rows introduced by each task, in order
+    tasks: tuple[tuple[int, ...], ...]  # table rows trained by each task, in order
     sources: tuple[str, ...]  # dataset names actually read
+    domains: tuple[str, ...] = ()  # the domain of each task (domain-incremental protocols), else empty
 
     @property
     def class_order(self) -> list[int]:
@@ -116,9 +141,14 @@ def build_scenario(
         test = per_class_subset(test, test_per_class, seed + 1)
     tasks: list[tuple[int, ...]] = []
     k = protocol.classes_per_task
-    for g, group in enumerate(groups):
-        order = [group[i] for i in class_order(len(group), seed + 1000 * g)]
-        tasks += [tuple(order[i : i + k]) for i in range(0, len(order), k)]
+    if protocol.domains:
+        # Every task trains every class; what changes is the domain (the order is the protocol's).
+        tasks = [tuple(range(len(names)))] * len(protocol.domains)
+    else:
+        for g, group in enumerate(groups):
+            order = [group[i] for i in class_order(len(group), seed + 1000 * g)]
+            tasks += [tuple(order[i : i + k]) for i in range(0, len(order), k)]
     if n_tasks is not None:
         tasks = tasks[:n_tasks]
-    return Scenario(protocol, names, train, test, tuple(tasks), tuple(d.name for d in datasets))
+    domains = protocol.domains[: len(tasks)]
+    return Scenario(protocol, names, train, test, tuple(tasks), tuple(d.name for d in datasets), domains)

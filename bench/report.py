@@ -108,6 +108,28 @@ def render_table(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: 
     return lines
 
 
+def render_domains(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str) -> list[str]:
+    """Per-domain figures of a domain-incremental protocol: final accuracy on each domain's test set
+    (mean over seeds) and, in brackets, how much of it was forgotten since its best (points)."""
+    keys = sorted(k for k in groups if k[0] == protocol)
+    domains = groups[keys[0]][0]["domains"]
+    lines = [
+        "Final accuracy % on each domain's test set after the last domain (forgetting in points, in brackets):",
+        "",
+        f"| method | buffer | seeds | {' | '.join(domains)} |",
+        "|---|---|---|" + "---|" * len(domains),
+    ]
+    for key in keys:
+        g = groups[key]
+        cells = []
+        for j in range(len(domains)):
+            final = statistics.mean(r["acc_matrix"][-1][j] for r in g)
+            forg = [r["forgetting_per_task"][j] for r in g if r.get("forgetting_per_task")]
+            cells.append(f"{final:.1f}" + (f" ({statistics.mean(forg):.1f})" if forg and None not in forg else ""))
+        lines.append(f"| {key[1]} | {key[2] or '-'} | {','.join(str(r['seed']) for r in g)} | {' | '.join(cells)} |")
+    return lines
+
+
 def render_grids(grids: Sequence[dict[str, Any]]) -> list[str]:
     if not grids:
         return []
@@ -388,13 +410,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = [HEADER]
     for protocol in sorted({k[0] for k in groups}):
         sample = next(r for k, g in groups.items() if k[0] == protocol for r in g)
-        lines += [
-            f"## {protocol}",
-            "",
-            f"Tasks: {len(sample['tasks'])} of {len(sample['tasks'][0])} classes; data: {', '.join(sample['datasets'])}.",
-            "",
-        ]
+        domains = sample.get("domains") or []
+        if domains:
+            tasks = (
+                f"Tasks: {len(domains)} domains of the same {len(sample['tasks'][0])} classes ({', '.join(domains)}); "
+                "domain-incremental: a[i][j] is the accuracy on domain j's test set (all classes) after domain i"
+            )
+        else:
+            tasks = f"Tasks: {len(sample['tasks'])} of {len(sample['tasks'][0])} classes"
+        lines += [f"## {protocol}", "", f"{tasks}; data: {', '.join(sample['datasets'])}.", ""]
         lines += render_table(groups, protocol)
+        if domains:
+            lines += ["", *render_domains(groups, protocol)]
         if not args.no_plots:
             names = plot(groups, protocol, args.plots)
             lines += [""] + [f"![{n}](plots/{n})" for n in names]

@@ -1,5 +1,5 @@
-"""One benchmark run: a method on a class-incremental protocol, trained through the product's
-Strategy and plugins, evaluated after every task, written as one JSON file.
+"""One benchmark run: a method on a class- or domain-incremental protocol, trained through the
+product's Strategy and plugins, evaluated after every task, written as one JSON file.
 
     python -m bench.run --protocol cifar10-5 --method derpp --buffer 200 --seed 0 --device cuda
     python -m bench.run --protocol cifar10-5 --smoke        # CPU smoke: 2 tasks, 1 epoch, small subset
@@ -16,6 +16,7 @@ import resource
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ import numpy as np
 import torch
 
 from bench import provenance
-from bench.datasets import REPO, data_root
+from bench.datasets import REPO, Split, data_root
+from bench.domains import apply_domain
 from bench.methods import METHODS, Method
-from bench.metrics import summarise
+from bench.metrics import forgetting_per_task, summarise
 from bench.protocols import PROTOCOLS, Protocol, Scenario, build_scenario
 from bench.tables import concept_vectors, dummy_vectors
 from cvm_edge.buffer import ReplayBuffer
@@ -124,6 +126,37 @@ def _task_data(split_images: np.ndarray, split_labels: np.ndarray, classes: Sequ
     return ImageSet(split_images[mask], split_labels[mask])
 
 
+def _domain_set(split: Split, name: str, index: int, part: str) -> ImageSet:
+    return ImageSet(apply_domain(name, split.images, index, part), split.labels)
+
+
+def _train_data(scenario: Scenario, t: int, classes: Sequence[int], joint: bool, size: int) -> ImageSet:
+    """Task ``t``'s training images: its classes, or (domain-incremental) every class in domain ``t``;
+    joint training takes every domain at once."""
+    if not scenario.domains:
+        return _task_data(scenario.train.images, scenario.train.labels, classes)
+    which = range(len(scenario.domains)) if joint else [t]
+    return ImageSet.concat([_domain_set(scenario.train, scenario.domains[k], k, "train") for k in which], size)
+
+
+def _test_sets(scenario: Scenario) -> list[ImageSet]:
+    """Task j's test set: its classes, or (domain-incremental) every class in domain j."""
+    test = scenario.test
+    if scenario.domains:
+        return [_domain_set(test, name, j, "test") for j, name in enumerate(scenario.domains)]
+    return [_task_data(test.images, test.labels, tj) for tj in scenario.tasks]
+
+
+def _domain_shift_figures(scenario: Scenario, tests: Sequence[ImageSet]) -> list[dict[str, Any]]:
+    """How far each domain's test images are from the clean ones (mean |difference|, 0-255): the
+    record shows the shift was really applied (a greyscale shift of already-grey images gives 0)."""
+    clean = scenario.test.images.astype(np.int16)
+    return [
+        {"domain": name, "test_mean_abs_diff": round(float(np.abs(t.pixels.astype(np.int16) - clean).mean()), 3)}
+        for name, t in zip(scenario.domains, tests, strict=True)
+    ]
+
+
 def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device(spec.device)
@@ -165,7 +198,8 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         compile_mode=spec.compile_mode,
         cuda_graph=spec.cuda_graph,
     )
-    tasks = [tuple(c for t in scenario.tasks for c in t)] if spec.method.joint else list(scenario.tasks)
+    tasks = [tuple(sorted({c for t in scenario.tasks for c in t}))] if spec.method.joint else list(scenario.tasks)
+    test_sets = _test_sets(scenario)
     buffer = ReplayBuffer.empty(spec.buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
     matrix: list[list[float | None]] = []
     per_task: list[dict[str, Any]] = []
@@ -174,7 +208,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     for t, classes in enumerate(tasks):
         old = list(seen)
         seen = sorted(set(seen) | set(classes))
-        data = _task_data(scenario.train.images, scenario.train.labels, classes)
+        data = _train_data(scenario, t, classes, spec.method.joint, spec.size)
         cfg = dataclasses.replace(base_cfg, seed=spec.seed * 1000 + t)
         strategy = Strategy(model, prep, plugins, cfg)  # type: ignore[arg-type]
         t0 = time.perf_counter()
@@ -185,12 +219,13 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         buffer = result.buffer
         t0 = time.perf_counter()
         row: list[float | None] = []
-        eval_tasks = scenario.tasks if spec.method.joint else scenario.tasks[: t + 1]
-        for j, tj in enumerate(scenario.tasks):
-            if j >= len(eval_tasks):
+        # Class-incremental: only the tasks learned so far. Domain-incremental: every domain, also
+        # those not trained yet (all classes are known from the first task on).
+        n_eval = len(scenario.tasks) if spec.method.joint or scenario.domains else t + 1
+        for j, test in enumerate(test_sets):
+            if j >= n_eval:
                 row.append(None)
                 continue
-            test = _task_data(scenario.test.images, scenario.test.labels, tj)
             pred = predict_classes(model, prep, test.pixels, seen, device)  # type: ignore[arg-type]
             row.append(round(100.0 * float((pred == test.labels).mean()), 3))
         dt_eval = time.perf_counter() - t0
@@ -209,6 +244,8 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "images_seen": result.images_seen,
                 "final_loss": None if math.isnan(result.final_loss) else round(result.final_loss, 5),
                 "buffer_size": len(buffer),
+                # entries per task that brought them: a domain-incremental buffer keeps every domain
+                "buffer_by_task": {str(k): v for k, v in sorted(Counter(buffer.tasks.tolist()).items())},
             }
         )
         log.info("%s task %d: %s (train %.1fs)", spec.run_name, t, row, dt_train)
@@ -234,7 +271,10 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "tag": spec.tag,
         **{k: (None if v is None else round(v, 3)) for k, v in summary.items()},
         "acc_matrix": matrix,
+        "forgetting_per_task": None if spec.method.joint else forgetting_per_task(matrix),
         "tasks": [list(t) for t in scenario.tasks],
+        "domains": list(scenario.domains),
+        "domain_shift": _domain_shift_figures(scenario, test_sets) if scenario.domains else None,
         "class_names": list(scenario.class_names),
         "datasets": list(scenario.sources),
         "n_train": len(scenario.train),
@@ -264,7 +304,8 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "concept_table": table_fp,
             "train_per_class": spec.train_per_class,
             "test_per_class": spec.test_per_class,
-            "buffer_policy": "class-balanced, rebalanced at the end of each task (not reservoir sampling)",
+            "buffer_policy": "class-balanced, a class's quota split evenly over the tasks that brought it "
+            "(its domains), rebalanced at the end of each task (not reservoir sampling)",
         },
         "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else ["python", "-m", "bench.run"])),
         "git_commit": provenance.git_commit(),
@@ -307,7 +348,9 @@ def _parser() -> argparse.ArgumentParser:
         "--cuda-graph", action="store_true", help="replay each full training step from one CUDA graph (GPU)"
     )
     ap.add_argument("--tag", default="", help="suffix for the result file name (variants of one method)")
-    ap.add_argument("--smoke", action="store_true", help="2 tasks, 1 epoch, small subset, slim backbone (CPU)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="2 tasks (every domain), 1 epoch, small subset, slim backbone (CPU)"
+    )
     ap.add_argument("--demo", action="store_true", help="use the Fashion-MNIST sample embedded in cvm_edge (offline)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results root (files go to OUT/PROTOCOL/)")
     ap.add_argument("--threads", type=int, default=None)
@@ -332,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_demo = use_demo or root is None or not all((root / d).is_dir() for d in protocol.datasets)
         smoke = {
             "epochs": args.epochs or 1,
-            "n_tasks": args.tasks or 2,
+            # a domain-incremental protocol's point is the sequence of domains: all of them
+            "n_tasks": args.tasks or (len(protocol.domains) if protocol.domains else 2),
             "train_per_class": args.train_per_class or 200,
             "test_per_class": args.test_per_class or 100,
             "backbone": args.backbone or "resnet10_cifar_slim",

@@ -1,8 +1,12 @@
 """Class-balanced, seeded replay buffer bounded by a sample count and a byte budget.
 
-It stores uint8 pixels at the model's input size with their table-row labels and, for
-DER-style distillation, the logits the model gave them when they were inserted.
-Updates return a new buffer; nothing is mutated in place.
+It stores uint8 pixels at the model's input size with their table-row labels, the experience
+(task index) each entry came from and, for DER-style distillation, the logits the model gave them
+when they were inserted. Updates return a new buffer; nothing is mutated in place.
+
+A class's quota is split evenly over the experiences that brought images of it, so a class
+revisited under a new domain (camera, lighting, season) keeps images of every domain seen
+instead of being taken over by the newest, most numerous one.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def _quotas(counts: dict[int, int], capacity: int) -> dict[int, int]:
 
 
 def _bytes_per_sample(pixel_shape: tuple[int, ...], logit_width: int) -> int:
-    return int(np.prod(pixel_shape)) + 8 + 2 * max(1, logit_width)
+    return int(np.prod(pixel_shape)) + 8 + 4 + 2 * max(1, logit_width)  # pixels, label, task tag, logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,13 @@ class ReplayBuffer:
     pixels: np.ndarray  # uint8 [M, S, S, 3]
     labels: np.ndarray  # int64 [M]
     logits: np.ndarray  # float16 [M, C] logits at insertion (C = table rows then), or [M, 0]
+    # int32 [M]: the experience (task index) each entry was inserted in; -1 for entries of a buffer
+    # file written before entries were tagged (they count as one earlier experience).
+    tasks: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not (len(self.pixels) == len(self.labels) == len(self.logits) == len(self.tasks)):
+            raise ValueError("buffer pixels, labels, logits and tasks differ in length")
 
     @classmethod
     def empty(cls, capacity: int, image_size: int, max_bytes: int = 256 << 20) -> ReplayBuffer:
@@ -55,6 +66,7 @@ class ReplayBuffer:
             np.zeros((0, image_size, image_size, 3), np.uint8),
             np.zeros((0,), np.int64),
             np.zeros((0, 0), np.float16),
+            np.zeros((0,), np.int32),
         )
 
     def __len__(self) -> int:
@@ -62,7 +74,7 @@ class ReplayBuffer:
 
     @property
     def nbytes(self) -> int:
-        return int(self.pixels.nbytes + self.labels.nbytes + self.logits.nbytes)
+        return int(self.pixels.nbytes + self.labels.nbytes + self.logits.nbytes + self.tasks.nbytes)
 
     @property
     def effective_capacity(self) -> int:
@@ -75,16 +87,22 @@ class ReplayBuffer:
         values, counts = np.unique(self.labels, return_counts=True)
         return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
-    def updated(self, new: ImageSet, new_logits: np.ndarray | None, seed: int) -> ReplayBuffer:
+    def task_counts(self, cls: int) -> dict[int, int]:
+        """Entries of class ``cls`` per experience that brought them."""
+        values, counts = np.unique(self.tasks[self.labels == cls], return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+    def updated(self, new: ImageSet, new_logits: np.ndarray | None, seed: int, *, task: int) -> ReplayBuffer:
         """A buffer over old and new classes, rebalanced to equal per-class quotas.
 
         Old classes keep a seeded subset of what they had (with their recorded logits); new
-        classes are sampled from ``new``. Classes present in both pool their samples.
+        classes are sampled from ``new`` (experience ``task``). A class present in both splits its
+        quota evenly over the experiences its entries came from (a new domain of a known class).
         """
-        return self.updated_with_selection(new, new_logits, seed)[0]
+        return self.updated_with_selection(new, new_logits, seed, task=task)[0]
 
     def updated_with_selection(
-        self, new: ImageSet, new_logits: np.ndarray | None, seed: int
+        self, new: ImageSet, new_logits: np.ndarray | None, seed: int, *, task: int
     ) -> tuple[ReplayBuffer, np.ndarray]:
         """:meth:`updated`, plus the kept entries' indices into ``old entries + new samples``.
 
@@ -93,13 +111,20 @@ class ReplayBuffer:
         rng = np.random.default_rng(seed)
         width = max(self.logits.shape[1], new_logits.shape[1] if new_logits is not None else 0)
         pool_labels = np.concatenate([self.labels, new.labels])
+        pool_tasks = np.concatenate([self.tasks, np.full(len(new), task, np.int32)])
         counts = {int(c): int((pool_labels == c).sum()) for c in np.unique(pool_labels)}
         cap = min(self.capacity, self.max_bytes // _bytes_per_sample(self.pixels.shape[1:], width))
         quotas = _quotas(counts, cap)
         keep = []
         for cls in sorted(counts):
             idx = np.flatnonzero(pool_labels == cls)
-            keep.append(np.sort(rng.choice(idx, size=quotas[cls], replace=False)))
+            groups = np.unique(pool_tasks[idx])
+            if len(groups) == 1:  # the usual class-incremental case: one draw, as it always was
+                keep.append(np.sort(rng.choice(idx, size=quotas[cls], replace=False)))
+                continue
+            by_task = {int(t): idx[pool_tasks[idx] == t] for t in groups}
+            shares = _quotas({t: len(v) for t, v in by_task.items()}, quotas[cls])
+            keep += [np.sort(rng.choice(by_task[t], size=shares[t], replace=False)) for t in sorted(by_task)]
         sel = np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
         old_sel, new_sel = sel[sel < len(self)], sel[sel >= len(self)] - len(self)
         fresh_logits = new_logits if new_logits is not None else np.zeros((len(new), 0), np.float16)
@@ -108,6 +133,7 @@ class ReplayBuffer:
             pixels=np.concatenate([self.pixels[old_sel], new.pixels[new_sel]]),
             labels=pool_labels[sel],
             logits=np.concatenate([_pad(self.logits[old_sel], width), _pad(fresh_logits[new_sel], width)]),
+            tasks=pool_tasks[sel],
         )
         return buffer, sel
 
@@ -118,6 +144,7 @@ class ReplayBuffer:
             pixels=self.pixels,
             labels=self.labels,
             logits=self.logits,
+            tasks=self.tasks,
             limits=np.array([self.capacity, self.max_bytes], np.int64),
         )
         return buf.getvalue()
@@ -130,7 +157,10 @@ class ReplayBuffer:
         try:
             with np.load(path, allow_pickle=False) as z:
                 cap, max_bytes = (int(v) for v in z["limits"])
-                return cls(cap, max_bytes, z["pixels"], z["labels"], z["logits"])
+                labels = z["labels"]
+                # Files from before entries were tagged: all entries count as one earlier experience.
+                tasks = z["tasks"] if "tasks" in z.files else np.full(len(labels), -1, np.int32)
+                return cls(cap, max_bytes, z["pixels"], labels, z["logits"], tasks.astype(np.int32))
         except (OSError, KeyError, ValueError) as exc:
             raise StoreError(f"cannot read replay buffer {path}: {exc}") from None
 

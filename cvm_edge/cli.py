@@ -188,7 +188,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from cvm_edge.evaluate import accuracy_matrix, format_matrix
-    from cvm_edge.update import status
+    from cvm_edge.update import describe_update, status
 
     info = status(args.workdir)
     if args.json:
@@ -202,6 +202,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         mark = "*" if v["latest"] else " "
         print(f" {mark} v{v['version']:<4} {v['created_at']}  {v['classes']} classes  parent {v['parent']}")
     print(f"classes ({len(info['classes'])}): {', '.join(info['classes']) or '(none yet)'}")
+    for entry in info["history"]:
+        print(f"  {describe_update(entry)}")
     if info["history"]:
         print(format_matrix(accuracy_matrix(info["history"]), "accuracy (%) per update's classes:"))
         if args.plot:

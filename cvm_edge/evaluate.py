@@ -38,9 +38,18 @@ def mean_over(acc: dict[int, float], classes: Sequence[int]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def trained_classes(entry: dict[str, object]) -> list[int]:
+    """The classes an update trained on: its new and its revisited (known) classes. Entries written
+    before revisited classes were recorded lack ``trained_classes``; their ``new_classes`` held
+    every class of the update's data, which is the same set."""
+    key = "trained_classes" if "trained_classes" in entry else "new_classes"
+    return [int(c) for c in entry[key]]  # type: ignore[attr-defined]
+
+
 def accuracy_matrix(history: Sequence[dict[str, object]]) -> list[list[float | None]]:
-    """a[i][j]: mean accuracy on the classes introduced by update j, after update i (None for j > i)."""
-    tasks = [list(h["new_classes"]) for h in history]  # type: ignore[call-overload]
+    """a[i][j]: mean accuracy on the classes update j trained on (new or revisited), after update i
+    (None for j > i), on all held-out images of those classes (every domain seen so far)."""
+    tasks = [trained_classes(h) for h in history]
     rows = []
     for i, h in enumerate(history):
         acc = {int(k): float(v) for k, v in dict(h["per_class_accuracy"]).items()}  # type: ignore[call-overload]

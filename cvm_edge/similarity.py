@@ -109,7 +109,7 @@ class TaskSimilarity:
 
     def summary(self, names: Sequence[str], top: int = 3) -> str:
         if self.similarity is None:
-            return "no old classes: nothing at risk"
+            return "no new classes: nothing at risk" if not self.new_classes else "no old classes: nothing at risk"
         risky = ", ".join(f"{names[k.row]} ({k.cosine:.2f} to {names[k.nearest_new]})" for k in self.risks[:top])
         return f"mean old-new cosine {self.similarity:.3f} (table mean {self.reference:.3f}); most at risk: {risky}"
 

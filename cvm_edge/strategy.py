@@ -48,9 +48,11 @@ class TrainConfig:
     # Inference batch size; None picks one from the image size (see ``eval_batch_for``).
     eval_batch_size: int | None = None
     progress: bool = True
-    # "ace": asymmetric cross-entropy (Caccia et al., ICLR 2022): incoming images compete only among
-    # the classes of this experience, replayed ones among all seen classes, so new classes stop
-    # pushing old class rows away. "ce": plain cross-entropy over all seen classes.
+    # "ace": asymmetric cross-entropy (Caccia et al., ICLR 2022): incoming images of new classes
+    # compete only among the classes of this experience, replayed ones among all seen classes, so
+    # new classes stop pushing old class rows away. Incoming images of a revisited class (known
+    # before, new domain) compete among all seen classes (see ``classification_loss``).
+    # "ce": plain cross-entropy over all seen classes.
     loss: str = "ace"
     # Class-balanced head tuning (as in EEIL, Castro et al. 2018): after an experience, the mapper
     # and scale are tuned for this many epochs on the (class-balanced) replay buffer, which removes
@@ -126,6 +128,7 @@ class Context:
     seen: torch.Tensor  # table rows of every class seen so far, sorted
     old_classes: torch.Tensor  # rows seen before this experience
     current_classes: torch.Tensor  # rows present in this experience's data, sorted
+    revisited_classes: torch.Tensor  # rows present in this experience's data and seen before, sorted
     new_data: ImageSet
     config: TrainConfig
     prep: Preprocessing
@@ -284,6 +287,9 @@ class Strategy:
             seen=torch.as_tensor(sorted(seen), dtype=torch.long, device=self.device),
             old_classes=torch.as_tensor(sorted(old_classes), dtype=torch.long, device=self.device),
             current_classes=torch.as_tensor(new_data.classes, dtype=torch.long, device=self.device),
+            revisited_classes=torch.as_tensor(
+                sorted(set(new_data.classes) & {int(c) for c in old_classes}), dtype=torch.long, device=self.device
+            ),
             new_data=new_data,
             config=cfg,
             prep=self.prep,
@@ -371,7 +377,7 @@ class Strategy:
                     model, self.prep, new_data.pixels, self.device, cfg.eval_batch(self.prep.image_size)
                 )
             new_buffer, sel = buffer.updated_with_selection(
-                new_data, new_logits.astype(np.float16), seed=cfg.seed + 7919 * (task_index + 1)
+                new_data, new_logits.astype(np.float16), seed=cfg.seed + 7919 * (task_index + 1), task=task_index
             )
             if cached:
                 pool_feats = torch.cat([ctx.buffer_inputs, train_inputs]).index_select(
@@ -441,8 +447,16 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> to
 
 
 def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: str) -> torch.Tensor:
-    """Cross-entropy over the seen classes; with ``ace`` the incoming images only over this
-    experience's classes (replayed images keep the full set).
+    """Cross-entropy over the seen classes; with ``ace`` the incoming images of new classes only
+    over this experience's classes (replayed images and images of revisited classes keep the full set).
+
+    Why revisited classes take the full set: ACE restricts incoming images so that a new class,
+    whose images vastly outnumber the replayed old ones, does not push the old rows away. A
+    revisited class is an old class with a settled row; its new-domain images must be told apart
+    from exactly the old classes they are confused with, and restricted to this experience's
+    classes an update of one known class would be a one-way softmax: zero loss, nothing learned.
+    An update of only known classes is therefore plain cross-entropy over the seen classes, with
+    replay keeping the class balance.
 
     Both terms are computed for every sample and one is selected per sample with ``where``, so no
     boolean indexing forces the host to wait for the device."""
@@ -453,7 +467,8 @@ def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: 
     # Replayed labels may lie outside this experience's classes: clamp keeps their (unused) index valid.
     pos = targets_in(batch.labels, current).clamp_max(len(current) - 1)
     new_ce = F.cross_entropy(restricted_logits(logits, current), pos, reduction="none")
-    return torch.where(batch.from_buffer, seen_ce, new_ce).mean()
+    full = batch.from_buffer | torch.isin(batch.labels, ctx.revisited_classes)
+    return torch.where(full, seen_ce, new_ce).mean()
 
 
 def plugin_states(plugins: Sequence[Plugin]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from cvm_edge.checkpoints import Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split, load_image_folder
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError
-from cvm_edge.evaluate import mean_over, per_class_accuracy_from_logits
+from cvm_edge.evaluate import classes_from_logits, mean_over
 from cvm_edge.fsutil import FileLock, fault_point
 from cvm_edge.model import DEFAULT_PROTOTYPE_TEMPERATURE, CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import PluginOptions, make_plugins
@@ -119,6 +119,28 @@ class UpdateOptions:
     channels_last: bool = True  # NHWC: about 2-3x faster CPU training and inference for Lite0 (bench/update.py)
 
 
+CLASS_INCREMENTAL, DOMAIN_INCREMENTAL, MIXED = "class-incremental", "domain-incremental", "mixed"
+
+
+def update_kind(new_classes: Sequence[int], revisited: Sequence[int]) -> str:
+    """What an update brings: only new classes, only new images of known classes, or both."""
+    if revisited and new_classes:
+        return MIXED
+    return DOMAIN_INCREMENTAL if revisited else CLASS_INCREMENTAL
+
+
+def describe_update(entry: dict[str, Any]) -> str:
+    """One line naming an update's new and revisited classes (history entries from before revisited
+    classes were recorded read as class-incremental: their ``new_classes`` were all the classes trained)."""
+    kind = entry.get("kind", CLASS_INCREMENTAL)
+    parts = []
+    if entry.get("new_class_names"):
+        parts.append(f"new {', '.join(entry['new_class_names'])}")
+    if entry.get("revisited_class_names"):
+        parts.append(f"new images of known {', '.join(entry['revisited_class_names'])}")
+    return f"update {entry['task']} ({kind}): {'; '.join(parts) or 'no classes'}"
+
+
 @dataclasses.dataclass(frozen=True)
 class UpdateReport:
     version: int | None  # None when nothing was published
@@ -128,10 +150,22 @@ class UpdateReport:
         e = self.entry
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         lines = [
-            f"update {e['task']}: {len(e['new_classes'])} class(es) trained on {e['n_train']} images in {e['wall_s']:.1f} s",
-            f"  new classes ({', '.join(e['new_class_names'])}): {pct(e['new_accuracy'])}",
-            f"  old classes: {pct(e['old_accuracy'])} (before this update: {pct(e['old_accuracy_before'])})",
+            f"update {e['task']} ({e['kind']}): {len(e['trained_classes'])} class(es) trained on {e['n_train']} images "
+            f"in {e['wall_s']:.1f} s"
         ]
+        if e["new_classes"]:
+            lines.append(f"  new classes ({', '.join(e['new_class_names'])}): {pct(e['new_accuracy'])}")
+        rev = e.get("revisited")
+        if rev:
+            lines.append(
+                f"  known classes with new images ({', '.join(e['revisited_class_names'])}): on this update's held-out "
+                f"images {pct(rev['new_data_before'])} -> {pct(rev['new_data_after'])}, on their earlier held-out "
+                f"images {pct(rev['earlier_data_before'])} -> {pct(rev['earlier_data_after'])}"
+            )
+        lines.append(
+            f"  old classes on their earlier held-out images: {pct(e['old_accuracy'])} "
+            f"(before this update: {pct(e['old_accuracy_before'])})"
+        )
         sim = e.get("similarity") or {}
         if sim.get("at_risk"):  # task similarity (cvm_edge.similarity)
             risky = ", ".join(f"{r['class']} ({r['cosine']:.2f} to {r['nearest_new']})" for r in sim["at_risk"][:3])
@@ -145,17 +179,19 @@ class _ValidationScorer:
     """Per-class validation accuracy before and after training.
 
     With a frozen backbone the validation features are computed once and only the head is rerun,
-    so the old-class gate costs no second backbone pass over the validation set."""
+    so the old-class gate costs no second backbone pass over the validation set. Rows are the
+    earlier updates' held-out images first, then this update's (``n_earlier`` splits them)."""
 
-    def __init__(self, strategy: Strategy, val: ImageSet, seen: list[int]) -> None:
+    def __init__(self, strategy: Strategy, val: ImageSet, seen: list[int], n_earlier: int) -> None:
         self.strategy, self.val, self.seen = strategy, val, seen
+        self.earlier = np.arange(len(val)) < n_earlier
         self.feats = strategy.features(val.pixels) if strategy.model.backbone_frozen and len(val) else None
 
-    def accuracy(self, classes: list[int] | None = None) -> dict[int, float]:
-        keep = np.ones(len(self.val), bool) if classes is None else np.isin(self.val.labels, classes)
+    def predict(self, keep: np.ndarray) -> np.ndarray:
+        """Predicted table rows (among the seen classes) of the rows where ``keep``; -1 elsewhere."""
+        pred = np.full(len(self.val), -1, np.int64)
         if not keep.any():
-            return {}
-        labels = self.val.labels[keep]
+            return pred
         if self.feats is not None:
             logits = self.strategy.head_logits(self.feats[torch.from_numpy(keep).to(self.feats.device)])
         else:
@@ -163,7 +199,27 @@ class _ValidationScorer:
             logits = predict_logits(
                 s.model, s.prep, self.val.pixels[keep], s.device, s.config.eval_batch(s.prep.image_size)
             )
-        return per_class_accuracy_from_logits(logits, labels, self.seen)
+        pred[keep] = classes_from_logits(logits, self.seen)
+        return pred
+
+    def rows(self, earlier_classes: Sequence[int], current_classes: Sequence[int]) -> np.ndarray:
+        """Earlier held-out rows of ``earlier_classes`` and this update's rows of ``current_classes``."""
+        labels = self.val.labels
+        return (self.earlier & np.isin(labels, list(earlier_classes))) | (
+            ~self.earlier & np.isin(labels, list(current_classes))
+        )
+
+    def accuracy(self, pred: np.ndarray, classes: Sequence[int], part: str) -> dict[int, float]:
+        """Per-class accuracy of ``pred`` on the ``earlier`` or ``current`` rows, or on ``all``."""
+        rows = {"earlier": self.earlier, "current": ~self.earlier, "all": np.ones(len(self.val), bool)}[part]
+        out = {}
+        for c in classes:
+            mask = rows & (self.val.labels == c)
+            if mask.any():
+                if (pred[mask] < 0).any():
+                    raise AssertionError(f"class {c} was not predicted on the {part} rows")  # a caller's bug
+                out[int(c)] = float((pred[mask] == c).mean())
+        return out
 
 
 def _load_table_for_update(current: ConceptTable, path: Path | None) -> ConceptTable:
@@ -190,10 +246,16 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
             opts.data_dir, table, prev.prep, skip_bad=opts.skip_bad_images, table_hint=str(opts.concepts or "TABLE.npz")
         )
         train, val = holdout_split(data, opts.holdout, opts.seed)
-        new_classes = data.classes
+        trained_classes = data.classes
         del data  # train and val are copies: at 224 px the full set is hundreds of MB
-        old_classes = [c for c in prev.seen if c not in new_classes]
-        seen = sorted(set(prev.seen) | set(new_classes))
+        # Every class the previous version knew is old, also when this update brings new images of
+        # it (a new camera, lighting, season): the gate and distillation protect what it knew.
+        old_classes = sorted(int(c) for c in prev.seen)
+        revisited = [c for c in trained_classes if c in old_classes]
+        new_classes = [c for c in trained_classes if c not in old_classes]
+        kind = update_kind(new_classes, revisited)
+        seen = sorted(set(old_classes) | set(trained_classes))
+        _log_update_kind(kind, new_classes, revisited, table.names)
         # Task similarity from the concept table (before training): reported, and the factor the
         # distill/ewc plugins apply when --similarity-scaling is on (they compute it the same way).
         similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
@@ -228,8 +290,13 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         )
         strategy = Strategy(model, prev.prep, plugins, cfg)
         all_val = ImageSet.concat([prev.val, val], prev.prep.image_size)
-        scorer = _ValidationScorer(strategy, all_val, seen)
-        acc_before = scorer.accuracy(old_classes)
+        scorer = _ValidationScorer(strategy, all_val, seen, n_earlier=len(prev.val))
+        # Old classes are judged on the held-out images of earlier updates only (for a revisited
+        # class: its earlier domains), so an update that ruins what the previous version knew is
+        # caught even when it does well on the new images of the same class.
+        pred_before = scorer.predict(scorer.rows(old_classes, revisited))
+        acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
+        revisited_new_before = scorer.accuracy(pred_before, revisited, "current")
         # phase lines: the operator sees where a long update is; the kill tests aim at each phase
         log.info(
             "training on %d images of %d class(es), starting from %s",
@@ -240,13 +307,22 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         fault_point("update_training")
         result = strategy.train_experience(train, buffer, seen, old_classes, task_index=len(prev.history) + 1)
 
-        acc = scorer.accuracy()
+        pred = scorer.predict(np.ones(len(all_val), bool))
+        acc = scorer.accuracy(pred, seen, "all")
+        acc_earlier = scorer.accuracy(pred, old_classes, "earlier")
         old_before = mean_over(acc_before, old_classes)
-        old_after = mean_over(acc, old_classes)
+        old_after = mean_over(acc_earlier, old_classes)
         entry: dict[str, Any] = {
             "task": len(prev.history) + 1,
+            "kind": kind,
             "new_classes": list(new_classes),
             "new_class_names": [table.names[c] for c in new_classes],
+            "revisited_classes": list(revisited),
+            "revisited_class_names": [table.names[c] for c in revisited],
+            "trained_classes": list(trained_classes),
+            "revisited": _revisited_figures(
+                revisited, revisited_new_before, scorer.accuracy(pred, revisited, "current"), acc_before, acc_earlier
+            ),
             "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
             "old_accuracy_before": old_before,
             "old_accuracy": old_after,
@@ -266,8 +342,9 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         if drop > opts.max_forgetting:
             if not opts.force:
                 raise ForgettingGateError(
-                    f"old-class accuracy would fall by {drop:.1f} points ({100 * old_before:.1f}% -> "  # type: ignore[operator]
-                    f"{100 * old_after:.1f}%), over --max-forgetting {opts.max_forgetting:g}; nothing was published. "  # type: ignore[operator]
+                    f"old-class accuracy on earlier held-out images would fall by {drop:.1f} points "
+                    f"({100 * old_before:.1f}% -> {100 * old_after:.1f}%), over --max-forgetting "  # type: ignore[operator]
+                    f"{opts.max_forgetting:g}; nothing was published.{_worst_drops(acc_before, acc_earlier, table.names)} "
                     "Train with replay/distill, or pass --force"
                 )
             entry["forced"] = True
@@ -293,6 +370,43 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
             del ckpt, prev, train, val, all_val, scorer, strategy, model, result, plugins
             publish_hook(version)
     return UpdateReport(version=version, entry=entry)
+
+
+def _log_update_kind(kind: str, new_classes: Sequence[int], revisited: Sequence[int], names: Sequence[str]) -> None:
+    label = lambda cs: ", ".join(names[c] for c in cs) or "none"  # noqa: E731
+    log.info(
+        "%s update: %d new class(es) (%s), %d known class(es) with new images (%s)",
+        kind,
+        len(new_classes),
+        label(new_classes),
+        len(revisited),
+        label(revisited),
+    )
+
+
+def _revisited_figures(
+    revisited: Sequence[int],
+    new_before: dict[int, float],
+    new_after: dict[int, float],
+    earlier_before: dict[int, float],
+    earlier_after: dict[int, float],
+) -> dict[str, float | None] | None:
+    """Mean accuracy of the revisited classes on this update's held-out images (the new domain)
+    and on their earlier held-out images (the domains the previous version knew), before and after."""
+    if not revisited:
+        return None
+    return {
+        "new_data_before": mean_over(new_before, revisited),
+        "new_data_after": mean_over(new_after, revisited),
+        "earlier_data_before": mean_over(earlier_before, revisited),
+        "earlier_data_after": mean_over(earlier_after, revisited),
+    }
+
+
+def _worst_drops(before: dict[int, float], after: dict[int, float], names: Sequence[str], top: int = 3) -> str:
+    drops = sorted(((before[c] - after[c], c) for c in before), reverse=True)[:top]
+    listed = ", ".join(f"{names[c]} {100 * before[c]:.0f}% -> {100 * after[c]:.0f}%" for d, c in drops if d > 0)
+    return f" Fell most: {listed}." if listed else ""
 
 
 def status(workdir: Path) -> dict[str, Any]:

@@ -27,7 +27,9 @@ def _setup(alpha: float, beta: float) -> tuple[Context, DerPlugin]:
     pixels = rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(2), 6).astype(np.int64)
     logits = rng.normal(size=(12, 4)).astype(np.float16)
-    buffer = dataclasses.replace(ReplayBuffer.empty(12, 16), pixels=pixels, labels=labels, logits=logits)
+    buffer = dataclasses.replace(
+        ReplayBuffer.empty(12, 16), pixels=pixels, labels=labels, logits=logits, tasks=np.zeros(12, np.int32)
+    )
     cfg = TrainConfig(epochs=1, replay_batch_size=5, augment=False, progress=False, seed=3)
     prep = Preprocessing(16)
     ctx = Context(
@@ -37,6 +39,7 @@ def _setup(alpha: float, beta: float) -> tuple[Context, DerPlugin]:
         seen=torch.arange(4),
         old_classes=torch.arange(2),
         current_classes=torch.tensor([2, 3]),
+        revisited_classes=torch.zeros(0, dtype=torch.long),
         new_data=ImageSet(pixels[:0], labels[:0]),
         config=cfg,
         prep=prep,

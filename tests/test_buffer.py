@@ -21,9 +21,9 @@ def test_quotas_are_balanced_and_redistribute() -> None:
 
 def test_update_keeps_class_balance_and_old_logits() -> None:
     buf = ReplayBuffer.empty(capacity=12, image_size=4)
-    b1 = buf.updated(_set([0] * 50 + [1] * 50), np.ones((100, 3), np.float16), seed=0)
+    b1 = buf.updated(_set([0] * 50 + [1] * 50), np.ones((100, 3), np.float16), seed=0, task=0)
     assert b1.class_counts() == {0: 6, 1: 6}
-    b2 = b1.updated(_set([2] * 50 + [3] * 50), np.full((100, 5), 2, np.float16), seed=1)
+    b2 = b1.updated(_set([2] * 50 + [3] * 50), np.full((100, 5), 2, np.float16), seed=1, task=1)
     assert b2.class_counts() == {0: 3, 1: 3, 2: 3, 3: 3}
     old = np.isin(b2.labels, [0, 1])
     assert b2.logits.shape == (12, 5)
@@ -35,17 +35,39 @@ def test_update_keeps_class_balance_and_old_logits() -> None:
 
 
 def test_byte_budget_bounds_the_buffer() -> None:
-    buf = ReplayBuffer.empty(capacity=1000, image_size=4, max_bytes=10 * (48 + 8 + 2))
-    b = buf.updated(_set([0] * 50 + [1] * 50), None, seed=0)
+    buf = ReplayBuffer.empty(capacity=1000, image_size=4, max_bytes=10 * (48 + 8 + 4 + 2))
+    b = buf.updated(_set([0] * 50 + [1] * 50), None, seed=0, task=0)
     assert len(b) == 10 and b.nbytes <= buf.max_bytes
 
 
 def test_seeded_and_roundtrip(tmp_path) -> None:
     data = _set([0] * 30 + [1] * 30)
-    a = ReplayBuffer.empty(10, 4).updated(data, None, seed=3)
-    b = ReplayBuffer.empty(10, 4).updated(data, None, seed=3)
-    c = ReplayBuffer.empty(10, 4).updated(data, None, seed=4)
+    a = ReplayBuffer.empty(10, 4).updated(data, None, seed=3, task=0)
+    b = ReplayBuffer.empty(10, 4).updated(data, None, seed=3, task=0)
+    c = ReplayBuffer.empty(10, 4).updated(data, None, seed=4, task=0)
     assert np.array_equal(a.pixels, b.pixels) and not np.array_equal(a.pixels, c.pixels)
     a.save(tmp_path / "b.npz")
     r = ReplayBuffer.load(tmp_path / "b.npz")
     assert np.array_equal(r.pixels, a.pixels) and r.capacity == 10
+
+
+def test_revisited_class_keeps_every_domain() -> None:
+    """A known class brought again (a new domain) splits its quota over the experiences that brought it."""
+    b0 = ReplayBuffer.empty(capacity=12, image_size=4).updated(_set([0] * 50 + [1] * 50), None, seed=0, task=0)
+    b1 = b0.updated(_set([0] * 200 + [1] * 200), None, seed=1, task=1)  # four times as many new-domain images
+    b2 = b1.updated(_set([0] * 200 + [1] * 200), None, seed=2, task=2)
+    assert b1.class_counts() == {0: 6, 1: 6} and b2.class_counts() == {0: 6, 1: 6}
+    assert b1.task_counts(0) == {0: 3, 1: 3}
+    assert b2.task_counts(0) == {0: 2, 1: 2, 2: 2} and b2.task_counts(1) == {0: 2, 1: 2, 2: 2}
+    assert b2.tasks.dtype == np.int32 and len(b2.tasks) == len(b2)
+
+
+def test_tags_roundtrip_and_untagged_files_load_as_one_earlier_experience(tmp_path) -> None:
+    a = ReplayBuffer.empty(10, 4).updated(_set([0] * 30 + [1] * 30), None, seed=3, task=4)
+    a.save(tmp_path / "a.npz")
+    assert np.array_equal(ReplayBuffer.load(tmp_path / "a.npz").tasks, np.full(10, 4, np.int32))
+    # a buffer file written before entries were tagged
+    np.savez(tmp_path / "old.npz", pixels=a.pixels, labels=a.labels, logits=a.logits, limits=np.array([10, 1 << 20]))
+    old = ReplayBuffer.load(tmp_path / "old.npz")
+    assert np.array_equal(old.tasks, np.full(10, -1, np.int32))
+    assert old.updated(_set([0] * 30), None, seed=0, task=1).task_counts(0) == {-1: 3, 1: 2}
