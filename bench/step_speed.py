@@ -75,7 +75,7 @@ def _setup(protocol: str, method: str, buffer: int, device: str, mode: str, epoc
     model = model.to(device)  # type: ignore[assignment]
     logits = predict_logits(model, prep, d0.pixels, device)  # type: ignore[arg-type]
     buf = ReplayBuffer.empty(buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
-    buf, _ = buf.updated_with_selection(d0, logits.astype(np.float16), seed=1)
+    buf, _ = buf.updated_with_selection(d0, logits.astype(np.float16), seed=1, task=0)
     plugins = make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
     strategy = Strategy(model, prep, plugins, cfg)  # type: ignore[arg-type]
     data = _task_data(scenario.train.images, scenario.train.labels, second)

@@ -43,7 +43,7 @@ def _strategies(sample: dict[str, np.ndarray], plugins: list[str], optimizer: st
     model = model.cuda()
     buf = ReplayBuffer.empty(100, 32, max_bytes=1 << 26)
     logits = predict_logits(model, prep, old.pixels, "cuda")
-    buf, _ = buf.updated_with_selection(old, logits.astype(np.float16), seed=1)
+    buf, _ = buf.updated_with_selection(old, logits.astype(np.float16), seed=1, task=0)
     cfg = TrainConfig(epochs=2, optimizer=optimizer, lr=0.01, device="cuda", progress=False, balance_epochs=0)
     opts = PluginOptions(der_alpha=0.2, der_beta=0.5, distill_weight=1.0)
     eager = Strategy(model, prep, make_plugins(plugins, opts), cfg)
