@@ -22,6 +22,7 @@ from cvm_edge.augment import random_crop_flip, to_input
 from cvm_edge.backbones import feature_dim
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
+from cvm_edge.experts import ExpertMixture
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
 
@@ -141,10 +142,13 @@ class Context:
             return torch.randperm(m, generator=self.gen, device=self.gen.device)[:n]
         return torch.randint(0, m, (n,), generator=self.gen, device=self.gen.device)
 
-    def forward_head(self, model: CvmModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings, logits) of ``model`` for a prepared input."""
+    def forward_head(
+        self, model: CvmModel, x: torch.Tensor, experts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, logits) of ``model`` for a prepared input; ``experts`` routes each sample
+        to one expert (models with per-task experts; None routes by the anchors, as at inference)."""
         f = x if self.cached else model.features(x)
-        z = model.head.embed(f)
+        z = model.head.embed(f, experts)
         return z, model.head.logits_from_embedding(z)
 
 
@@ -263,6 +267,7 @@ class Strategy:
                 p.requires_grad_(False)
         cached = model.backbone_frozen
         uses_buffer = any(p.uses_buffer for p in self.plugins)
+        expert = _add_expert(model.experts, new_data, buffer) if model.experts is not None else None
         if cfg.compile_mode and not cached and not getattr(model.backbone, "_cvm_compiled", False):
             # In place: state-dict keys stay those of the plain module, so checkpoints are unchanged.
             model.backbone.compile(mode=cfg.compile_mode)
@@ -320,8 +325,10 @@ class Strategy:
                 for plugin in self.plugins:
                     batch = plugin.extend_batch(ctx, batch)
                 x = self._prepare(batch.inputs, cached, ctx.gen)
+                # Oracle routing while training (as HiDe-LLaVA): every sample through its class's expert.
+                route = model.experts.experts_of(batch.labels) if model.experts is not None else None
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
-                    z, logits = ctx.forward_head(model, x)
+                    z, logits = ctx.forward_head(model, x, route)
                     out = Output(x=x, embeddings=z, logits=logits)
                     loss = classification_loss(logits.float(), batch, ctx, loss_kind)
                     for plugin in self.plugins:
@@ -339,6 +346,12 @@ class Strategy:
                     bar.set_postfix(loss=f"{float(last_loss):.3f}")
         bar.close()
         model.eval()
+        if model.experts is not None and expert is not None:
+            # The task's anchor: the mean backbone feature of its data, before the buffer records
+            # logits and the head is balanced, both of which then go through the anchor routing.
+            feats = train_inputs if cached else self.features(new_data.pixels)
+            model.experts.update_anchor(expert, feats)
+            del feats
         for plugin in self.plugins:
             plugin.after_experience(ctx)
         new_buffer = buffer
@@ -392,6 +405,17 @@ class Strategy:
                 loss.backward()
                 opt.step()
         model.eval()
+
+
+def _add_expert(experts: ExpertMixture, new_data: ImageSet, buffer: ReplayBuffer) -> int:
+    """A new expert for this experience's classes (earlier experts are frozen). Replayed
+    images go through their own class's expert, so every buffer class must have one."""
+    index = experts.add_expert(new_data.classes)
+    orphans = experts.unmapped(np.unique(buffer.labels).tolist())
+    if orphans:
+        raise ValueError(f"replay-buffer classes {orphans} belong to no expert; this buffer predates the experts")
+    log.info("expert %d added for classes %s (%d bytes of experts)", index, list(new_data.classes), experts.nbytes)
+    return index
 
 
 @torch.no_grad()
