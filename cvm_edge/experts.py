@@ -74,9 +74,7 @@ class ExpertMixture(nn.Module):
         extra = n - len(self.anchor_means)
         if extra > 0:
             self.anchor_means = torch.cat([self.anchor_means, torch.zeros(extra, self.in_dim, device=device)])
-            self.anchor_counts = torch.cat(
-                [self.anchor_counts, torch.zeros(extra, dtype=torch.long, device=device)]
-            )
+            self.anchor_counts = torch.cat([self.anchor_counts, torch.zeros(extra, dtype=torch.long, device=device)])
 
     def _map_classes(self, classes: Sequence[int], expert: int) -> None:
         rows = max(len(self.class_expert), max(classes, default=-1) + 1)
@@ -84,7 +82,9 @@ class ExpertMixture(nn.Module):
             pad = torch.full((rows - len(self.class_expert),), -1, dtype=torch.long, device=self.class_expert.device)
             self.class_expert = torch.cat([self.class_expert, pad])
         if classes:
-            self.class_expert[torch.as_tensor(list(classes), dtype=torch.long, device=self.class_expert.device)] = expert
+            self.class_expert[torch.as_tensor(list(classes), dtype=torch.long, device=self.class_expert.device)] = (
+                expert
+            )
 
     def add_expert(self, classes: Sequence[int]) -> int:
         """A new expert for an experience over ``classes`` (table rows); returns its index.
@@ -184,9 +184,7 @@ class ExpertMixture(nn.Module):
             self._grow(int(means.shape[0]))
         rows = state_dict.get(prefix + "class_expert")
         if rows is not None and rows.shape[0] > len(self.class_expert):
-            self.class_expert = torch.full(
-                (int(rows.shape[0]),), -1, dtype=torch.long, device=self.class_expert.device
-            )
+            self.class_expert = torch.full((int(rows.shape[0]),), -1, dtype=torch.long, device=self.class_expert.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
