@@ -110,6 +110,26 @@ class ExpertMixture(nn.Module):
         self.anchor_means[expert] = mean
         self.anchor_counts[expert] = n_old + n_new
 
+    @torch.no_grad()
+    def refresh_anchors(self, features: torch.Tensor, labels: torch.Tensor, keep: int) -> list[int]:
+        """Re-estimate every anchor but ``keep``'s from ``features`` of replayed samples (their
+        ``labels`` say whose task they are); returns the experts refreshed.
+
+        When the backbone trains, the running means of earlier tasks describe features it no longer
+        produces; the class-balanced replay buffer, passed through the current backbone, is the
+        best estimate left of where those tasks now lie. An expert with no replayed sample keeps
+        its anchor."""
+        owners = self.experts_of(labels)
+        done = []
+        for t in range(len(self.adapters)):
+            mine = owners == t
+            if t == keep or not bool(mine.any()):
+                continue
+            self.anchor_means[t] = features[mine].float().mean(dim=0)
+            self.anchor_counts[t] = int(mine.sum())
+            done.append(t)
+        return done
+
     # ----- routing ----------------------------------------------------------------------------
     def experts_of(self, labels: torch.Tensor) -> torch.Tensor:
         """Oracle routing: the expert of each label's class (training only)."""

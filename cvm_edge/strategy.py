@@ -351,6 +351,11 @@ class Strategy:
             # logits and the head is balanced, both of which then go through the anchor routing.
             feats = train_inputs if cached else self.features(new_data.pixels)
             model.experts.update_anchor(expert, feats)
+            if not cached and len(buffer):
+                # The backbone moved: earlier anchors are re-estimated from the replayed images.
+                labels = torch.from_numpy(buffer.labels).to(self.device)
+                refreshed = model.experts.refresh_anchors(self.features(buffer.pixels), labels, keep=expert)
+                log.info("anchors of experts %s re-estimated from %d replayed images", refreshed, len(buffer))
             del feats
         for plugin in self.plugins:
             plugin.after_experience(ctx)

@@ -216,3 +216,25 @@ def test_a_buffer_class_without_an_expert_is_refused(sample: dict[str, np.ndarra
     buffer = dataclasses.replace(ReplayBuffer.empty(10, 32), pixels=old.pixels, labels=old.labels)
     with pytest.raises(ValueError, match=r"replay-buffer classes \[3\] belong to no expert"):
         strategy.train_experience(_fashion(sample, [4], 4), buffer, [3, 4], [3])
+
+
+def test_a_trained_backbone_re_estimates_old_anchors_from_the_buffer(sample: dict[str, np.ndarray]) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig("resnet10_cifar_slim", 32, train_backbone="all", experts="adapter")
+    model = build_model(cfg, _table(10, 16))
+    train = TrainConfig(epochs=1, batch_size=16, progress=False, balance_epochs=0, augment=False, lr=1e-2)
+    strategy = Strategy(model, Preprocessing(32), make_plugins(["replay"]), train)
+    experts = model.experts
+    assert experts is not None
+    buffer = strategy.train_experience(_fashion(sample, [0, 1], 12), ReplayBuffer.empty(10, 32), [0, 1], []).buffer
+    first = experts.anchor_means[0].clone()
+    assert experts.anchor_counts.tolist() == [24]
+    strategy.train_experience(_fashion(sample, [5, 7], 12), buffer, [0, 1, 5, 7], [0, 1], task_index=1)
+    # expert 0's anchor is now the mean of the current backbone's features of the 10 replayed images
+    expected = strategy.features(buffer.pixels).mean(0)
+    assert experts.anchor_counts.tolist() == [10, 24]
+    assert torch.allclose(experts.anchor_means[0], expected, atol=1e-5)
+    assert not torch.allclose(first, expected, atol=1e-3)  # the backbone moved: the old mean was stale
+    assert torch.allclose(
+        experts.anchor_means[1], strategy.features(_fashion(sample, [5, 7], 12).pixels).mean(0), atol=1e-5
+    )
