@@ -20,7 +20,8 @@ asymmetric cross-entropy, 3 epochs of class-balanced head tuning after each task
 
 ``cvm-experts*`` are cvm-er plus per-task experts on the mapper (cvm_edge.experts, after HiDe-LLaVA,
 ACL 2025, and MLLM-CL, 2025): rank-8 adapters routed by the cosine of the backbone feature to each
-task's anchor, soft (softmax, T 0.1) or hard (top-1). ``cvm-experts-eqmem`` gives up as many replay
+task's anchor, soft (softmax, T 0.1) or hard (top-1); the shared mapper trains with every expert, or
+with the first only (``cvm-experts-frozen``). ``cvm-experts-eqmem`` gives up as many replay
 images as the experts' bytes would hold (at the end of every task), so it runs at cvm-er's memory.
 """
 
@@ -142,6 +143,14 @@ METHODS: dict[str, Method] = {
             **CVM,
             model_options={**EXPERTS_SOFT, "routing": "hard"},
             description="cvm-er + per-task mapper experts, hard top-1 routing by feature anchors",
+        ),
+        Method(
+            "cvm-experts-frozen",
+            "concepts",
+            ("replay",),
+            **CVM,
+            model_options={**EXPERTS_SOFT, "expert_shared_mapper": "first"},
+            description="cvm-experts with the shared mapper trained on the first task only (HiDe-LLaVA style)",
         ),
         Method(
             "cvm-experts-eqmem",

@@ -265,7 +265,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         # Memory that persists between tasks: replay buffer and experts (equal-memory comparisons).
         "buffer_bytes": buffer.nbytes,
         "expert_bytes": 0 if experts is None else experts.nbytes,
-        "experts": None if experts is None else _experts_record(spec, experts, sample_bytes),
+        "experts": None if experts is None else _experts_record(spec, model_config, experts, sample_bytes),
         "per_task": per_task,
         "hyperparameters": {
             "epochs": epochs,
@@ -302,9 +302,10 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     return record
 
 
-def _experts_record(spec: RunSpec, experts: ExpertMixture, sample_bytes: int) -> dict[str, Any]:
+def _experts_record(spec: RunSpec, config: ModelConfig, experts: ExpertMixture, sample_bytes: int) -> dict[str, Any]:
     return {
         "count": len(experts),
+        "shared_mapper": config.expert_shared_mapper,
         "rank": experts.rank,
         "routing": experts.routing,
         "routing_temperature": experts.temperature,

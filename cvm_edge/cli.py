@@ -130,6 +130,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         expert_rank=args.expert_rank,
         routing=args.routing,
         routing_temperature=args.routing_temperature,
+        expert_shared_mapper=args.expert_shared_mapper,
     )
     version = init_store(args.workdir, opts)
     print(
@@ -361,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument(
         "--routing-temperature", type=_positive_float, default=0.1, help="T of softmax(cos/T) for soft routing"
+    )
+    i.add_argument(
+        "--expert-shared-mapper",
+        choices=("always", "first"),
+        default="always",
+        help="the shared mapper trains in every update (always) or with the first expert only (first)",
     )
     i.set_defaults(func=cmd_init)
 

@@ -155,11 +155,17 @@ class ExpertMixture(nn.Module):
         return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def delta(self, f: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_t w_t * up_t(down_t(f))`` in two matmuls over the concatenated expert weights."""
+        """``sum_t w_t * up_t(down_t(u))`` in two matmuls over the concatenated expert weights, with
+        ``u`` the RMS-normalised feature.
+
+        The mapper is blind to the feature's scale (it LayerNorms its hidden layer); the adapters are
+        made so too. On raw features (RMS ~0.09 for a fresh resnet10_cifar_slim) a trained expert
+        moved the mapped output by ~0.1 % after 100 steps: too little to matter."""
+        u = f * torch.rsqrt(f.pow(2).mean(dim=-1, keepdim=True) + 1e-12)
         adapters = [a for a in self.adapters if isinstance(a, Adapter)]
         down = torch.cat([a.down.weight for a in adapters])  # [T*r, F]
         up = torch.cat([a.up.weight for a in adapters], dim=1)  # [D, T*r]
-        h = f @ down.t()  # [B, T*r]
+        h = u @ down.t()  # [B, T*r]
         b, t = weights.shape
         scale = weights.unsqueeze(-1).expand(b, t, self.rank).reshape(b, t * self.rank)
         return (h * scale) @ up.t()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,8 @@ DEFAULT_PROTOTYPE_TEMPERATURE = 0.1
 PAD_COSINE = -2.0
 # Per-task experts (cvm_edge.experts); off by default. The fields are left out of ``to_dict`` while
 # off, so checkpoints and bundles of models without experts keep exactly today's metadata.
-EXPERT_FIELDS = ("experts", "expert_rank", "routing", "routing_temperature")
+EXPERT_FIELDS = ("experts", "expert_rank", "routing", "routing_temperature", "expert_shared_mapper")
+SHARED_MAPPER_CHOICES = ("always", "first")
 DEFAULT_ROUTING_TEMPERATURE = 0.1
 
 
@@ -51,6 +53,9 @@ class ModelConfig:
     expert_rank: int = 8
     routing: str = "soft"  # soft: softmax(cos / routing_temperature) over anchors; hard: top-1
     routing_temperature: float = DEFAULT_ROUTING_TEMPERATURE
+    # Does the shared mapper train with every expert ("always") or only with the first ("first":
+    # later tasks train their own expert only, as HiDe-LLaVA trains LoRA experts on a frozen base)?
+    expert_shared_mapper: str = "always"
 
     def __post_init__(self) -> None:
         if self.train_backbone not in TRAIN_BACKBONE_CHOICES:
@@ -67,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"routing must be one of {ROUTING_CHOICES}")
         if self.expert_rank < 1 or not self.routing_temperature > 0:
             raise ValueError("expert_rank must be >= 1 and routing_temperature > 0")
+        if self.expert_shared_mapper not in SHARED_MAPPER_CHOICES:
+            raise ValueError(f"expert_shared_mapper must be one of {SHARED_MAPPER_CHOICES}")
         if self.experts != "none" and self.head != "concepts":
             raise ValueError("experts sit on the concept head's mapper; the linear head has none")
 
@@ -250,6 +257,15 @@ class CvmModel(nn.Module):
     def experts(self) -> ExpertMixture | None:
         """The per-task experts, or None for a model configured without them."""
         return self.head.experts if isinstance(self.head, ConceptHead) else None
+
+    def add_expert(self, classes: Sequence[int]) -> int:
+        """A new expert for an experience over ``classes``; earlier experts are frozen, and the
+        shared mapper trains per ``config.expert_shared_mapper``. Returns the expert's index."""
+        if self.experts is None or not isinstance(self.head, ConceptHead):
+            raise ValueError("this model has no experts (ModelConfig.experts is 'none')")
+        index = self.experts.add_expert(classes)
+        self.head.mapper.requires_grad_(index == 0 or self.config.expert_shared_mapper == "always")
+        return index
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

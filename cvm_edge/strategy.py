@@ -22,7 +22,6 @@ from cvm_edge.augment import random_crop_flip, to_input
 from cvm_edge.backbones import feature_dim
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
-from cvm_edge.experts import ExpertMixture
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
 
@@ -267,7 +266,7 @@ class Strategy:
                 p.requires_grad_(False)
         cached = model.backbone_frozen
         uses_buffer = any(p.uses_buffer for p in self.plugins)
-        expert = _add_expert(model.experts, new_data, buffer) if model.experts is not None else None
+        expert = _add_expert(model, new_data, buffer) if model.experts is not None else None
         if cfg.compile_mode and not cached and not getattr(model.backbone, "_cvm_compiled", False):
             # In place: state-dict keys stay those of the plain module, so checkpoints are unchanged.
             model.backbone.compile(mode=cfg.compile_mode)
@@ -412,10 +411,12 @@ class Strategy:
         model.eval()
 
 
-def _add_expert(experts: ExpertMixture, new_data: ImageSet, buffer: ReplayBuffer) -> int:
-    """A new expert for this experience's classes (earlier experts are frozen). Replayed
+def _add_expert(model: CvmModel, new_data: ImageSet, buffer: ReplayBuffer) -> int:
+    """A new expert for this experience's classes (see :meth:`CvmModel.add_expert`). Replayed
     images go through their own class's expert, so every buffer class must have one."""
-    index = experts.add_expert(new_data.classes)
+    index = model.add_expert(new_data.classes)
+    experts = model.experts
+    assert experts is not None  # add_expert raised otherwise
     orphans = experts.unmapped(np.unique(buffer.labels).tolist())
     if orphans:
         raise ValueError(f"replay-buffer classes {orphans} belong to no expert; this buffer predates the experts")

@@ -60,6 +60,7 @@ class InitOptions:
     expert_rank: int = 8
     routing: str = "soft"
     routing_temperature: float = DEFAULT_ROUTING_TEMPERATURE
+    expert_shared_mapper: str = "always"
 
 
 def resolve_backbone(opts: InitOptions) -> tuple[torch.nn.Module | None, Preprocessing, str]:
@@ -94,6 +95,7 @@ def init_store(workdir: Path, opts: InitOptions) -> int:
                 expert_rank=opts.expert_rank,
                 routing=opts.routing,
                 routing_temperature=opts.routing_temperature,
+                expert_shared_mapper=opts.expert_shared_mapper,
             )
         except ValueError as exc:  # e.g. experts on a linear head: the options are wrong, not the program
             raise UsageError(str(exc)) from None

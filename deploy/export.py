@@ -426,6 +426,7 @@ def experts_manifest(ckpt: Checkpoint) -> dict[str, Any]:
             "rank": cfg.expert_rank,
             "routing": cfg.routing,
             "routing_temperature": cfg.routing_temperature,
+            "shared_mapper": cfg.expert_shared_mapper,
             "bytes": int(sum(t.numel() * t.element_size() for t in tensors)),
         }
     }

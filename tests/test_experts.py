@@ -93,10 +93,12 @@ def test_output_is_the_weighted_sum_of_the_experts_mapped_outputs() -> None:
         torch.nn.init.normal_(p)
     f = torch.randn(4, F_DIM)
     w = mix.route(f)
-    by_hand = sum(w[:, t : t + 1] * mix.adapters[t].up(mix.adapters[t].down(f)) for t in range(3))
+    u = f / f.pow(2).mean(dim=1, keepdim=True).sqrt()  # the adapters see the RMS-normalised feature
+    by_hand = sum(w[:, t : t + 1] * mix.adapters[t].up(mix.adapters[t].down(u)) for t in range(3))
     assert torch.allclose(mix(f), by_hand, atol=1e-5)
+    assert torch.allclose(mix(f * 7.0), mix(f), atol=1e-5)  # blind to the feature's scale, as the mapper is
     oracle = mix(f, torch.tensor([2, 0, 0, 1]))
-    assert torch.allclose(oracle[0], mix.adapters[2].up(mix.adapters[2].down(f[0])), atol=1e-5)
+    assert torch.allclose(oracle[0], mix.adapters[2].up(mix.adapters[2].down(u[0])), atol=1e-5)
     assert (
         mix.nbytes == mix.nbytes_for(3, 3) == sum(p.numel() * 4 for p in mix.parameters()) + 3 * 12 * 4 + 3 * 8 + 3 * 8
     )
@@ -238,3 +240,21 @@ def test_a_trained_backbone_re_estimates_old_anchors_from_the_buffer(sample: dic
     assert torch.allclose(
         experts.anchor_means[1], strategy.features(_fashion(sample, [5, 7], 12).pixels).mean(0), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("shared", ["always", "first"])
+def test_the_shared_mapper_trains_with_every_expert_or_the_first_only(
+    sample: dict[str, np.ndarray], shared: str
+) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig("resnet10_cifar_slim", 32, train_backbone="none", experts="adapter", expert_shared_mapper=shared)
+    model = build_model(cfg, _table(10, 16))
+    train = TrainConfig(epochs=1, batch_size=16, progress=False, balance_epochs=1, augment=False)
+    strategy = Strategy(model, Preprocessing(32), make_plugins(["replay"]), train)
+    mapper = model.head.mapper
+    buffer = strategy.train_experience(_fashion(sample, [0, 1], 12), ReplayBuffer.empty(10, 32), [0, 1], []).buffer
+    after_first = {k: v.clone() for k, v in mapper.state_dict().items()}
+    strategy.train_experience(_fashion(sample, [5, 7], 12), buffer, [0, 1, 5, 7], [0, 1], task_index=1)
+    unchanged = all(torch.equal(v, after_first[k]) for k, v in mapper.state_dict().items())
+    assert unchanged == (shared == "first")
+    assert model.experts is not None and float(model.experts.adapters[1].up.weight.detach().abs().sum()) > 0
