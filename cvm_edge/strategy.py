@@ -414,12 +414,15 @@ class Strategy:
 def _add_expert(model: CvmModel, new_data: ImageSet, buffer: ReplayBuffer) -> int:
     """A new expert for this experience's classes (see :meth:`CvmModel.add_expert`). Replayed
     images go through their own class's expert, so every buffer class must have one."""
-    index = model.add_expert(new_data.classes)
     experts = model.experts
-    assert experts is not None  # add_expert raised otherwise
-    orphans = experts.unmapped(np.unique(buffer.labels).tolist())
+    if experts is None:
+        raise ValueError("this model has no experts (ModelConfig.experts is 'none')")
+    # Checked before the model changes: a refused experience leaves it as it was.
+    new = set(new_data.classes)
+    orphans = [c for c in experts.unmapped(np.unique(buffer.labels).tolist()) if c not in new]
     if orphans:
         raise ValueError(f"replay-buffer classes {orphans} belong to no expert; this buffer predates the experts")
+    index = model.add_expert(new_data.classes)
     log.info("expert %d added for classes %s (%d bytes of experts)", index, list(new_data.classes), experts.nbytes)
     return index
 

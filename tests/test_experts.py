@@ -218,6 +218,7 @@ def test_a_buffer_class_without_an_expert_is_refused(sample: dict[str, np.ndarra
     buffer = dataclasses.replace(ReplayBuffer.empty(10, 32), pixels=old.pixels, labels=old.labels)
     with pytest.raises(ValueError, match=r"replay-buffer classes \[3\] belong to no expert"):
         strategy.train_experience(_fashion(sample, [4], 4), buffer, [3, 4], [3])
+    assert model.experts is not None and len(model.experts) == 0  # refused before anything changed
 
 
 def test_a_trained_backbone_re_estimates_old_anchors_from_the_buffer(sample: dict[str, np.ndarray]) -> None:

@@ -116,3 +116,24 @@ def test_cvm_serve_answers_with_the_routed_model(
                 expected = reference.classify([data], 3)[0]
                 assert labels == [q["label"] for q in expected]
                 assert np.allclose([q["score"] for q in body["predictions"]], [q["score"] for q in expected], atol=1e-5)
+
+
+def test_init_refuses_experts_on_a_linear_head(
+    fashion_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wd = tmp_path / "w"
+    args = ["--backbone", "resnet10_cifar_slim", "--pretrained", "none", "--image-size", "32"]
+    rc = run_cli(
+        "init",
+        "--workdir",
+        str(wd),
+        "--concepts",
+        str(fashion_table),
+        *args,
+        "--head",
+        "linear",
+        "--experts",
+        "adapter",
+    )
+    assert rc == 2 and "linear head" in capsys.readouterr().err
+    assert not CheckpointStore(wd).exists()
