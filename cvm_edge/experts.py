@@ -146,11 +146,16 @@ class ExpertMixture(nn.Module):
         anchors = F.normalize(self.anchor_means.to(f.dtype), dim=-1)
         cos = F.normalize(f, dim=-1) @ anchors.t()
         cos = torch.where(valid > 0, cos, torch.full_like(cos, NO_ANCHOR_COSINE))
+        best = cos.amax(dim=-1, keepdim=True)
         if self.routing == "soft":
-            w = torch.softmax(cos / self.temperature, dim=-1)
+            # softmax over the anchors with data, written out: the best term is exactly 1, so the
+            # sum lies in [1, T] and varies with the input. (torch.softmax then a renormalisation
+            # by a sum that is 1 up to rounding gave int8 calibration a tensor of near-zero range,
+            # on which its histogram fails.)
+            w = torch.exp((cos - best) / self.temperature)
         else:
             # One-hot on the best anchor without ArgMax/OneHot: a tie splits the weight evenly.
-            w = (cos == cos.amax(dim=-1, keepdim=True)).to(f.dtype)
+            w = (cos == best).to(f.dtype)
         w = w * valid
         return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 

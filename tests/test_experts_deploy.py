@@ -118,6 +118,20 @@ def test_cvm_serve_answers_with_the_routed_model(
                 assert np.allclose([q["score"] for q in body["predictions"]], [q["score"] for q in expected], atol=1e-5)
 
 
+@pytest.mark.parametrize("routing", ["soft", "hard"])
+def test_routed_model_exports_fp16_and_int8_within_their_gates(
+    tmp_path_factory: pytest.TempPathFactory, fashion_table: Path, routing: str
+) -> None:
+    """After the server test: these move CURRENT. Soft routing once failed int8 calibration (a
+    weight sum of 1 up to rounding: a tensor of near-zero range for its histogram)."""
+    wd = _store(tmp_path_factory, fashion_table, routing)
+    for precision in ("fp16", "int8"):
+        assert run_cli("-q", "export", "--workdir", str(wd), "--precision", precision) == 0, precision
+        m = load_bundle(wd / "bundles" / f"v000005-{precision}").manifest
+        assert m["parity"]["passed"] and m["experts"]["routing"] == routing and m["experts"]["count"] == 3
+    assert current_bundle_dir(wd) == wd / "bundles" / "v000005-int8"
+
+
 def test_init_refuses_experts_on_a_linear_head(
     fashion_table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
