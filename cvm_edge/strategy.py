@@ -141,6 +141,11 @@ class Context:
             return torch.randperm(m, generator=self.gen, device=self.gen.device)[:n]
         return torch.randint(0, m, (n,), generator=self.gen, device=self.gen.device)
 
+    def experts_for(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Oracle routing of training: the expert of each label's class (None without experts)."""
+        experts = self.model.experts
+        return None if experts is None else experts.experts_of(labels)
+
     def forward_head(
         self, model: CvmModel, x: torch.Tensor, experts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,9 +330,8 @@ class Strategy:
                     batch = plugin.extend_batch(ctx, batch)
                 x = self._prepare(batch.inputs, cached, ctx.gen)
                 # Oracle routing while training (as HiDe-LLaVA): every sample through its class's expert.
-                route = model.experts.experts_of(batch.labels) if model.experts is not None else None
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16):
-                    z, logits = ctx.forward_head(model, x, route)
+                    z, logits = ctx.forward_head(model, x, ctx.experts_for(batch.labels))
                     out = Output(x=x, embeddings=z, logits=logits)
                     loss = classification_loss(logits.float(), batch, ctx, loss_kind)
                     for plugin in self.plugins:

@@ -259,3 +259,61 @@ def test_the_shared_mapper_trains_with_every_expert_or_the_first_only(
     unchanged = all(torch.equal(v, after_first[k]) for k, v in mapper.state_dict().items())
     assert unchanged == (shared == "first")
     assert model.experts is not None and float(model.experts.adapters[1].up.weight.detach().abs().sum()) > 0
+
+
+def test_der_replays_buffer_samples_through_their_own_experts() -> None:
+    from cvm_edge.augment import to_input
+    from cvm_edge.plugins.der import DerPlugin
+    from cvm_edge.strategy import Batch, Context, Output
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_model(ModelConfig("resnet10_cifar_slim", 16, experts="adapter"), np.eye(4, 8, dtype=np.float32))
+    model.eval()
+    experts = model.experts
+    assert experts is not None
+    for t in range(2):
+        model.add_expert([t])
+        torch.nn.init.normal_(experts.adapters[t].up.weight)
+        experts.update_anchor(t, torch.randn(3, 128))
+    pixels = rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(2), 6).astype(np.int64)
+    logits = rng.normal(size=(12, 4)).astype(np.float16)
+    prep = Preprocessing(16)
+    ctx = Context(
+        model=model,
+        teacher=None,
+        buffer=dataclasses.replace(ReplayBuffer.empty(12, 16), pixels=pixels, labels=labels, logits=logits),
+        seen=torch.arange(4),
+        old_classes=torch.arange(2),
+        current_classes=torch.tensor([2, 3]),
+        new_data=ImageSet(pixels[:0], labels[:0]),
+        config=TrainConfig(epochs=1, replay_batch_size=5, augment=False, progress=False),
+        prep=prep,
+        device=torch.device("cpu"),
+        cached=False,
+        buffer_inputs=torch.from_numpy(pixels),
+        buffer_labels=torch.from_numpy(labels),
+        buffer_logits=torch.from_numpy(logits.astype(np.float32)),
+        rng=np.random.default_rng(7),
+        gen=torch.Generator().manual_seed(7),
+        task_index=2,
+    )
+    dummy = Output(x=torch.zeros(1), embeddings=torch.zeros(1), logits=torch.zeros(1))
+    batch = Batch(torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
+    loss = DerPlugin(0.3, 0.5).loss(ctx, batch, dummy)
+    assert loss is not None
+    gen = torch.Generator().manual_seed(7)
+    idx = torch.cat([torch.randperm(12, generator=gen)[:5] for _ in range(2)])
+    y = torch.from_numpy(labels)[idx]
+    with torch.no_grad():
+        f = model.features(to_input(torch.from_numpy(pixels)[idx], prep))
+
+        def der(route: torch.Tensor | None) -> float:
+            out = model.head.logits_from_embedding(model.head.embed(f, route))
+            mse = F.mse_loss(out[:5], torch.from_numpy(logits.astype(np.float32))[idx[:5]])
+            return float(0.3 * mse + 0.5 * F.cross_entropy(out[5:], y[5:]))
+
+        oracle, anchors = der(experts.experts_of(y)), der(None)
+    assert float(loss.detach()) == pytest.approx(oracle, rel=1e-4, abs=1e-5)
+    assert abs(oracle - anchors) > 1e-3  # the routing really differed from the anchors' here
