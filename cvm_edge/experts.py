@@ -4,13 +4,14 @@ After HiDe-LLaVA (ACL 2025) and MLLM-CL (2025): lower layers (backbone, shared m
 each task adds a small low-rank residual adapter (LoRA-style: ``up @ down``, ``up`` initialised to
 0, so a new expert starts as the identity) parallel to the mapper. The mapped output is
 
-    sum_t w_t(f) * (mapper(f) + up_t(down_t(f)))  =  mapper(f) + sum_t w_t(f) * up_t(down_t(f))
+    sum_t w_t(f) * (mapper(f) + up_t(down_t(u)))  =  mapper(f) + sum_t w_t(f) * up_t(down_t(u))
 
-(the weights sum to 1, or to 0 before any anchor exists). At inference ``w`` comes from the cosine
-of the backbone feature ``f`` to each task's anchor (the running mean of that task's features):
-``soft`` is ``softmax(cos / T)``, ``hard`` one-hot on the best anchor, built from ``cos == max``
-(no ArgMax/OneHot, no data-dependent shapes, so the whole routing is part of the ONNX graph). At
-train time routing is by oracle (the expert of the sample's class), as in HiDe-LLaVA.
+with ``u = f / rms(f)`` (see :meth:`ExpertMixture.delta`) and weights that sum to 1 (0 before any
+anchor exists). At inference ``w`` comes from the cosine of the backbone feature ``f`` to each
+task's anchor (the running mean of that task's features): ``soft`` is ``softmax(cos / T)``,
+``hard`` one-hot on the best anchor, built from ``cos == max`` (no ArgMax/OneHot, no
+data-dependent shapes, so the whole routing is part of the ONNX graph). At train time routing is
+by oracle (the expert of the sample's class), as in HiDe-LLaVA.
 
 All experts are evaluated with two matmuls over their concatenated weights, whatever their count.
 """
