@@ -17,6 +17,12 @@ and DER's logits are recorded then (by the model after the task), not while the 
 
 CVM variants use the product's own defaults (concept head with a 2-layer mapper, Adam lr 1e-3,
 asymmetric cross-entropy, 3 epochs of class-balanced head tuning after each task).
+
+``cvm-experts*`` are cvm-er plus per-task experts on the mapper (cvm_edge.experts, after HiDe-LLaVA,
+ACL 2025, and MLLM-CL, 2025): rank-8 adapters routed by the cosine of the backbone feature to each
+task's anchor, soft (softmax, T 0.1) or hard (top-1); the shared mapper trains with every expert, or
+with the first only (``cvm-experts-frozen``). ``cvm-experts-eqmem`` gives up as many replay
+images as the experts' bytes would hold (at the end of every task), so it runs at cvm-er's memory.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ class Method:
     options: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per buffer size: overrides
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields (experts)
+    # Count the experts' bytes against the buffer: its capacity shrinks by that many samples' bytes.
+    equal_memory: bool = False
 
     @property
     def uses_buffer(self) -> bool:
@@ -73,6 +82,7 @@ DERPP_BY_BUFFER = {
     200: {"lr": 0.03, "der_alpha": 0.1, "der_beta": 0.5},
     500: {"lr": 0.03, "der_alpha": 0.2, "der_beta": 0.5},
 }
+EXPERTS_SOFT: dict[str, Any] = {"experts": "adapter", "expert_rank": 8, "routing": "soft", "routing_temperature": 0.1}
 CVM: dict[str, Any] = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "loss": "ace", "balance_epochs": 3}
 
 METHODS: dict[str, Method] = {
@@ -117,6 +127,39 @@ METHODS: dict[str, Method] = {
             **CVM,
             options={200: {"der_alpha": 0.1, "der_beta": 0.5}, 500: {"der_alpha": 0.2, "der_beta": 0.5}},
             description="concept head with DER++ logit replay, ACE on the stream",
+        ),
+        Method(
+            "cvm-experts",
+            "concepts",
+            ("replay",),
+            **CVM,
+            model_options=EXPERTS_SOFT,
+            description="cvm-er + per-task mapper experts, soft routing by feature anchors",
+        ),
+        Method(
+            "cvm-experts-hard",
+            "concepts",
+            ("replay",),
+            **CVM,
+            model_options={**EXPERTS_SOFT, "routing": "hard"},
+            description="cvm-er + per-task mapper experts, hard top-1 routing by feature anchors",
+        ),
+        Method(
+            "cvm-experts-frozen",
+            "concepts",
+            ("replay",),
+            **CVM,
+            model_options={**EXPERTS_SOFT, "expert_shared_mapper": "first"},
+            description="cvm-experts with the shared mapper trained on the first task only (HiDe-LLaVA style)",
+        ),
+        Method(
+            "cvm-experts-eqmem",
+            "concepts",
+            ("replay",),
+            **CVM,
+            model_options=EXPERTS_SOFT,
+            equal_memory=True,
+            description="cvm-experts with the buffer shrunk by the experts' bytes (equal memory)",
         ),
     )
 }

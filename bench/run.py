@@ -34,7 +34,8 @@ from bench.tables import concept_vectors, dummy_vectors
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.evaluate import predict_classes
-from cvm_edge.model import ModelConfig, build_model
+from cvm_edge.experts import ExpertMixture
+from cvm_edge.model import CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import make_plugins
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import Strategy, TrainConfig
@@ -97,7 +98,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _model(spec: RunSpec, scenario: Scenario) -> tuple[torch.nn.Module, Preprocessing, ModelConfig, str]:
+def _model(spec: RunSpec, scenario: Scenario) -> tuple[CvmModel, Preprocessing, ModelConfig, str]:
     backbone_name = spec.backbone or spec.protocol.backbone
     pretrained = spec.pretrained or spec.protocol.pretrained
     table_fp = "none (linear head)"
@@ -117,8 +118,15 @@ def _model(spec: RunSpec, scenario: Scenario) -> tuple[torch.nn.Module, Preproce
         train_backbone=spec.train_backbone or spec.protocol.train_backbone,
         head=spec.method.head,
         pretrained=pretrained,
+        **spec.method.model_options,
     )
     return build_model(config, table, pretrained_backbone=backbone), prep, config, table_fp
+
+
+def equal_memory_capacity(buffer: int, expert_bytes: int, sample_bytes: int) -> int:
+    """Buffer capacity once ``expert_bytes`` are counted against a buffer of ``buffer`` samples of
+    ``sample_bytes`` each: every started sample's worth of expert bytes costs one sample."""
+    return max(0, buffer - math.ceil(expert_bytes / sample_bytes))
 
 
 def _task_data(split_images: np.ndarray, split_labels: np.ndarray, classes: Sequence[int]) -> ImageSet:
@@ -205,12 +213,19 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     per_task: list[dict[str, Any]] = []
     seen: list[int] = []
     images_seen, train_s, eval_s = 0, 0.0, 0.0
+    experts = model.experts
+    sample_bytes = buffer.sample_bytes(len(scenario.class_names))
     for t, classes in enumerate(tasks):
         old = list(seen)
         seen = sorted(set(seen) | set(classes))
         data = _train_data(scenario, t, classes, spec.method.joint, spec.size)
+        if spec.method.equal_memory and experts is not None:
+            # The experts after this task (known before it: one more, the class map over max(seen)+1
+            # rows) take the place of buffer samples; the buffer is cut to that at the task's end.
+            after = experts.nbytes_for(len(experts) + 1, max(seen) + 1)
+            buffer = dataclasses.replace(buffer, capacity=equal_memory_capacity(spec.buffer, after, sample_bytes))
         cfg = dataclasses.replace(base_cfg, seed=spec.seed * 1000 + t)
-        strategy = Strategy(model, prep, plugins, cfg)  # type: ignore[arg-type]
+        strategy = Strategy(model, prep, plugins, cfg)
         t0 = time.perf_counter()
         result = strategy.train_experience(data, buffer, seen, old, task_index=t)
         if device.type == "cuda":
@@ -246,6 +261,9 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "buffer_size": len(buffer),
                 # entries per task that brought them: a domain-incremental buffer keeps every domain
                 "buffer_by_task": {str(k): v for k, v in sorted(Counter(buffer.tasks.tolist()).items())},
+                "buffer_capacity": buffer.capacity,
+                "buffer_bytes": buffer.nbytes,
+                "expert_bytes": 0 if experts is None else experts.nbytes,
             }
         )
         log.info("%s task %d: %s (train %.1fs)", spec.run_name, t, row, dt_train)
@@ -286,6 +304,10 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "images_seen": images_seen,
         "images_per_s": round(images_seen / max(train_s, 1e-9), 1),
         "peak_memory": peak,
+        # Memory that persists between tasks: replay buffer and experts (equal-memory comparisons).
+        "buffer_bytes": buffer.nbytes,
+        "expert_bytes": 0 if experts is None else experts.nbytes,
+        "experts": None if experts is None else _experts_record(spec, model_config, experts, sample_bytes),
         "per_task": per_task,
         "hyperparameters": {
             "epochs": epochs,
@@ -322,6 +344,20 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     tmp.replace(path)
     record["path"] = str(path)
     return record
+
+
+def _experts_record(spec: RunSpec, config: ModelConfig, experts: ExpertMixture, sample_bytes: int) -> dict[str, Any]:
+    return {
+        "count": len(experts),
+        "shared_mapper": config.expert_shared_mapper,
+        "rank": experts.rank,
+        "routing": experts.routing,
+        "routing_temperature": experts.temperature,
+        "bytes": experts.nbytes,
+        "buffer_sample_bytes": sample_bytes,
+        "bytes_in_buffer_samples": math.ceil(experts.nbytes / sample_bytes),
+        "equal_memory": spec.method.equal_memory,
+    }
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -76,6 +76,10 @@ class ReplayBuffer:
     def nbytes(self) -> int:
         return int(self.pixels.nbytes + self.labels.nbytes + self.logits.nbytes + self.tasks.nbytes)
 
+    def sample_bytes(self, logit_width: int) -> int:
+        """Bytes one stored sample costs (pixels, label, float16 logits over ``logit_width`` rows)."""
+        return _bytes_per_sample(self.pixels.shape[1:], logit_width)
+
     @property
     def effective_capacity(self) -> int:
         return min(self.capacity, self.max_bytes // _bytes_per_sample(self.pixels.shape[1:], self.logits.shape[1]))

@@ -126,6 +126,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         buffer_size=args.buffer_size,
         seed=args.seed,
         prototype_temperature=args.prototype_temperature,
+        experts=args.experts,
+        expert_rank=args.expert_rank,
+        routing=args.routing,
+        routing_temperature=args.routing_temperature,
+        expert_shared_mapper=args.expert_shared_mapper,
     )
     version = init_store(args.workdir, opts)
     print(
@@ -346,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=0.1,
         help="T of the class score T*log(mean exp(cos/T)) over a class's prototypes (multi-prototype tables)",
+    )
+    i.add_argument(
+        "--experts",
+        choices=("none", "adapter"),
+        default="none",
+        help="adapter: each update adds a low-rank expert on the mapper, routed by feature anchors (default none)",
+    )
+    i.add_argument("--expert-rank", type=_positive_int, default=8, help="rank of each expert adapter (default 8)")
+    i.add_argument(
+        "--routing", choices=("soft", "hard"), default="soft", help="soft: softmax over anchor cosines; hard: top-1"
+    )
+    i.add_argument(
+        "--routing-temperature", type=_positive_float, default=0.1, help="T of softmax(cos/T) for soft routing"
+    )
+    i.add_argument(
+        "--expert-shared-mapper",
+        choices=("always", "first"),
+        default="always",
+        help="the shared mapper trains in every update (always) or with the first expert only (first)",
     )
     i.set_defaults(func=cmd_init)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvm_edge.backbones import TRAIN_BACKBONE_CHOICES, create_backbone, feature_dim, set_trainable
+from cvm_edge.experts import EXPERT_CHOICES, ROUTING_CHOICES, ExpertMixture
 
 HEAD_CHOICES = ("concepts", "linear")
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -27,6 +29,11 @@ MAX_LOGIT_SCALE = math.log(100.0)
 DEFAULT_PROTOTYPE_TEMPERATURE = 0.1
 # Stands in for the cosine of a padding slot: below any real cosine (unit vectors: >= -1).
 PAD_COSINE = -2.0
+# Per-task experts (cvm_edge.experts); off by default. The fields are left out of ``to_dict`` while
+# off, so checkpoints and bundles of models without experts keep exactly today's metadata.
+EXPERT_FIELDS = ("experts", "expert_rank", "routing", "routing_temperature", "expert_shared_mapper")
+SHARED_MAPPER_CHOICES = ("always", "first")
+DEFAULT_ROUTING_TEMPERATURE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +48,14 @@ class ModelConfig:
     # Multi-prototype tables only (single-prototype logits do not depend on it); stored in the
     # checkpoint and the bundle manifest with the rest of this config.
     prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE
+    # "adapter": one low-rank residual adapter per task on the mapper, routed by anchors.
+    experts: str = "none"
+    expert_rank: int = 8
+    routing: str = "soft"  # soft: softmax(cos / routing_temperature) over anchors; hard: top-1
+    routing_temperature: float = DEFAULT_ROUTING_TEMPERATURE
+    # Does the shared mapper train with every expert ("always") or only with the first ("first":
+    # later tasks train their own expert only, as HiDe-LLaVA trains LoRA experts on a frozen base)?
+    expert_shared_mapper: str = "always"
 
     def __post_init__(self) -> None:
         if self.train_backbone not in TRAIN_BACKBONE_CHOICES:
@@ -51,9 +66,23 @@ class ModelConfig:
             raise ValueError("mapper_hidden must be >= 0")
         if not self.prototype_temperature > 0:
             raise ValueError("prototype_temperature must be > 0")
+        if self.experts not in EXPERT_CHOICES:
+            raise ValueError(f"experts must be one of {EXPERT_CHOICES}")
+        if self.routing not in ROUTING_CHOICES:
+            raise ValueError(f"routing must be one of {ROUTING_CHOICES}")
+        if self.expert_rank < 1 or not self.routing_temperature > 0:
+            raise ValueError("expert_rank must be >= 1 and routing_temperature > 0")
+        if self.expert_shared_mapper not in SHARED_MAPPER_CHOICES:
+            raise ValueError(f"expert_shared_mapper must be one of {SHARED_MAPPER_CHOICES}")
+        if self.experts != "none" and self.head != "concepts":
+            raise ValueError("experts sit on the concept head's mapper; the linear head has none")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.experts == "none":
+            for k in EXPERT_FIELDS:
+                d.pop(k)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -91,9 +120,12 @@ class ConceptHead(nn.Module):
         hidden: int,
         init_logit_scale: float,
         prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE,
+        experts: ExpertMixture | None = None,
     ) -> None:
         super().__init__()
         self.mapper = Mapper(feat_dim, table.shape[-1], hidden)
+        # Registered only when on: a model without experts has exactly today's state dict.
+        self.experts = experts
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.prototype_temperature = float(prototype_temperature)
         # The table is data, not a parameter: it is stored in concepts.npz beside the weights, so
@@ -110,8 +142,13 @@ class ConceptHead(nn.Module):
     def multi_prototype(self) -> bool:
         return self.table.dim() == 3
 
-    def embed(self, f: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mapper(f), dim=-1)
+    def embed(self, f: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """The unit embedding of features ``f``; with experts, mixed by anchor routing, or by
+        ``experts`` (one expert index per sample: the oracle routing of training)."""
+        m = self.mapper(f)
+        if self.experts is not None and len(self.experts):
+            m = m + self.experts(f, experts)
+        return F.normalize(m, dim=-1)
 
     def class_scores(self, z: torch.Tensor) -> torch.Tensor:
         """Per-class score in cosine units: ``T * log(mean_p exp(s_p / T))`` over the class's
@@ -169,7 +206,7 @@ class LinearHead(nn.Module):
         super().__init__()
         self.fc = nn.Linear(feat_dim, num_classes)
 
-    def embed(self, f: torch.Tensor) -> torch.Tensor:
+    def embed(self, f: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         return f
 
     def logits_from_embedding(self, z: torch.Tensor) -> torch.Tensor:
@@ -200,8 +237,13 @@ class CvmModel(nn.Module):
         dim = feature_dim(self.backbone)
         self.head: ConceptHead | LinearHead
         if config.head == "concepts":
+            experts = None
+            if config.experts != "none":
+                experts = ExpertMixture(
+                    dim, table.shape[-1], config.expert_rank, config.routing, config.routing_temperature
+                )
             self.head = ConceptHead(
-                dim, table, config.mapper_hidden, config.init_logit_scale, config.prototype_temperature
+                dim, table, config.mapper_hidden, config.init_logit_scale, config.prototype_temperature, experts
             )
         else:
             self.head = LinearHead(dim, table.shape[0])
@@ -210,6 +252,20 @@ class CvmModel(nn.Module):
     @property
     def backbone_frozen(self) -> bool:
         return not self.trainable_backbone
+
+    @property
+    def experts(self) -> ExpertMixture | None:
+        """The per-task experts, or None for a model configured without them."""
+        return self.head.experts if isinstance(self.head, ConceptHead) else None
+
+    def add_expert(self, classes: Sequence[int]) -> int:
+        """A new expert for an experience over ``classes``; earlier experts are frozen, and the
+        shared mapper trains per ``config.expert_shared_mapper``. Returns the expert's index."""
+        if self.experts is None or not isinstance(self.head, ConceptHead):
+            raise ValueError("this model has no experts (ModelConfig.experts is 'none')")
+        index = self.experts.add_expert(classes)
+        self.head.mapper.requires_grad_(index == 0 or self.config.expert_shared_mapper == "always")
+        return index
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

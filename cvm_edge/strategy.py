@@ -150,10 +150,18 @@ class Context:
             return torch.randperm(m, generator=self.gen, device=self.gen.device)[:n]
         return torch.randint(0, m, (n,), generator=self.gen, device=self.gen.device)
 
-    def forward_head(self, model: CvmModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings, logits) of ``model`` for a prepared input."""
+    def experts_for(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Oracle routing of training: the expert of each label's class (None without experts)."""
+        experts = self.model.experts
+        return None if experts is None else experts.experts_of(labels)
+
+    def forward_head(
+        self, model: CvmModel, x: torch.Tensor, experts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, logits) of ``model`` for a prepared input; ``experts`` routes each sample
+        to one expert (models with per-task experts; None routes by the anchors, as at inference)."""
         f = x if self.cached else model.features(x)
-        z = model.head.embed(f)
+        z = model.head.embed(f, experts)
         return z, model.head.logits_from_embedding(z)
 
 
@@ -272,6 +280,7 @@ class Strategy:
                 p.requires_grad_(False)
         cached = model.backbone_frozen
         uses_buffer = any(p.uses_buffer for p in self.plugins)
+        expert = _add_expert(model, new_data, buffer) if model.experts is not None else None
         if cfg.compile_mode and not cached and not getattr(model.backbone, "_cvm_compiled", False):
             # In place: state-dict keys stay those of the plain module, so checkpoints are unchanged.
             model.backbone.compile(mode=cfg.compile_mode)
@@ -326,8 +335,9 @@ class Strategy:
             batch_sizes[len(idx)] = len(batch.labels)
             x = self._prepare(batch.inputs, cached, ctx.gen)
             # Autocast's weight cache must be off inside a CUDA graph capture (torch.cuda.graphs).
+            # Oracle routing while training (as HiDe-LLaVA): every sample through its class's expert.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16, cache_enabled=False):
-                z, logits = ctx.forward_head(model, x)
+                z, logits = ctx.forward_head(model, x, ctx.experts_for(batch.labels))
                 out = Output(x=x, embeddings=z, logits=logits)
                 loss = classification_loss(logits.float(), batch, ctx, loss_kind)
                 for plugin in self.plugins:
@@ -363,6 +373,17 @@ class Strategy:
             del run_step  # frees the graph's private memory pool
         bar.close()
         model.eval()
+        if model.experts is not None and expert is not None:
+            # The task's anchor: the mean backbone feature of its data, before the buffer records
+            # logits and the head is balanced, both of which then go through the anchor routing.
+            feats = train_inputs if cached else self.features(new_data.pixels)
+            model.experts.update_anchor(expert, feats)
+            if not cached and len(buffer):
+                # The backbone moved: earlier anchors are re-estimated from the replayed images.
+                labels = torch.from_numpy(buffer.labels).to(self.device)
+                refreshed = model.experts.refresh_anchors(self.features(buffer.pixels), labels, keep=expert)
+                log.info("anchors of experts %s re-estimated from %d replayed images", refreshed, len(buffer))
+            del feats
         for plugin in self.plugins:
             plugin.after_experience(ctx)
         new_buffer = buffer
@@ -416,6 +437,22 @@ class Strategy:
                 loss.backward()
                 opt.step()
         model.eval()
+
+
+def _add_expert(model: CvmModel, new_data: ImageSet, buffer: ReplayBuffer) -> int:
+    """A new expert for this experience's classes (see :meth:`CvmModel.add_expert`). Replayed
+    images go through their own class's expert, so every buffer class must have one."""
+    experts = model.experts
+    if experts is None:
+        raise ValueError("this model has no experts (ModelConfig.experts is 'none')")
+    # Checked before the model changes: a refused experience leaves it as it was.
+    new = set(new_data.classes)
+    orphans = [c for c in experts.unmapped(np.unique(buffer.labels).tolist()) if c not in new]
+    if orphans:
+        raise ValueError(f"replay-buffer classes {orphans} belong to no expert; this buffer predates the experts")
+    index = model.add_expert(new_data.classes)
+    log.info("expert %d added for classes %s (%d bytes of experts)", index, list(new_data.classes), experts.nbytes)
+    return index
 
 
 @torch.no_grad()

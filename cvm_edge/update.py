@@ -16,10 +16,16 @@ from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split, load_image_folder
-from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError
+from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError, UsageError
 from cvm_edge.evaluate import classes_from_logits, mean_over
 from cvm_edge.fsutil import FileLock, fault_point
-from cvm_edge.model import DEFAULT_PROTOTYPE_TEMPERATURE, CvmModel, ModelConfig, build_model
+from cvm_edge.model import (
+    DEFAULT_PROTOTYPE_TEMPERATURE,
+    DEFAULT_ROUTING_TEMPERATURE,
+    CvmModel,
+    ModelConfig,
+    build_model,
+)
 from cvm_edge.plugins import PluginOptions, make_plugins
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.similarity import class_vectors, task_similarity
@@ -50,6 +56,11 @@ class InitOptions:
     buffer_size: int = DEFAULT_BUFFER
     seed: int = 0
     prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE  # multi-prototype tables only
+    experts: str = "none"  # per-task experts (cvm_edge.experts): none | adapter
+    expert_rank: int = 8
+    routing: str = "soft"
+    routing_temperature: float = DEFAULT_ROUTING_TEMPERATURE
+    expert_shared_mapper: str = "always"
 
 
 def resolve_backbone(opts: InitOptions) -> tuple[torch.nn.Module | None, Preprocessing, str]:
@@ -71,15 +82,23 @@ def init_store(workdir: Path, opts: InitOptions) -> int:
             raise StoreError(f"{workdir} is already initialised (version {version_name(store.latest())})")
         torch.manual_seed(opts.seed)
         backbone, prep, timm_name = resolve_backbone(opts)
-        config = ModelConfig(
-            backbone=timm_name,
-            image_size=opts.image_size,
-            train_backbone=opts.train_backbone,
-            head=opts.head,
-            mapper_hidden=opts.mapper_hidden,
-            pretrained=opts.pretrained,
-            prototype_temperature=opts.prototype_temperature,
-        )
+        try:
+            config = ModelConfig(
+                backbone=timm_name,
+                image_size=opts.image_size,
+                train_backbone=opts.train_backbone,
+                head=opts.head,
+                mapper_hidden=opts.mapper_hidden,
+                pretrained=opts.pretrained,
+                prototype_temperature=opts.prototype_temperature,
+                experts=opts.experts,
+                expert_rank=opts.expert_rank,
+                routing=opts.routing,
+                routing_temperature=opts.routing_temperature,
+                expert_shared_mapper=opts.expert_shared_mapper,
+            )
+        except ValueError as exc:  # e.g. experts on a linear head: the options are wrong, not the program
+            raise UsageError(str(exc)) from None
         model = build_model(config, table.as_float32(), pretrained_backbone=backbone)
         ckpt = Checkpoint(
             model_config=config,

@@ -407,6 +407,28 @@ def build_manifest(
         "model_sha256": sha256_bytes(model_bytes),
         "model_bytes": len(model_bytes),
         "parity": parity,
+        **experts_manifest(ckpt),
+    }
+
+
+def experts_manifest(ckpt: Checkpoint) -> dict[str, Any]:
+    """``{"experts": {...}}`` for a model with per-task experts (their routing runs inside
+    ``model.onnx``; this records what it is), else nothing: other manifests stay as they were."""
+    cfg = ckpt.model_config
+    if cfg.experts == "none":
+        return {}
+    prefix = "head.experts."
+    tensors = [v for k, v in ckpt.weights.items() if k.startswith(prefix)]
+    return {
+        "experts": {
+            "kind": cfg.experts,
+            "count": int(ckpt.weights[prefix + "anchor_means"].shape[0]),
+            "rank": cfg.expert_rank,
+            "routing": cfg.routing,
+            "routing_temperature": cfg.routing_temperature,
+            "shared_mapper": cfg.expert_shared_mapper,
+            "bytes": int(sum(t.numel() * t.element_size() for t in tensors)),
+        }
     }
 
 

@@ -50,8 +50,10 @@ class DerPlugin(Plugin):
         # Two independent draws (as in the paper), one forward pass for both.
         idx_ce = ctx.sample_buffer(n) if self.beta > 0 else idx_mse[:0]
         assert idx_ce is not None
-        x = self._prepare(ctx, ctx.buffer_inputs.index_select(0, torch.cat([idx_mse, idx_ce])))
-        _, logits = ctx.forward_head(ctx.model, x)
+        idx = torch.cat([idx_mse, idx_ce])
+        x = self._prepare(ctx, ctx.buffer_inputs.index_select(0, idx))
+        # with per-task experts, replayed samples go through their own class's expert
+        _, logits = ctx.forward_head(ctx.model, x, ctx.experts_for(ctx.buffer_labels.index_select(0, idx)))
         logits = logits.float()
         m = len(idx_mse)
         total = torch.zeros((), device=logits.device)
