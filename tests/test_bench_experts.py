@@ -16,7 +16,7 @@ from bench.methods import METHODS
 TINY = ["--smoke", "--demo", "--train-per-class", "30", "--test-per-class", "10", "--threads", "2"]
 # resnet10_cifar_slim features (128) into the MiniLM concept space (384), rank-8 adapters
 FEAT, DIM, RANK = 128, 384, 8
-SAMPLE_BYTES = 32 * 32 * 3 + 8 + 2 * 10  # a 32 px image, its label and float16 logits over 10 rows
+SAMPLE_BYTES = 32 * 32 * 3 + 8 + 4 + 2 * 10  # a 32 px image, its label, task tag and float16 logits over 10 rows
 
 
 @pytest.fixture(autouse=True)

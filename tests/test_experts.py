@@ -215,7 +215,14 @@ def test_a_buffer_class_without_an_expert_is_refused(sample: dict[str, np.ndarra
     model = build_model(cfg, _table(10, 16))
     strategy = Strategy(model, Preprocessing(32), make_plugins(["replay"]), TrainConfig(epochs=1, progress=False))
     old = _fashion(sample, [3], 4)
-    buffer = dataclasses.replace(ReplayBuffer.empty(10, 32), pixels=old.pixels, labels=old.labels)
+    n = len(old.labels)
+    buffer = dataclasses.replace(
+        ReplayBuffer.empty(10, 32),
+        pixels=old.pixels,
+        labels=old.labels,
+        logits=np.zeros((n, 10), np.float16),
+        tasks=np.zeros(n, np.int32),
+    )
     with pytest.raises(ValueError, match=r"replay-buffer classes \[3\] belong to no expert"):
         strategy.train_experience(_fashion(sample, [4], 4), buffer, [3, 4], [3])
     assert model.experts is not None and len(model.experts) == 0  # refused before anything changed
@@ -283,10 +290,13 @@ def test_der_replays_buffer_samples_through_their_own_experts() -> None:
     ctx = Context(
         model=model,
         teacher=None,
-        buffer=dataclasses.replace(ReplayBuffer.empty(12, 16), pixels=pixels, labels=labels, logits=logits),
+        buffer=dataclasses.replace(
+            ReplayBuffer.empty(12, 16), pixels=pixels, labels=labels, logits=logits, tasks=np.zeros(12, np.int32)
+        ),
         seen=torch.arange(4),
         old_classes=torch.arange(2),
         current_classes=torch.tensor([2, 3]),
+        revisited_classes=torch.zeros(0, dtype=torch.long),
         new_data=ImageSet(pixels[:0], labels[:0]),
         config=TrainConfig(epochs=1, replay_batch_size=5, augment=False, progress=False),
         prep=prep,
