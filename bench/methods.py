@@ -17,6 +17,13 @@ and DER's logits are recorded then (by the model after the task), not while the 
 
 CVM variants use the product's own defaults (concept head with a 2-layer mapper, Adam lr 1e-3,
 asymmetric cross-entropy, 3 epochs of class-balanced head tuning after each task).
+
+Fusion methods (issue 7, after ConDU 2025; ``cvm_edge.plugins.fusion``) are data-free: no buffer,
+the same training (ACE on each task's classes, Adam lr 1e-3), each task's model kept as a masked,
+rescaled share of one unified delta. ``cvm-fusion`` evaluates the single unified model,
+``cvm-fusion-routed`` the mean logits of the top-2 task models chosen by base-feature prototypes
+(``cvm_edge.routing``). The result JSON records the bytes fusion stores (``stored_bytes``), to set
+against the buffer's at equal memory.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class Method:
     loss: str = "ce"
     balance_epochs: int = 0
     joint: bool = False
+    routed_k: int = 0  # fusion methods: evaluate the top-k routed task models instead of the unified one
+    routed_combine: str = "probs"  # cvm_edge.routing.COMBINES
     options: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per buffer size: overrides
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
@@ -74,6 +83,8 @@ DERPP_BY_BUFFER = {
     500: {"lr": 0.03, "der_alpha": 0.2, "der_beta": 0.5},
 }
 CVM: dict[str, Any] = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "loss": "ace", "balance_epochs": 3}
+# No buffer, so no class-balanced head tuning (it runs on the buffer).
+FUSION: dict[str, Any] = {**CVM, "balance_epochs": 0}
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -117,6 +128,21 @@ METHODS: dict[str, Method] = {
             **CVM,
             options={200: {"der_alpha": 0.1, "der_beta": 0.5}, 500: {"der_alpha": 0.2, "der_beta": 0.5}},
             description="concept head with DER++ logit replay, ACE on the stream",
+        ),
+        Method(
+            "cvm-fusion",
+            "concepts",
+            ("fusion",),
+            **FUSION,
+            description="data-free fusion (ConDU-style sign consensus): the single unified model",
+        ),
+        Method(
+            "cvm-fusion-routed",
+            "concepts",
+            ("fusion",),
+            **FUSION,
+            routed_k=2,
+            description="data-free fusion: mean logits of the top-2 task models by base-feature prototype",
         ),
     )
 }

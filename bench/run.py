@@ -33,8 +33,9 @@ from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.evaluate import predict_classes
 from cvm_edge.model import ModelConfig, build_model
-from cvm_edge.plugins import make_plugins
+from cvm_edge.plugins import FusionPlugin, make_plugins
 from cvm_edge.preprocess import Preprocessing
+from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import Strategy, TrainConfig
 
 log = logging.getLogger("bench.run")
@@ -123,6 +124,50 @@ def _task_data(split_images: np.ndarray, split_labels: np.ndarray, classes: Sequ
     return ImageSet(split_images[mask], split_labels[mask])
 
 
+# Fusion methods train once and are scored three ways (evaluation only, so the comparison of
+# unified versus routed costs no second training run): name -> top-k (0: the unified model).
+FUSION_VARIANTS = {"unified": 0, "top1": 1, "top2": 2}
+
+
+def _scored_models(
+    model: torch.nn.Module, method: Method, fusion: FusionPlugin | None
+) -> tuple[dict[str, torch.nn.Module], str]:
+    """The models a method is scored with, by name, and the name of the one its own figures use."""
+    if fusion is None:
+        return {method.name: model}, method.name
+    if fusion.state is None:
+        raise ValueError(f"{method.name} has no fusion state after training")
+    own = f"top{method.routed_k}" if method.routed_k else "unified"
+    ks = {**FUSION_VARIANTS, own: method.routed_k}
+    models = {
+        name: model if k == 0 else FusedRoutedModel(model, fusion.state, k, method.routed_combine)  # type: ignore[arg-type]
+        for name, k in ks.items()
+    }
+    return models, own
+
+
+def _accuracy_row(
+    model: torch.nn.Module, prep: Preprocessing, scenario: Scenario, n_eval: int, seen: list[int], device: torch.device
+) -> list[float | None]:
+    """Accuracy (percent) on the test data of each of the first ``n_eval`` tasks, None after them."""
+    row: list[float | None] = []
+    for j, tj in enumerate(scenario.tasks):
+        if j >= n_eval:
+            row.append(None)
+            continue
+        test = _task_data(scenario.test.images, scenario.test.labels, tj)
+        pred = predict_classes(model, prep, test.pixels, seen, device)
+        row.append(round(100.0 * float((pred == test.labels).mean()), 3))
+    return row
+
+
+def stored_bytes(buffer: ReplayBuffer, fusion: FusionPlugin | None) -> dict[str, Any]:
+    """What a method keeps between tasks besides the model, in bytes (equal-memory comparisons)."""
+    fused = fusion.state.nbytes().to_dict() if fusion is not None and fusion.state is not None else None
+    total = buffer.nbytes + (fused["total"] if fused else 0)
+    return {"buffer": buffer.nbytes, "fusion": fused, "total": total}
+
+
 def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device(spec.device)
@@ -144,6 +189,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     hp = spec.method.resolved(spec.buffer)
     epochs = spec.epochs or spec.protocol.epochs
     plugins = make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
+    fusion = next((p for p in plugins if isinstance(p, FusionPlugin)), None)
     base_cfg = TrainConfig(
         epochs=epochs,
         batch_size=spec.protocol.batch_size,
@@ -166,6 +212,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     tasks = [tuple(c for t in scenario.tasks for c in t)] if spec.method.joint else list(scenario.tasks)
     buffer = ReplayBuffer.empty(spec.buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
     matrix: list[list[float | None]] = []
+    variant_matrices: dict[str, list[list[float | None]]] = {}
     per_task: list[dict[str, Any]] = []
     seen: list[int] = []
     images_seen, train_s, eval_s = 0, 0.0, 0.0
@@ -182,15 +229,12 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         dt_train = time.perf_counter() - t0
         buffer = result.buffer
         t0 = time.perf_counter()
-        row: list[float | None] = []
-        eval_tasks = scenario.tasks if spec.method.joint else scenario.tasks[: t + 1]
-        for j, tj in enumerate(scenario.tasks):
-            if j >= len(eval_tasks):
-                row.append(None)
-                continue
-            test = _task_data(scenario.test.images, scenario.test.labels, tj)
-            pred = predict_classes(model, prep, test.pixels, seen, device)  # type: ignore[arg-type]
-            row.append(round(100.0 * float((pred == test.labels).mean()), 3))
+        scored, own = _scored_models(model, spec.method, fusion)
+        n_eval = len(scenario.tasks) if spec.method.joint else t + 1
+        rows = {name: _accuracy_row(m, prep, scenario, n_eval, seen, device) for name, m in scored.items()}
+        row = rows[own]
+        for name, r in rows.items():
+            variant_matrices.setdefault(name, []).append(r)
         dt_eval = time.perf_counter() - t0
         matrix.append(row)
         images_seen += result.images_seen
@@ -207,8 +251,10 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "images_seen": result.images_seen,
                 "final_loss": None if math.isnan(result.final_loss) else round(result.final_loss, 5),
                 "buffer_size": len(buffer),
+                **({"fusion": fusion.reports[-1]} if fusion is not None else {}),
             }
         )
+        del scored
         log.info("%s task %d: %s (train %.1fs)", spec.run_name, t, row, dt_train)
     wall = time.perf_counter() - t_start
     if spec.method.joint:
@@ -244,6 +290,17 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "images_seen": images_seen,
         "images_per_s": round(images_seen / max(train_s, 1e-9), 1),
         "peak_memory": peak,
+        "stored_bytes": stored_bytes(buffer, fusion),
+        **(
+            {
+                "fusion_variants": {
+                    name: {"acc_matrix": m, **{k: None if v is None else round(v, 3) for k, v in summarise(m).items()}}
+                    for name, m in variant_matrices.items()
+                }
+            }
+            if fusion is not None
+            else {}
+        ),
         "per_task": per_task,
         "hyperparameters": {
             "epochs": epochs,
@@ -262,6 +319,17 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "train_per_class": spec.train_per_class,
             "test_per_class": spec.test_per_class,
             "buffer_policy": "class-balanced, rebalanced at the end of each task (not reservoir sampling)",
+            **(
+                {
+                    "routing": {
+                        "top_k": spec.method.routed_k,
+                        "combine": spec.method.routed_combine,
+                        "features": "base backbone, centred cosine",
+                    }
+                }
+                if spec.method.routed_k
+                else {}
+            ),
         },
         "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else ["python", "-m", "bench.run"])),
         "git_commit": provenance.git_commit(),

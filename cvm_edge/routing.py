@@ -6,8 +6,8 @@ model's backbone is that space: it is fixed by definition. Each task's prototype
 feature of its training images, taken when the task is trained. At inference the input's base
 feature and the prototypes are centred on the mean prototype (backbone features after a ReLU and
 pooling share a large positive component, which makes raw cosines all close to 1) and compared by
-cosine; the ``k`` most similar tasks' models each give logits over all table rows, and the routed
-logits are their plain mean.
+cosine; the ``k`` most similar tasks' models are combined (:data:`COMBINES`; by default the mean of
+each one's softmax over its own task's classes, a mixture of experts).
 
 The graph has fixed shapes, so it exports to ONNX as it is (TopK, comparisons, no data-dependent
 control flow): every one of the ``T`` task models runs on every input and the top-k choice is a
@@ -18,6 +18,8 @@ for a handful of tasks; for many tasks one would gather the chosen models' weigh
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,11 +27,20 @@ from torch import nn
 from cvm_edge.augment import to_input
 from cvm_edge.data import ImageSet
 from cvm_edge.fusion_state import FusionState, model_with
-from cvm_edge.model import CvmModel
+from cvm_edge.model import ConceptHead, CvmModel
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import eval_batch_for
 
 DEFAULT_TOP_K = 2
+# How the chosen task models' outputs are combined:
+# "probs": each task model's softmax over its own task's classes only, averaged (a mixture of
+#   experts); the routed logits are the log of that mixture, so the server's softmax gives it back.
+#   Each task model learned only its classes: its logits for other classes are not comparable.
+# "logits": the plain mean of the task models' logits over all rows (the issue's wording).
+COMBINES = ("probs", "logits")
+# The routed logit of a class that no chosen task knows: log of this (finite, so int8-style range
+# calibration and ONNX stay finite).
+MIN_PROBABILITY = 1e-12
 
 
 @torch.no_grad()
@@ -54,12 +65,15 @@ class FusedRoutedModel(nn.Module):
     :meth:`logits_and_embedding` adds the embedding (the normalised mean of the chosen task
     models' embeddings), which is what the bundle's ``embedding`` output carries."""
 
-    def __init__(self, template: CvmModel, state: FusionState, k: int = DEFAULT_TOP_K) -> None:
+    def __init__(self, template: CvmModel, state: FusionState, k: int = DEFAULT_TOP_K, combine: str = "probs") -> None:
         super().__init__()
         if state.n_tasks == 0 or state.prototypes is None:
             raise ValueError("routing needs at least one fused task with its prototype")
         if k < 1:
             raise ValueError("top-k needs k >= 1")
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}")
+        self.combine = combine
         self.n_tasks = state.n_tasks
         self.k = min(k, self.n_tasks)
         self.task_classes = state.task_classes
@@ -74,6 +88,12 @@ class FusedRoutedModel(nn.Module):
         device = next(template.parameters()).device
         self.register_buffer("center", center.to(device))
         self.register_buffer("prototypes", F.normalize(protos - center, dim=-1).to(device))
+        rows = template.head.table.shape[0] if isinstance(template.head, ConceptHead) else template.head.fc.out_features
+        known = torch.zeros(self.n_tasks, rows, dtype=torch.bool)
+        for t, classes in enumerate(state.task_classes):
+            known[t, list(classes)] = True
+        self.known: torch.Tensor  # [T, C]: the table rows each task model was trained on
+        self.register_buffer("known", known.to(device))
         self.eval()
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +110,15 @@ class FusedRoutedModel(nn.Module):
 
     def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weights(x).unsqueeze(-1)  # [B, T, 1]
-        outs = [m.logits_and_embedding(x) for m in self.tasks]
-        logits = (w * torch.stack([o[0] for o in outs], dim=1)).sum(1)
+        outs = [cast(CvmModel, m).logits_and_embedding(x) for m in self.tasks]
+        task_logits = torch.stack([o[0] for o in outs], dim=1)  # [B, T, C]
         z = F.normalize((w * torch.stack([o[1] for o in outs], dim=1)).sum(1), dim=-1)
-        return logits, z
+        if self.combine == "logits":
+            return (w * task_logits).sum(1), z
+        # A finite fill (not -inf): exp of it is exactly 0 in float32, and every tensor stays finite.
+        own = task_logits.masked_fill(~self.known, -1e4)
+        mixture = (w * torch.softmax(own, dim=-1)).sum(1)
+        return torch.log(mixture + MIN_PROBABILITY), z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_and_embedding(x)[0]

@@ -28,6 +28,7 @@ class PluginOptions:
     # Task-similarity scaling of distill_weight and ewc_lambda (cvm_edge.similarity): the power P of
     # factor = clip((mean old-new cosine / table mean cosine) ** P, 1/4, 4); 0 is off.
     similarity_scaling: float = 0.0
+    fusion_start: str = "unified"  # fusion: each task trains from the unified model or from the base
 
 
 def parse_plugin_list(text: str) -> list[str]:
@@ -70,7 +71,7 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
         elif name == "der":
             plugins.append(DerPlugin(options.der_alpha, options.der_beta))
         elif name == "fusion":
-            plugins.append(FusionPlugin())
+            plugins.append(FusionPlugin(options.fusion_start))
         else:
             raise ValueError(f"unknown plugin {name!r}")
     return plugins

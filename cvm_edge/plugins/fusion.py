@@ -33,11 +33,19 @@ from cvm_edge.strategy import Context, Plugin
 
 log = logging.getLogger(__name__)
 
+# Where each task's training starts: "unified" (ConDU) or "base" (independent task vectors, as in
+# task arithmetic / TIES: deltas do not carry earlier tasks' training, so the task models differ more).
+STARTS = ("unified", "base")
+
 
 class FusionPlugin(Plugin):
     name = "fusion"
+    keeps_configured_loss = True  # ACE: a task does not push down the rows of classes it never sees
 
-    def __init__(self) -> None:
+    def __init__(self, start: str = "unified") -> None:
+        if start not in STARTS:
+            raise ValueError(f"fusion start must be one of {STARTS}")
+        self.start = start
         self.state: FusionState | None = None
         self.reports: list[dict[str, Any]] = []  # one per experience of this process (not persisted)
 
@@ -47,6 +55,8 @@ class FusionPlugin(Plugin):
             log.info("fusion base recorded: %d trainable tensors", len(self.state.base))
         elif set(self.state.base) != set(trainable_params(ctx.model)):
             raise ValueError("the model's trainable parameters changed since the fusion base was recorded")
+        elif self.start == "base":
+            load_into(ctx.model, self.state.base, self.state.base_stats)
 
     def after_experience(self, ctx: Context) -> None:
         state = self.state
@@ -69,12 +79,13 @@ class FusionPlugin(Plugin):
             task_classes=(*state.task_classes, tuple(int(c) for c in ctx.current_classes.tolist())),
         )
         load_into(model, self.state.unified_params(), self.state.unified_stats())
-        report = {
+        agreement = _agreement(unified, t)
+        report: dict[str, Any] = {
             "task": t,
             "rescales": [round(r, 6) for r in unified.rescales],
             # how far the rebuilt delta of the task just trained is from its true delta (0: exact)
             "rebuild_error_new_task": round(relative_error(unified.task_delta(t), new), 6),
-            "agreement_new_task": round(_agreement(unified, t), 6),
+            "agreement_new_task": round(agreement, 6),
             "bytes": self.state.nbytes().to_dict(),
         }
         self.reports.append(report)
@@ -83,7 +94,7 @@ class FusionPlugin(Plugin):
             t,
             report["rescales"],
             report["rebuild_error_new_task"],
-            100 * report["agreement_new_task"],
+            100 * agreement,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
