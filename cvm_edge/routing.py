@@ -118,7 +118,8 @@ class FusedRoutedModel(nn.Module):
         # A finite fill (not -inf): exp of it is exactly 0 in float32, and every tensor stays finite.
         own = task_logits.masked_fill(~self.known, -1e4)
         mixture = (w * torch.softmax(own, dim=-1)).sum(1)
-        return torch.log(mixture + MIN_PROBABILITY), z
+        # clamp, not "+ 1e-12": the exported graph lost the tiny addend (onnxruntime gave log(0) = -inf).
+        return torch.log(mixture.clamp_min(MIN_PROBABILITY)), z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_and_embedding(x)[0]
