@@ -139,11 +139,9 @@ def _scored_models(
         raise ValueError(f"{method.name} has no fusion state after training")
     own = f"top{method.routed_k}" if method.routed_k else "unified"
     ks = {**FUSION_VARIANTS, own: method.routed_k}
-    models = {
-        name: model if k == 0 else FusedRoutedModel(model, fusion.state, k, method.routed_combine)  # type: ignore[arg-type]
-        for name, k in ks.items()
-    }
-    return models, own
+    # One set of rebuilt task models serves every k (T + 1 model copies, not one set per variant).
+    routed = FusedRoutedModel(model, fusion.state, max(ks.values()), method.routed_combine)  # type: ignore[arg-type]
+    return {name: model if k == 0 else routed.with_k(k) for name, k in ks.items()}, own
 
 
 def _accuracy_row(

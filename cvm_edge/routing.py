@@ -18,6 +18,7 @@ for a handful of tasks; for many tasks one would gather the chosen models' weigh
 
 from __future__ import annotations
 
+import copy
 from typing import cast
 
 import torch
@@ -95,6 +96,14 @@ class FusedRoutedModel(nn.Module):
         self.known: torch.Tensor  # [T, C]: the table rows each task model was trained on
         self.register_buffer("known", known.to(device))
         self.eval()
+
+    def with_k(self, k: int) -> FusedRoutedModel:
+        """The same task models and prototypes (shared, not copied) routed to the top ``k``."""
+        if k < 1:
+            raise ValueError("top-k needs k >= 1")
+        other = copy.copy(self)
+        other.k = min(k, self.n_tasks)
+        return other
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T] cosine of the input's centred base feature to each task's centred prototype."""

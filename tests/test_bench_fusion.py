@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import report
 from bench import run as bench_run
 from bench.methods import METHODS
 
@@ -44,6 +45,19 @@ def test_fusion_methods_run_and_record_bytes_and_variants(tmp_path: Path) -> Non
     assert routed["acc_matrix"] == routed["fusion_variants"]["top2"]["acc_matrix"]
     assert routed["hyperparameters"]["routing"]["top_k"] == 2 and "routing" not in unified["hyperparameters"]
     assert unified["final_avg_acc"] == unified["fusion_variants"]["unified"]["final_avg_acc"]
+    # the report shows the stored bytes and the unified / routed comparison
+    proto = tmp_path / "res" / "cifar10-5"
+    proto.mkdir(parents=True)
+    for f in out.glob("*.json"):
+        (proto / f.name).write_text(f.read_text())
+    md = tmp_path / "B.md"
+    assert report.main(["--results", str(tmp_path / "res"), "--out", str(md), "--no-plots"]) == 0
+    text = md.read_text()
+    mb = f"{routed['stored_bytes']['total'] / 2**20:.2f}"
+    top2 = f"{routed['fusion_variants']['top2']['final_avg_acc']:.1f}"
+    assert "| unified final acc % | top1 final acc % | top2 final acc % | stored MB |" in text
+    assert any(line.startswith("| cvm-fusion-routed | 1 | 0 |") and f"| {top2} |" in line for line in text.splitlines())
+    assert f"| {mb} |" in text
 
 
 def test_fusion_methods_are_registered_as_data_free() -> None:

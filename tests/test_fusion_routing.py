@@ -144,6 +144,11 @@ def test_routed_model_rebuilds_each_task_and_averages_the_chosen_ones(trained: T
         assert (out[i, others] < -20).all()  # classes of unchosen tasks get log(1e-12)
     # routing is not constant: the images of six classes do not all go to one task
     assert len(chosen.unique()) > 1
+    # with_k shares the rebuilt models (no copies) and routes like a model built for that k
+    three = FusedRoutedModel(trained.model, state, k=3)
+    shared = three.with_k(1)
+    assert shared.tasks is three.tasks and three.k == 3 and shared.k == 1
+    assert torch.equal(shared(x), out)
 
 
 @torch.no_grad()

@@ -53,7 +53,8 @@ class FusionPlugin(Plugin):
         if self.state is None:
             self.state = FusionState(trainable_params(ctx.model), float_stats(ctx.model))
             log.info("fusion base recorded: %d trainable tensors", len(self.state.base))
-        elif set(self.state.base) != set(trainable_params(ctx.model)):
+        elif _shapes(self.state.base) != _shapes(trainable_params(ctx.model)):
+            # e.g. a linear head that grew with the table, or another --train-backbone choice
             raise ValueError("the model's trainable parameters changed since the fusion base was recorded")
         elif self.start == "base":
             load_into(ctx.model, self.state.base, self.state.base_stats)
@@ -102,6 +103,10 @@ class FusionPlugin(Plugin):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state = FusionState.from_tensors(state) if state else None
+
+
+def _shapes(params: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in params.items()}
 
 
 def _agreement(unified: Unified, t: int) -> float:
