@@ -21,8 +21,9 @@ asymmetric cross-entropy, 3 epochs of class-balanced head tuning after each task
 Fusion methods (issue 7, after ConDU 2025; ``cvm_edge.plugins.fusion``) are data-free: no buffer,
 the same training (ACE on each task's classes, Adam lr 1e-3), each task's model kept as a masked,
 rescaled share of one unified delta. ``cvm-fusion`` evaluates the single unified model,
-``cvm-fusion-routed`` the mean logits of the top-2 task models chosen by base-feature prototypes
-(``cvm_edge.routing``). The result JSON records the bytes fusion stores (``stored_bytes``), to set
+``cvm-fusion-routed`` the top-2 task models chosen by base-feature prototypes, each one's softmax
+over its own task's classes averaged (``cvm_edge.routing``; ``routed_combine="logits"`` gives the
+issue's plain mean of logits). The result JSON records the bytes fusion stores (``stored_bytes``), to set
 against the buffer's at equal memory.
 """
 
@@ -142,7 +143,7 @@ METHODS: dict[str, Method] = {
             ("fusion",),
             **FUSION,
             routed_k=2,
-            description="data-free fusion: mean logits of the top-2 task models by base-feature prototype",
+            description="data-free fusion: top-2 task models by base-feature prototype, own-class softmaxes averaged",
         ),
     )
 }

@@ -4,7 +4,10 @@
   normalisation statistics of the model as it is then (the initialisation, or the pretrained
   backbone with a fresh mapper).
 * Each experience trains from the current unified model (ConDU's choice: the new task starts from
-  what all earlier tasks agree on, so its delta from the base tends to share their signs).
+  what all earlier tasks agree on, so its delta from the base tends to share their signs;
+  ``start="base"`` trains every task from the base instead). It trains with the configured loss
+  even without a buffer (ACE: the task's images compete only among its own classes), since each
+  task model only ever has to tell its own classes apart; routing picks the task.
 * After training, ConDU's decouple-unify: the earlier tasks' deltas are rebuilt from the unified
   delta, their masks and rescales (only those are stored, not every task's full delta: memory
   stays one delta plus one bit per parameter and task), the new task's delta is taken exactly,
