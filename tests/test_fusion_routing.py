@@ -16,6 +16,7 @@ from bench.datasets import demo_dataset
 from cvm_edge.augment import to_input
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
+from cvm_edge.errors import UsageError
 from cvm_edge.fusion_state import FusionState, float_stats, model_with, trainable_params
 from cvm_edge.model import CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import FusionPlugin, make_plugins, parse_plugin_list
@@ -164,6 +165,23 @@ def test_routing_scores_are_cosines_to_centred_base_prototypes(trained: Trained)
     torch.testing.assert_close(routed.scores(x), expected, rtol=0, atol=1e-5)
     w = routed.weights(x)
     assert torch.equal((w > 0).sum(1), torch.full((len(x),), 2))
+
+
+def test_fusion_refuses_a_buffer_that_head_balancing_would_train_on() -> None:
+    data = demo_dataset(32)
+    keep = np.concatenate([np.flatnonzero(data.train.labels == c)[:4] for c in (0, 1)])
+    task = ImageSet(data.train.images[keep], data.train.labels[keep])
+    buffer = ReplayBuffer.empty(8, 32).updated(task, None, seed=0)  # left by earlier replay updates
+    model = build_model(ModelConfig("resnet10_cifar_slim", 32, mapper_hidden=0), np.eye(10, 16, dtype=np.float32))
+    before = trainable_params(model)
+    cfg = TrainConfig(epochs=1, batch_size=4, progress=False, balance_epochs=3)
+    with pytest.raises(UsageError, match="--balance-epochs 0"):
+        Strategy(model, PREP, [FusionPlugin()], cfg).train_experience(task, buffer, [0, 1], [], 0)
+    assert all(torch.equal(before[k], v) for k, v in trainable_params(model).items())  # refused before training
+    plugin = FusionPlugin()
+    no_balance = dataclasses.replace(cfg, balance_epochs=0)
+    Strategy(model, PREP, [plugin], no_balance).train_experience(task, buffer, [0, 1], [], 0)
+    assert plugin.state is not None and plugin.state.n_tasks == 1
 
 
 def test_fusion_refuses_replay_and_bad_options() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from cvm_edge.errors import UsageError
 from cvm_edge.fusion import Unified, relative_error, task_delta, unify
 from cvm_edge.fusion_state import FusionState, float_stats, load_into, model_with, trainable_params
 from cvm_edge.routing import mean_feature
@@ -53,6 +54,13 @@ class FusionPlugin(Plugin):
         self.reports: list[dict[str, Any]] = []  # one per experience of this process (not persisted)
 
     def before_experience(self, ctx: Context) -> None:
+        if len(ctx.buffer) and ctx.config.balance_epochs:
+            # A store that used replay before still holds images: the Strategy would tune the head on
+            # them after this plugin set the unified model, and the published model would not be it.
+            raise UsageError(
+                f"fusion is data-free, but the replay buffer holds {len(ctx.buffer)} images and head balancing "
+                "would train on them after fusing; pass --balance-epochs 0"
+            )
         if self.state is None:
             self.state = FusionState(trainable_params(ctx.model), float_stats(ctx.model))
             log.info("fusion base recorded: %d trainable tensors", len(self.state.base))
