@@ -23,6 +23,14 @@ ACL 2025, and MLLM-CL, 2025): rank-8 adapters routed by the cosine of the backbo
 task's anchor, soft (softmax, T 0.1) or hard (top-1); the shared mapper trains with every expert, or
 with the first only (``cvm-experts-frozen``). ``cvm-experts-eqmem`` gives up as many replay
 images as the experts' bytes would hold (at the end of every task), so it runs at cvm-er's memory.
+
+Fusion methods (issue 7, after ConDU 2025; ``cvm_edge.plugins.fusion``) are data-free: no buffer,
+the same training (ACE on each task's classes, Adam lr 1e-3), each task's model kept as a masked,
+rescaled share of one unified delta. ``cvm-fusion`` evaluates the single unified model,
+``cvm-fusion-routed`` the top-2 task models chosen by base-feature prototypes, each one's softmax
+over its own task's classes averaged (``cvm_edge.routing``; ``routed_combine="logits"`` gives the
+issue's plain mean of logits). The result JSON records the bytes fusion stores (``stored_bytes``), to set
+against the buffer's at equal memory.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ class Method:
     loss: str = "ce"
     balance_epochs: int = 0
     joint: bool = False
+    routed_k: int = 0  # fusion methods: evaluate the top-k routed task models instead of the unified one
+    routed_combine: str = "probs"  # cvm_edge.routing.COMBINES
     options: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per buffer size: overrides
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
@@ -84,6 +94,8 @@ DERPP_BY_BUFFER = {
 }
 EXPERTS_SOFT: dict[str, Any] = {"experts": "adapter", "expert_rank": 8, "routing": "soft", "routing_temperature": 0.1}
 CVM: dict[str, Any] = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "loss": "ace", "balance_epochs": 3}
+# No buffer, so no class-balanced head tuning (it runs on the buffer).
+FUSION: dict[str, Any] = {**CVM, "balance_epochs": 0}
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -160,6 +172,21 @@ METHODS: dict[str, Method] = {
             model_options=EXPERTS_SOFT,
             equal_memory=True,
             description="cvm-experts with the buffer shrunk by the experts' bytes (equal memory)",
+        ),
+        Method(
+            "cvm-fusion",
+            "concepts",
+            ("fusion",),
+            **FUSION,
+            description="data-free fusion (ConDU-style sign consensus): the single unified model",
+        ),
+        Method(
+            "cvm-fusion-routed",
+            "concepts",
+            ("fusion",),
+            **FUSION,
+            routed_k=2,
+            description="data-free fusion: top-2 task models by base-feature prototype, own-class softmaxes averaged",
         ),
     )
 }

@@ -89,8 +89,8 @@ def mean_matrix(group: Sequence[dict[str, Any]]) -> np.ndarray:
 
 def render_table(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str) -> list[str]:
     lines = [
-        "| method | buffer | epochs/task | backbone training | size | steps | seeds | final acc % | forgetting | avg incr. acc % | BWT | paper (50 ep.) | img/s (one run) | peak mem MB | wall min/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | buffer | epochs/task | backbone training | size | steps | seeds | final acc % | forgetting | avg incr. acc % | BWT | paper (50 ep.) | img/s (one run) | peak mem MB | wall min/run | stored MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(k for k in groups if k[0] == protocol):
         g = groups[key]
@@ -103,7 +103,7 @@ def render_table(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: 
             f"| {_ms([r['final_avg_acc'] for r in g])} | {_ms([r['forgetting'] for r in g])} "
             f"| {_ms([r['avg_incremental_acc'] for r in g])} | {_ms([r['bwt'] for r in g])} "
             f"| {'' if lit is None else f'{lit:.2f}'} | {statistics.mean(r['images_per_s'] for r in g):.0f} "
-            f"| {mem:.0f} ({mem_kind}) | {statistics.mean(r['wall_s'] for r in g) / 60:.1f} |"
+            f"| {mem:.0f} ({mem_kind}) | {statistics.mean(r['wall_s'] for r in g) / 60:.1f} | {_stored_mb(g)} |"
         )
     return lines
 
@@ -127,6 +127,29 @@ def render_domains(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol
             forg = [r["forgetting_per_task"][j] for r in g if r.get("forgetting_per_task")]
             cells.append(f"{final:.1f}" + (f" ({statistics.mean(forg):.1f})" if forg and None not in forg else ""))
         lines.append(f"| {key[1]} | {key[2] or '-'} | {','.join(str(r['seed']) for r in g)} | {' | '.join(cells)} |")
+    return lines
+
+
+def _stored_mb(group: Sequence[dict[str, Any]]) -> str:
+    """What a method keeps besides the model (buffer images, fusion deltas and masks), in MB."""
+    vals = [r["stored_bytes"]["total"] / 2**20 for r in group if "stored_bytes" in r]
+    return f"{statistics.mean(vals):.2f}" if vals else "-"
+
+
+def render_fusion(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str) -> list[str]:
+    """Unified versus routed fusion, scored from the same training runs (``fusion_variants``)."""
+    keys = sorted(k for k in groups if k[0] == protocol and "fusion_variants" in groups[k][0])
+    if not keys:
+        return []
+    names = list(groups[keys[0]][0]["fusion_variants"])
+    lines = [
+        "| method | epochs/task | seeds | " + " | ".join(f"{n} final acc %" for n in names) + " | stored MB |",
+        "|---|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for key in keys:
+        g = groups[key]
+        cells = " | ".join(_ms([r["fusion_variants"][n]["final_avg_acc"] for r in g]) for n in names)
+        lines.append(f"| {key[1]} | {key[3]} | {','.join(str(r['seed']) for r in g)} | {cells} | {_stored_mb(g)} |")
     return lines
 
 
@@ -422,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += render_table(groups, protocol)
         if domains:
             lines += ["", *render_domains(groups, protocol)]
+        fusion = render_fusion(groups, protocol)
+        if fusion:
+            lines += ["", "Data-free fusion, unified model versus top-k routed task models (same runs):", "", *fusion]
         if not args.no_plots:
             names = plot(groups, protocol, args.plots)
             lines += [""] + [f"![{n}](plots/{n})" for n in names]

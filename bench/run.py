@@ -36,8 +36,9 @@ from cvm_edge.data import ImageSet
 from cvm_edge.evaluate import predict_classes
 from cvm_edge.experts import ExpertMixture
 from cvm_edge.model import CvmModel, ModelConfig, build_model
-from cvm_edge.plugins import make_plugins
+from cvm_edge.plugins import FusionPlugin, make_plugins
 from cvm_edge.preprocess import Preprocessing
+from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import Strategy, TrainConfig
 
 log = logging.getLogger("bench.run")
@@ -165,6 +166,52 @@ def _domain_shift_figures(scenario: Scenario, tests: Sequence[ImageSet]) -> list
     ]
 
 
+# Fusion methods train once and are scored three ways (evaluation only, so the comparison of
+# unified versus routed costs no second training run): name -> top-k (0: the unified model).
+FUSION_VARIANTS = {"unified": 0, "top1": 1, "top2": 2}
+
+
+def _scored_models(
+    model: torch.nn.Module, method: Method, fusion: FusionPlugin | None
+) -> tuple[dict[str, torch.nn.Module], str]:
+    """The models a method is scored with, by name, and the name of the one its own figures use."""
+    if fusion is None:
+        return {method.name: model}, method.name
+    if fusion.state is None:
+        raise ValueError(f"{method.name} has no fusion state after training")
+    own = f"top{method.routed_k}" if method.routed_k else "unified"
+    ks = {**FUSION_VARIANTS, own: method.routed_k}
+    # One set of rebuilt task models serves every k (T + 1 model copies, not one set per variant).
+    routed = FusedRoutedModel(model, fusion.state, max(ks.values()), method.routed_combine)  # type: ignore[arg-type]
+    return {name: model if k == 0 else routed.with_k(k) for name, k in ks.items()}, own
+
+
+def _accuracy_row(
+    model: torch.nn.Module,
+    prep: Preprocessing,
+    test_sets: Sequence[ImageSet],
+    n_eval: int,
+    seen: list[int],
+    device: torch.device,
+) -> list[float | None]:
+    """Accuracy (percent) on each of the first ``n_eval`` test sets (tasks or domains), None after them."""
+    row: list[float | None] = []
+    for j, test in enumerate(test_sets):
+        if j >= n_eval:
+            row.append(None)
+            continue
+        pred = predict_classes(model, prep, test.pixels, seen, device)
+        row.append(round(100.0 * float((pred == test.labels).mean()), 3))
+    return row
+
+
+def stored_bytes(buffer: ReplayBuffer, fusion: FusionPlugin | None) -> dict[str, Any]:
+    """What a method keeps between tasks besides the model, in bytes (equal-memory comparisons)."""
+    fused = fusion.state.nbytes().to_dict() if fusion is not None and fusion.state is not None else None
+    total = buffer.nbytes + (fused["total"] if fused else 0)
+    return {"buffer": buffer.nbytes, "fusion": fused, "total": total}
+
+
 def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device(spec.device)
@@ -186,6 +233,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     hp = spec.method.resolved(spec.buffer)
     epochs = spec.epochs or spec.protocol.epochs
     plugins = make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
+    fusion = next((p for p in plugins if isinstance(p, FusionPlugin)), None)
     base_cfg = TrainConfig(
         epochs=epochs,
         batch_size=spec.protocol.batch_size,
@@ -210,6 +258,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     test_sets = _test_sets(scenario)
     buffer = ReplayBuffer.empty(spec.buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
     matrix: list[list[float | None]] = []
+    variant_matrices: dict[str, list[list[float | None]]] = {}
     per_task: list[dict[str, Any]] = []
     seen: list[int] = []
     images_seen, train_s, eval_s = 0, 0.0, 0.0
@@ -233,16 +282,14 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         dt_train = time.perf_counter() - t0
         buffer = result.buffer
         t0 = time.perf_counter()
-        row: list[float | None] = []
+        scored, own = _scored_models(model, spec.method, fusion)
         # Class-incremental: only the tasks learned so far. Domain-incremental: every domain, also
         # those not trained yet (all classes are known from the first task on).
         n_eval = len(scenario.tasks) if spec.method.joint or scenario.domains else t + 1
-        for j, test in enumerate(test_sets):
-            if j >= n_eval:
-                row.append(None)
-                continue
-            pred = predict_classes(model, prep, test.pixels, seen, device)  # type: ignore[arg-type]
-            row.append(round(100.0 * float((pred == test.labels).mean()), 3))
+        rows = {name: _accuracy_row(m, prep, test_sets, n_eval, seen, device) for name, m in scored.items()}
+        row = rows[own]
+        for name, r in rows.items():
+            variant_matrices.setdefault(name, []).append(r)
         dt_eval = time.perf_counter() - t0
         matrix.append(row)
         images_seen += result.images_seen
@@ -264,8 +311,10 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "buffer_capacity": buffer.capacity,
                 "buffer_bytes": buffer.nbytes,
                 "expert_bytes": 0 if experts is None else experts.nbytes,
+                **({"fusion": fusion.reports[-1]} if fusion is not None else {}),
             }
         )
+        del scored
         log.info("%s task %d: %s (train %.1fs)", spec.run_name, t, row, dt_train)
     wall = time.perf_counter() - t_start
     if spec.method.joint:
@@ -308,6 +357,17 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "buffer_bytes": buffer.nbytes,
         "expert_bytes": 0 if experts is None else experts.nbytes,
         "experts": None if experts is None else _experts_record(spec, model_config, experts, sample_bytes),
+        "stored_bytes": stored_bytes(buffer, fusion),
+        **(
+            {
+                "fusion_variants": {
+                    name: {"acc_matrix": m, **{k: None if v is None else round(v, 3) for k, v in summarise(m).items()}}
+                    for name, m in variant_matrices.items()
+                }
+            }
+            if fusion is not None
+            else {}
+        ),
         "per_task": per_task,
         "hyperparameters": {
             "epochs": epochs,
@@ -328,6 +388,17 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "test_per_class": spec.test_per_class,
             "buffer_policy": "class-balanced, a class's quota split evenly over the tasks that brought it "
             "(its domains), rebalanced at the end of each task (not reservoir sampling)",
+            **(
+                {
+                    "routing": {
+                        "top_k": spec.method.routed_k,
+                        "combine": spec.method.routed_combine,
+                        "features": "base backbone, centred cosine",
+                    }
+                }
+                if spec.method.routed_k
+                else {}
+            ),
         },
         "command": " ".join(shlex.quote(a) for a in (argv if argv is not None else ["python", "-m", "bench.run"])),
         "git_commit": provenance.git_commit(),

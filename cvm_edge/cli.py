@@ -382,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     u.add_argument("--buffer-size", type=_non_negative_int, default=None, help="replay buffer capacity (default: keep)")
     u.add_argument(
-        "--plugins", type=_plugin_list, default=("replay", "distill"), help="comma list of replay,distill,ewc or none"
+        "--plugins",
+        type=_plugin_list,
+        default=("replay", "distill"),
+        help="comma list of replay,distill,ewc,der,fusion or none",
     )
     u.add_argument(
         "--loss",

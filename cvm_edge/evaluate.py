@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import predict_logits
 
@@ -21,7 +21,7 @@ def classes_from_logits(logits: np.ndarray, seen: Sequence[int]) -> np.ndarray:
 
 
 def predict_classes(
-    model: CvmModel, prep: Preprocessing, pixels: np.ndarray, seen: Sequence[int], device: torch.device | str = "cpu"
+    model: nn.Module, prep: Preprocessing, pixels: np.ndarray, seen: Sequence[int], device: torch.device | str = "cpu"
 ) -> np.ndarray:
     """Predicted table rows, choosing only among ``seen`` classes."""
     return classes_from_logits(predict_logits(model, prep, pixels, device), seen)

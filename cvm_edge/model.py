@@ -276,6 +276,11 @@ class CvmModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits over all table rows, embedding) from one backbone pass (the export graph's outputs)."""
+        z = self.head.embed(self.features(x))
+        return self.head.logits_from_embedding(z), z
+
     def set_table(self, table: np.ndarray) -> None:
         self.head.set_table(table)
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from cvm_edge.augment import random_crop_flip, to_input
@@ -171,6 +172,10 @@ class Plugin:
     name = "base"
     uses_buffer = False
     needs_teacher = False
+    # Train with the configured loss (ACE) even without a buffer: for plugins that protect old
+    # classes by other means (fusion keeps each task's model; ACE keeps a task from pushing down
+    # the rows of classes it never sees).
+    keeps_configured_loss = False
 
     def before_experience(self, ctx: Context) -> None:
         """Prepare per-experience values (never called twice for one experience)."""
@@ -318,7 +323,8 @@ class Strategy:
         params = model.trainable_parameters()
         opt = make_optimizer(params, cfg)
         # Without replay there is nothing to protect old rows with; the plain loss is the honest baseline.
-        loss_kind = cfg.loss if uses_buffer else "ce"
+        keeps_loss = uses_buffer or any(p.keeps_configured_loss for p in self.plugins)
+        loss_kind = cfg.loss if keeps_loss else "ce"
         n = len(new_data)
         steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
         bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"task {task_index}", unit="step", disable=not cfg.progress)
@@ -457,13 +463,14 @@ def _add_expert(model: CvmModel, new_data: ImageSet, buffer: ReplayBuffer) -> in
 
 @torch.no_grad()
 def predict_logits(
-    model: CvmModel,
+    model: nn.Module,
     prep: Preprocessing,
     pixels: np.ndarray,
     device: torch.device | str = "cpu",
     batch_size: int | None = None,
 ) -> np.ndarray:
-    """Logits over all table rows for uint8 NHWC pixels, in eval mode."""
+    """Logits over all table rows for uint8 NHWC pixels, in eval mode (a CvmModel, or any module
+    that maps normalised images to such logits, e.g. :class:`cvm_edge.routing.FusedRoutedModel`)."""
     model.eval()
     bs = batch_size or eval_batch_for(prep.image_size)
     out = []

@@ -44,7 +44,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         raise CvmError(f"`cvm export` needs the [train] extra; {exc.name!r} is not installed here") from None
 
-    opts = ExportOptions(precision=args.precision, opset=args.opset, calibration=args.calibration)
+    opts = ExportOptions(
+        precision=args.precision,
+        opset=args.opset,
+        calibration=args.calibration,
+        routing=args.routing,
+        top_k=args.top_k,
+    )
     version = parse_version(args.version) if args.version is not None else None
     result = export_locked(args.workdir, version, opts)
     print(result.summary())
@@ -97,6 +103,14 @@ def add_deploy_commands(sub: Any) -> None:
         default="percentile",
         help="int8: how activation ranges are chosen on the replay buffer (default percentile)",
     )
+    e.add_argument(
+        "--routing",
+        choices=("none", "top-k"),
+        default="none",
+        help="top-k: export the fused task models of a store trained with --plugins fusion, routed by "
+        "prototype similarity inside the graph (fp32); none: the single model (default)",
+    )
+    e.add_argument("--top-k", type=int_at_least(1), default=2, help="task models averaged per image (routing top-k)")
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser(

@@ -29,8 +29,10 @@ from torch import nn
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore
 from cvm_edge.errors import CvmError, UsageError
 from cvm_edge.fsutil import FileLock, clean_stale_tmp, scratch_dir
+from cvm_edge.fusion_state import FusionState
 from cvm_edge.model import MAX_LOGIT_SCALE, CvmModel
 from cvm_edge.preprocess import Preprocessing, normalise
+from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import eval_batch_for
 from cvm_edge.update import model_from_checkpoint
 from deploy.bundle import (
@@ -50,6 +52,7 @@ MIN_OPSET = 17
 DEFAULT_OPSET = 18
 MIN_PARITY_IMAGES = 64
 CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
+ROUTINGS = ("none", "top-k")
 INPUT_NAME, LOGITS_NAME, EMBEDDING_NAME = "input", "logits", "embedding"
 # The gates of issue 3; a bundle is published only when every figure of its precision passes.
 GATES: dict[str, dict[str, float]] = {
@@ -72,6 +75,10 @@ class ExportOptions:
     # Parity batches; None sizes them by pixels like training's inference (16 at 224 px: batch 64
     # of Lite0 at 224 px alone took ~1.2 GB of activations).
     batch_size: int | None = None
+    # "top-k": a store trained with the fusion plugin exports its routed task models
+    # (cvm_edge.routing.FusedRoutedModel) instead of the single unified model.
+    routing: str = "none"
+    top_k: int = 2
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -80,6 +87,14 @@ class ExportOptions:
             raise UsageError(f"opset must be {MIN_OPSET} or newer, not {self.opset}")
         if self.calibration not in CALIBRATION_METHODS:
             raise UsageError(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}")
+        if self.routing not in ROUTINGS:
+            raise UsageError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
+        if self.top_k < 1:
+            raise UsageError(f"top-k must be at least 1, not {self.top_k}")
+        if self.routing != "none" and self.precision != "fp32":
+            # int8 calibration leaves the head in float by finding it downstream of the embedding,
+            # which the routed graph computes last; fp32 is the precision whose gate was checked.
+            raise UsageError("routed models export in fp32 only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,17 +118,40 @@ def _fmt(v: float) -> str:
 
 
 class ExportGraph(nn.Module):
-    """The serving graph: logits over the learned classes only (``seen`` order) and the embedding."""
+    """The serving graph: logits over the learned classes only (``seen`` order) and the embedding,
+    of one model or of fused task models with their routing inside the graph."""
 
-    def __init__(self, model: CvmModel, seen: tuple[int, ...]) -> None:
+    def __init__(self, model: CvmModel | FusedRoutedModel, seen: tuple[int, ...]) -> None:
         super().__init__()
         self.model = model
         self.seen: torch.Tensor
         self.register_buffer("seen", torch.tensor(seen, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.model.head.embed(self.model.features(x))
-        return self.model.head.logits_from_embedding(z).index_select(1, self.seen), z
+        logits, z = self.model.logits_and_embedding(x)
+        return logits.index_select(1, self.seen), z
+
+
+def routed_model(ckpt: Checkpoint, model: CvmModel, opts: ExportOptions) -> tuple[FusedRoutedModel, dict[str, Any]]:
+    """The checkpoint's fused task models with top-k routing, and the manifest's ``routing`` entry."""
+    raw = ckpt.plugin_state.get("fusion")
+    if not raw:
+        raise UsageError(
+            f"version {ckpt.version} holds no fused task models to route; train it with `cvm update --plugins fusion`"
+        )
+    state = FusionState.from_tensors(raw)
+    routed = FusedRoutedModel(model, state, opts.top_k).eval()
+    names = ckpt.table.names
+    info = {
+        "kind": "top-k",
+        "k": routed.k,
+        "tasks": routed.n_tasks,
+        "task_classes": [[names[c] for c in cs] for cs in state.task_classes],
+        "features": "base backbone, cosine to centred per-task prototypes",
+        "combine": "mean of the chosen task models' logits",
+        "fusion_bytes": state.nbytes().to_dict(),
+    }
+    return routed, info
 
 
 # ----- images -----------------------------------------------------------------------------------
@@ -368,7 +406,13 @@ def check_gates(precision: str, figures: dict[str, Any], min_images: int) -> Non
 
 # ----- the whole job -----------------------------------------------------------------------------
 def build_manifest(
-    ckpt: Checkpoint, name: str, opts: ExportOptions, model_bytes: bytes, exporter: str, parity: dict[str, Any]
+    ckpt: Checkpoint,
+    name: str,
+    opts: ExportOptions,
+    model_bytes: bytes,
+    exporter: str,
+    parity: dict[str, Any],
+    routing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     prep = ckpt.prep
     head = ckpt.model_config.head
@@ -407,6 +451,7 @@ def build_manifest(
         "model_sha256": sha256_bytes(model_bytes),
         "model_bytes": len(model_bytes),
         "parity": parity,
+        "routing": routing,
         **experts_manifest(ckpt),
     }
 
@@ -444,7 +489,13 @@ def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions
     root = bundles_root(workdir)
     root.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(root)
-    graph = ExportGraph(model_from_checkpoint(ckpt), ckpt.seen).eval()
+    model = model_from_checkpoint(ckpt)
+    routing = None
+    if opts.routing == "none":
+        graph = ExportGraph(model, ckpt.seen).eval()
+    else:
+        routed, routing = routed_model(ckpt, model, opts)
+        graph = ExportGraph(routed, ckpt.seen).eval()
     images = parity_images(ckpt, opts.min_parity_images)
     x = LazyNormalised(images.pixels, ckpt.prep)
     batch = opts.batch_size or eval_batch_for(ckpt.prep.image_size)
@@ -479,7 +530,7 @@ def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions
     figures["passed"] = True
 
     name = next_bundle_name(root, ckpt.version, opts.precision)
-    manifest = build_manifest(ckpt, name, opts, model_bytes, exporter, figures)
+    manifest = build_manifest(ckpt, name, opts, model_bytes, exporter, figures, routing)
     path = publish_bundle(root, name, {MODEL_FILE: model_bytes, CONCEPTS_FILE: ckpt.table.to_bytes()}, manifest)
     return ExportResult(name, path, manifest)
 

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from cvm_edge.plugins.der import DerPlugin
 from cvm_edge.plugins.distill import DistillPlugin
 from cvm_edge.plugins.ewc import EwcPlugin
+from cvm_edge.plugins.fusion import FusionPlugin
 from cvm_edge.plugins.replay import ReplayPlugin
 from cvm_edge.strategy import Plugin
 
-PLUGIN_NAMES = ("replay", "distill", "ewc", "der")
+PLUGIN_NAMES = ("replay", "distill", "ewc", "der", "fusion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,7 @@ class PluginOptions:
     # Task-similarity scaling of distill_weight and ewc_lambda (cvm_edge.similarity): the power P of
     # factor = clip((mean old-new cosine / table mean cosine) ** P, 1/4, 4); 0 is off.
     similarity_scaling: float = 0.0
+    fusion_start: str = "unified"  # fusion: each task trains from the unified model or from the base
 
 
 def parse_plugin_list(text: str) -> list[str]:
@@ -37,10 +39,18 @@ def parse_plugin_list(text: str) -> list[str]:
         raise ValueError(f"unknown plugin(s) {', '.join(bad)}; choose from {', '.join(PLUGIN_NAMES)} or none")
     if len(set(names)) != len(names):
         raise ValueError("a plugin is named twice")
+    _check_combination(names)
     return names
 
 
+def _check_combination(names: Sequence[str]) -> None:
+    # Fusion keeps the model equal to the unified one; the buffer's head tuning would move it away.
+    if "fusion" in names and {"replay", "der"} & set(names):
+        raise ValueError("fusion is data-free: it cannot be combined with replay or der")
+
+
 def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions()) -> list[Plugin]:
+    _check_combination(names)
     plugins: list[Plugin] = []
     for name in names:
         if name == "replay":
@@ -60,6 +70,8 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
             )
         elif name == "der":
             plugins.append(DerPlugin(options.der_alpha, options.der_beta))
+        elif name == "fusion":
+            plugins.append(FusionPlugin(options.fusion_start))
         else:
             raise ValueError(f"unknown plugin {name!r}")
     return plugins
@@ -70,6 +82,7 @@ __all__ = [
     "DerPlugin",
     "DistillPlugin",
     "EwcPlugin",
+    "FusionPlugin",
     "PluginOptions",
     "ReplayPlugin",
     "make_plugins",
