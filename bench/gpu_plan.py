@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--steps-per-run", type=int, required=True)
-    ap.add_argument("--min", type=int, default=2)
+    ap.add_argument("--min", type=int, default=1)
     ap.add_argument("--max", type=int, default=8)
     ap.add_argument("--jobs", required=True)
     args = ap.parse_args(argv)

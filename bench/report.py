@@ -295,7 +295,7 @@ def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str, plo
     if not keys:
         return []
     plots.mkdir(parents=True, exist_ok=True)
-    label = lambda k: f"{k[1]} b{k[2]} e{k[3]} {k[4]}-{k[5]}"  # noqa: E731
+    label = lambda k: f"{k[1]} b{k[2]} e{k[3]} {k[4]}-{k[5]} {k[7]}"  # noqa: E731
     cols = min(4, len(keys))
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)

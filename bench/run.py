@@ -205,11 +205,15 @@ def _accuracy_row(
     return row
 
 
-def stored_bytes(buffer: ReplayBuffer, fusion: FusionPlugin | None) -> dict[str, Any]:
-    """What a method keeps between tasks besides the model, in bytes (equal-memory comparisons)."""
+def stored_bytes(
+    buffer: ReplayBuffer, fusion: FusionPlugin | None, experts: ExpertMixture | None = None
+) -> dict[str, Any]:
+    """What a method keeps between tasks besides the shared model, in bytes (equal-memory
+    comparisons): buffer images, fusion deltas and masks, per-task experts."""
     fused = fusion.state.nbytes().to_dict() if fusion is not None and fusion.state is not None else None
-    total = buffer.nbytes + (fused["total"] if fused else 0)
-    return {"buffer": buffer.nbytes, "fusion": fused, "total": total}
+    expert_bytes = 0 if experts is None else experts.nbytes
+    total = buffer.nbytes + (fused["total"] if fused else 0) + expert_bytes
+    return {"buffer": buffer.nbytes, "fusion": fused, "experts": expert_bytes, "total": total}
 
 
 def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -357,7 +361,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "buffer_bytes": buffer.nbytes,
         "expert_bytes": 0 if experts is None else experts.nbytes,
         "experts": None if experts is None else _experts_record(spec, model_config, experts, sample_bytes),
-        "stored_bytes": stored_bytes(buffer, fusion),
+        "stored_bytes": stored_bytes(buffer, fusion, experts),
         **(
             {
                 "fusion_variants": {

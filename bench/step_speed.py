@@ -1,10 +1,12 @@
 """Training-step throughput of the product's Strategy on a GPU: eager against CUDA-graph replay.
 
 One measurement = one epoch of a protocol's second task (the buffer already holds the first task's
-images and their logits), timed from the first to the last step, in one process; ``--procs N``
-starts N such processes at once on the same card (under CUDA MPS when the caller started it) and
-adds their rates. Before timing, eager and graphed training of the same epoch from the same state
-and seed are compared (loss and weights), so a faster mode that computes something else is caught.
+images and their logits), timed over the whole ``train_experience`` call (the warm-up steps, the
+capture and the end-of-task logits and buffer update included, so the rates are slightly low), in
+one process; ``--procs N`` starts N such processes at once on the same card (under CUDA MPS when
+the caller started it) and adds their rates. Before timing, eager and graphed training of the same
+epoch from the same state and seed are run and their final losses and largest relative weight gap
+recorded (``eager_vs_graph``): a faster mode that computes something else shows there.
 
     python -m bench.step_speed --device cuda --method derpp --modes eager,graph,graph-bf16 --procs 1,8
 """

@@ -77,7 +77,7 @@ class ReplayBuffer:
         return int(self.pixels.nbytes + self.labels.nbytes + self.logits.nbytes + self.tasks.nbytes)
 
     def sample_bytes(self, logit_width: int) -> int:
-        """Bytes one stored sample costs (pixels, label, float16 logits over ``logit_width`` rows)."""
+        """Bytes one stored sample costs (pixels, label, task tag, float16 logits over ``logit_width`` rows)."""
         return _bytes_per_sample(self.pixels.shape[1:], logit_width)
 
     @property

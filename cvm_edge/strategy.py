@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ValueError("eval_batch_size must be >= 1")
         if self.cuda_graph and not self.device.startswith("cuda"):
             raise ValueError("cuda_graph needs a CUDA device")
+        if self.cuda_graph and self.compile_mode:
+            raise ValueError("cuda_graph captures the whole step itself: leave compile_mode empty")
 
     def eval_batch(self, image_size: int) -> int:
         return self.eval_batch_size or eval_batch_for(image_size)
@@ -141,6 +144,12 @@ class Context:
     rng: np.random.Generator  # host randomness: the epoch's data order (drawn once per epoch)
     gen: torch.Generator  # on the training device: crops, flips and buffer draws never wait for the host
     task_index: int
+
+    @functools.cached_property
+    def seen_revisited(self) -> torch.Tensor:
+        """bool per entry of ``seen``: a revisited class. Made once per experience (in an eager step):
+        ``isin`` of a batch against many classes sorts and synchronises, which a CUDA graph cannot hold."""
+        return torch.isin(self.seen, self.revisited_classes)
 
     def sample_buffer(self, n: int) -> torch.Tensor | None:
         """Device indices of ``n`` buffer entries, without replacement when the buffer holds ``n``."""
@@ -376,6 +385,7 @@ class Strategy:
                 run_step.replays,
                 run_step.eager_steps,
             )
+            opt.zero_grad(set_to_none=True)  # the gradients live in the graph's memory pool too
             del run_step  # frees the graph's private memory pool
         bar.close()
         model.eval()
@@ -453,6 +463,14 @@ def _add_expert(model: CvmModel, new_data: ImageSet, buffer: ReplayBuffer) -> in
         raise ValueError("this model has no experts (ModelConfig.experts is 'none')")
     # Checked before the model changes: a refused experience leaves it as it was.
     new = set(new_data.classes)
+    revisited = sorted(new - set(experts.unmapped(sorted(new))))
+    if revisited:
+        # Experts are per task of new classes and route replayed images by class: a domain update of
+        # known classes would send every old domain of them through the new expert.
+        raise ValueError(
+            f"classes {revisited} already have an expert: per-task experts do not support updates with new images "
+            "of known classes (domain-incremental) yet"
+        )
     orphans = [c for c in experts.unmapped(np.unique(buffer.labels).tolist()) if c not in new]
     if orphans:
         raise ValueError(f"replay-buffer classes {orphans} belong to no expert; this buffer predates the experts")
@@ -511,7 +529,7 @@ def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: 
     # Replayed labels may lie outside this experience's classes: clamp keeps their (unused) index valid.
     pos = targets_in(batch.labels, current).clamp_max(len(current) - 1)
     new_ce = F.cross_entropy(restricted_logits(logits, current), pos, reduction="none")
-    full = batch.from_buffer | torch.isin(batch.labels, ctx.revisited_classes)
+    full = batch.from_buffer | ctx.seen_revisited.index_select(0, targets_in(batch.labels, ctx.seen))
     return torch.where(full, seen_ce, new_ce).mean()
 
 

@@ -320,7 +320,7 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         log.info(
             "training on %d images of %d class(es), starting from %s",
             len(train),
-            len(new_classes),
+            len(trained_classes),
             version_name(prev.version),
         )
         fault_point("update_training")

@@ -148,7 +148,7 @@ def routed_model(ckpt: Checkpoint, model: CvmModel, opts: ExportOptions) -> tupl
         "tasks": routed.n_tasks,
         "task_classes": [[names[c] for c in cs] for cs in state.task_classes],
         "features": "base backbone, cosine to centred per-task prototypes",
-        "combine": "mean of the chosen task models' logits",
+        "combine": routed.combine,
         "fusion_bytes": state.nbytes().to_dict(),
     }
     return routed, info
@@ -451,7 +451,7 @@ def build_manifest(
         "model_sha256": sha256_bytes(model_bytes),
         "model_bytes": len(model_bytes),
         "parity": parity,
-        "routing": routing,
+        **({"routing": routing} if routing else {}),
         **experts_manifest(ckpt),
     }
 

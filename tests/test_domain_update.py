@@ -129,13 +129,15 @@ def test_ace_gives_revisited_classes_the_full_softmax() -> None:
     seen = torch.arange(4)
     batch = Batch(torch.zeros(2), torch.tensor([1, 3]), torch.zeros(2, dtype=torch.bool))
 
-    def loss(current: list[int], revisited: list[int]) -> float:
-        ctx = types.SimpleNamespace(
-            seen=seen,
-            current_classes=torch.tensor(current),
-            revisited_classes=torch.tensor(revisited, dtype=torch.long),
+    def ctx(current: list[int], revisited: list[int]) -> types.SimpleNamespace:
+        r = torch.tensor(revisited, dtype=torch.long)
+        # seen_revisited is the Context's per-experience cache of isin(seen, revisited)
+        return types.SimpleNamespace(
+            seen=seen, current_classes=torch.tensor(current), revisited_classes=r, seen_revisited=torch.isin(seen, r)
         )
-        return float(classification_loss(logits, batch, ctx, "ace"))  # type: ignore[arg-type]
+
+    def loss(current: list[int], revisited: list[int]) -> float:
+        return float(classification_loss(logits, batch, ctx(current, revisited), "ace"))  # type: ignore[arg-type]
 
     full = F.cross_entropy(logits, torch.tensor([1, 3]), reduction="none")
     only_current = F.cross_entropy(logits[:, [1, 3]], torch.tensor([0, 1]), reduction="none")
@@ -143,10 +145,8 @@ def test_ace_gives_revisited_classes_the_full_softmax() -> None:
     assert loss([1, 3], []) == pytest.approx(float(only_current.mean()))  # new classes only: ACE as before
     assert loss([1, 3], [1]) == pytest.approx(float((full[0] + only_current[1]) / 2))  # mixed
     one = Batch(torch.zeros(1), torch.tensor([1]), torch.zeros(1, dtype=torch.bool))
-    ctx1 = types.SimpleNamespace(seen=seen, current_classes=torch.tensor([1]), revisited_classes=torch.tensor([1]))
-    assert float(classification_loss(logits[:1], one, ctx1, "ace")) > 0.5  # type: ignore[arg-type]
-    ctx1.revisited_classes = torch.zeros(0, dtype=torch.long)
-    assert float(classification_loss(logits[:1], one, ctx1, "ace")) == pytest.approx(0.0)  # type: ignore[arg-type]
+    assert float(classification_loss(logits[:1], one, ctx([1], [1]), "ace")) > 0.5  # type: ignore[arg-type]
+    assert float(classification_loss(logits[:1], one, ctx([1], []), "ace")) == pytest.approx(0.0)  # type: ignore[arg-type]
 
 
 def test_domain_update_on_a_frozen_backbone_scores_from_cached_features(

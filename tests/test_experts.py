@@ -327,3 +327,28 @@ def test_der_replays_buffer_samples_through_their_own_experts() -> None:
         oracle, anchors = der(experts.experts_of(y)), der(None)
     assert float(loss.detach()) == pytest.approx(oracle, rel=1e-4, abs=1e-5)
     assert abs(oracle - anchors) > 1e-3  # the routing really differed from the anchors' here
+
+
+def test_an_update_of_known_classes_is_refused_with_experts(sample: dict[str, np.ndarray]) -> None:
+    """Experts route replayed images by class: new images of a class that has an expert (a domain
+    update) would send its old domain through the new expert, so such an update is refused."""
+    cfg = ModelConfig("resnet10_cifar_slim", 32, train_backbone="none", experts="adapter")
+    model = build_model(cfg, _table(10, 16))
+    strategy = Strategy(model, Preprocessing(32), make_plugins(["replay"]), TrainConfig(epochs=1, progress=False))
+    buffer = strategy.train_experience(_fashion(sample, [0, 1], 12), ReplayBuffer.empty(10, 32), [0, 1], []).buffer
+    assert model.experts is not None and len(model.experts) == 1
+    with pytest.raises(ValueError, match=r"classes \[1\] already have an expert"):
+        strategy.train_experience(_fashion(sample, [1, 2], 12), buffer, [0, 1, 2], [0, 1])
+    assert len(model.experts) == 1  # refused before a second expert was added
+
+
+def test_fusion_refuses_a_model_with_experts(sample: dict[str, np.ndarray]) -> None:
+    from cvm_edge.errors import UsageError
+
+    cfg = ModelConfig("resnet10_cifar_slim", 32, train_backbone="none", experts="adapter")
+    model = build_model(cfg, _table(10, 16))
+    strategy = Strategy(
+        model, Preprocessing(32), make_plugins(["fusion"]), TrainConfig(epochs=1, progress=False, balance_epochs=0)
+    )
+    with pytest.raises(UsageError, match="fusion and per-task experts"):
+        strategy.train_experience(_fashion(sample, [0, 1], 12), ReplayBuffer.empty(0, 32), [0, 1], [])

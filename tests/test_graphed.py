@@ -28,6 +28,8 @@ def test_graph_mode_refuses_a_cpu_device() -> None:
         TrainConfig(device="cpu", cuda_graph=True)
     with pytest.raises(ValueError, match="CUDA"):
         GraphedStep(lambda idx: idx.sum(), 4, torch.device("cpu"))
+    with pytest.raises(ValueError, match="compile_mode"):  # two captures of one step would nest
+        TrainConfig(device="cuda", cuda_graph=True, compile_mode="reduce-overhead")
 
 
 def _strategies(sample: dict[str, np.ndarray], plugins: list[str], optimizer: str) -> tuple[Strategy, Strategy, tuple]:

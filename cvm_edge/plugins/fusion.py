@@ -54,6 +54,9 @@ class FusionPlugin(Plugin):
         self.reports: list[dict[str, Any]] = []  # one per experience of this process (not persisted)
 
     def before_experience(self, ctx: Context) -> None:
+        if ctx.model.experts is not None:
+            # Fusion unifies the same trainable weights across updates; experts add new ones each update.
+            raise UsageError("fusion and per-task experts do not combine: use one or the other")
         if len(ctx.buffer) and ctx.config.balance_epochs:
             # A store that used replay before still holds images: the Strategy would tune the head on
             # them after this plugin set the unified model, and the published model would not be it.
