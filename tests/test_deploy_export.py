@@ -108,7 +108,13 @@ def test_parity_images_are_made_up_to_64_and_say_so(store: Path) -> None:
     small = dataclasses.replace(
         ckpt,
         val=ckpt.val.subset(np.arange(5)),
-        buffer=dataclasses.replace(ckpt.buffer, pixels=ckpt.buffer.pixels[:7], labels=ckpt.buffer.labels[:7]),
+        buffer=dataclasses.replace(
+            ckpt.buffer,
+            pixels=ckpt.buffer.pixels[:7],
+            labels=ckpt.buffer.labels[:7],
+            logits=ckpt.buffer.logits[:7],
+            tasks=ckpt.buffer.tasks[:7],
+        ),
     )
     imgs = export_mod.parity_images(small, 64)
     assert len(imgs.pixels) >= 64 and imgs.n_val == 5
