@@ -171,7 +171,7 @@ def test_fusion_refuses_a_buffer_that_head_balancing_would_train_on() -> None:
     data = demo_dataset(32)
     keep = np.concatenate([np.flatnonzero(data.train.labels == c)[:4] for c in (0, 1)])
     task = ImageSet(data.train.images[keep], data.train.labels[keep])
-    buffer = ReplayBuffer.empty(8, 32).updated(task, None, seed=0)  # left by earlier replay updates
+    buffer = ReplayBuffer.empty(8, 32).updated(task, None, seed=0, task=0)  # left by earlier replay updates
     model = build_model(ModelConfig("resnet10_cifar_slim", 32, mapper_hidden=0), np.eye(10, 16, dtype=np.float32))
     before = trainable_params(model)
     cfg = TrainConfig(epochs=1, batch_size=4, progress=False, balance_epochs=3)
