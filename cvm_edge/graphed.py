@@ -24,9 +24,8 @@ StepFn = Callable[[torch.Tensor], torch.Tensor]
 class GraphedStep:
     """Runs ``step(idx) -> loss`` eagerly ``warmup`` times, then captures it and replays the graph.
 
-    ``before_capture`` runs right before the capture (the caller sets gradients to ``None`` there,
-    so the captured backward writes fresh gradients instead of accumulating into stale ones).
-    ``generators`` are the custom device generators the step draws from: their state advances with
+    The step sets gradients to ``None`` before its backward, so the captured backward writes fresh
+    gradients instead of accumulating into stale ones. ``generators`` are the custom device generators the step draws from: their state advances with
     every replay. Only full batches of ``batch_size`` indices replay the graph; any other length
     (an epoch's last, partial batch) runs eagerly through the same function.
     """
@@ -37,7 +36,6 @@ class GraphedStep:
         batch_size: int,
         device: torch.device,
         generators: tuple[torch.Generator, ...] = (),
-        before_capture: Callable[[], None] | None = None,
         warmup: int = 3,
     ) -> None:
         if device.type != "cuda":
@@ -46,7 +44,6 @@ class GraphedStep:
         self.batch_size = batch_size
         self.device = device
         self.generators = generators
-        self.before_capture = before_capture
         self.warmup = warmup
         self.eager_steps = 0
         self.replays = 0
@@ -87,8 +84,6 @@ class GraphedStep:
         for gen in self.generators:
             graph.register_generator_state(gen)
         self._idx = idx.clone()
-        if self.before_capture is not None:
-            self.before_capture()
         with torch.cuda.graph(graph):
             self._loss = self.step(self._idx)
         self._graph = graph
