@@ -25,8 +25,8 @@ class GraphedStep:
     """Runs ``step(idx) -> loss`` eagerly ``warmup`` times, then captures it and replays the graph.
 
     The step sets gradients to ``None`` before its backward, so the captured backward writes fresh
-    gradients instead of accumulating into stale ones. ``generators`` are the custom device generators the step draws from: their state advances with
-    every replay. Only full batches of ``batch_size`` indices replay the graph; any other length
+    gradients instead of accumulating into stale ones. ``generators`` are the custom device
+    generators the step draws from: their state advances with every replay. Only full batches of ``batch_size`` indices replay the graph; any other length
     (an epoch's last, partial batch) runs eagerly through the same function.
     """
 
