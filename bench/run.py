@@ -216,6 +216,31 @@ def stored_bytes(
     return {"buffer": buffer.nbytes, "fusion": fused, "experts": expert_bytes, "total": total}
 
 
+def train_config(spec: RunSpec, hp: dict[str, Any], epochs: int) -> TrainConfig:
+    """The Strategy's configuration for a run: the protocol's batch, the method's resolved
+    hyper-parameters ``hp``, the run's device and step options."""
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=spec.protocol.batch_size,
+        replay_batch_size=spec.protocol.batch_size,
+        lr=hp["lr"],
+        optimizer=hp["optimizer"],
+        momentum=hp["momentum"],
+        weight_decay=hp["weight_decay"],
+        augment=True,
+        crop_pad=max(1, spec.size // 8),
+        seed=spec.seed,
+        device=spec.device,
+        progress=False,
+        loss=hp["loss"],
+        balance_epochs=hp["balance_epochs"],
+        channels_last=spec.channels_last,
+        amp_bf16=spec.amp_bf16,
+        compile_mode=spec.compile_mode,
+        cuda_graph=spec.cuda_graph,
+    )
+
+
 def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device(spec.device)
@@ -238,26 +263,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     epochs = spec.epochs or spec.protocol.epochs
     plugins = make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
     fusion = next((p for p in plugins if isinstance(p, FusionPlugin)), None)
-    base_cfg = TrainConfig(
-        epochs=epochs,
-        batch_size=spec.protocol.batch_size,
-        replay_batch_size=spec.protocol.batch_size,
-        lr=hp["lr"],
-        optimizer=hp["optimizer"],
-        momentum=hp["momentum"],
-        weight_decay=hp["weight_decay"],
-        augment=True,
-        crop_pad=max(1, spec.size // 8),
-        seed=spec.seed,
-        device=spec.device,
-        progress=False,
-        loss=hp["loss"],
-        balance_epochs=hp["balance_epochs"],
-        channels_last=spec.channels_last,
-        amp_bf16=spec.amp_bf16,
-        compile_mode=spec.compile_mode,
-        cuda_graph=spec.cuda_graph,
-    )
+    base_cfg = train_config(spec, hp, epochs)
     tasks = [tuple(sorted({c for t in scenario.tasks for c in t}))] if spec.method.joint else list(scenario.tasks)
     test_sets = _test_sets(scenario)
     buffer = ReplayBuffer.empty(spec.buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)

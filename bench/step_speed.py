@@ -32,10 +32,10 @@ import torch
 from bench import provenance
 from bench.methods import METHODS
 from bench.protocols import PROTOCOLS, build_scenario
-from bench.run import RESULTS, RunSpec, _model, _task_data, machine
+from bench.run import RESULTS, RunSpec, _model, _task_data, machine, train_config
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.plugins import make_plugins
-from cvm_edge.strategy import Strategy, TrainConfig, predict_logits
+from cvm_edge.strategy import Strategy, predict_logits
 
 log = logging.getLogger("bench.step_speed")
 
@@ -51,27 +51,14 @@ class Setup:
 
 
 def _setup(protocol: str, method: str, buffer: int, device: str, mode: str, epochs: int) -> tuple[Strategy, Setup]:
-    spec = RunSpec(PROTOCOLS[protocol], METHODS[method], buffer, seed=0, device=device)
+    graph, bf16 = MODES[mode]
+    spec = RunSpec(PROTOCOLS[protocol], METHODS[method], buffer, seed=0, device=device, amp_bf16=bf16, cuda_graph=graph)
     scenario = build_scenario(spec.protocol, 0)
     torch.manual_seed(0)
     model, prep, _, _ = _model(spec, scenario)
     hp = spec.method.resolved(buffer)
-    graph, bf16 = MODES[mode]
-    cfg = TrainConfig(
-        epochs=epochs,
-        lr=hp["lr"],
-        optimizer=hp["optimizer"],
-        momentum=hp["momentum"],
-        weight_decay=hp["weight_decay"],
-        crop_pad=max(1, spec.size // 8),
-        device=device,
-        progress=False,
-        loss=hp["loss"],
-        balance_epochs=0,
-        channels_last=True,
-        amp_bf16=bf16,
-        cuda_graph=graph,
-    )
+    # The run's own configuration, without head balancing: only the training steps are measured.
+    cfg = dataclasses.replace(train_config(spec, hp, epochs), balance_epochs=0)
     first, second = scenario.tasks[0], scenario.tasks[1]
     d0 = _task_data(scenario.train.images, scenario.train.labels, first)
     model = model.to(device)  # type: ignore[assignment]
