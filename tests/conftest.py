@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,3 +72,45 @@ def init_store(workdir: Path, table: Path, *extra: str) -> None:
 
 def python() -> str:
     return sys.executable
+
+
+def der_context(model: Any) -> Any:
+    """A Strategy Context for DER++ loss tests: 12 random 16-px buffer images of classes 0 and 1 with
+    random stored logits over 4 rows, classes 2 and 3 arriving, buffer draws from a generator seeded 7
+    (``torch.randperm(12, generator=Generator().manual_seed(7))`` repeats them)."""
+    import dataclasses
+
+    import torch
+
+    from cvm_edge.buffer import ReplayBuffer
+    from cvm_edge.data import ImageSet
+    from cvm_edge.preprocess import Preprocessing
+    from cvm_edge.strategy import Context, TrainConfig
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(2), 6).astype(np.int64)
+    logits = rng.normal(size=(12, 4)).astype(np.float16)
+    buffer = dataclasses.replace(
+        ReplayBuffer.empty(12, 16), pixels=pixels, labels=labels, logits=logits, tasks=np.zeros(12, np.int32)
+    )
+    return Context(
+        model=model,
+        teacher=None,
+        buffer=buffer,
+        seen=torch.arange(4),
+        old_classes=torch.arange(2),
+        current_classes=torch.tensor([2, 3]),
+        revisited_classes=torch.zeros(0, dtype=torch.long),
+        new_data=ImageSet(pixels[:0], labels[:0]),
+        config=TrainConfig(epochs=1, replay_batch_size=5, augment=False, progress=False, seed=3),
+        prep=Preprocessing(16),
+        device=torch.device("cpu"),
+        cached=False,
+        buffer_inputs=torch.from_numpy(pixels),
+        buffer_labels=torch.from_numpy(labels),
+        buffer_logits=torch.from_numpy(logits.astype(np.float32)),
+        rng=np.random.default_rng(7),
+        gen=torch.Generator().manual_seed(7),
+        task_index=1,
+    )

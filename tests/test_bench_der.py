@@ -2,56 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import der_context
 from cvm_edge.augment import to_input
-from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.model import ModelConfig, build_model
 from cvm_edge.plugins import PluginOptions, make_plugins
 from cvm_edge.plugins.der import DerPlugin
-from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import Batch, Context, Output, Strategy, TrainConfig
 
 
 def _setup(alpha: float, beta: float) -> tuple[Context, DerPlugin]:
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
     table = np.eye(4, 8, dtype=np.float32)
     model = build_model(ModelConfig("resnet10_cifar_slim", 16, head="linear"), table).eval()
-    pixels = rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
-    labels = np.repeat(np.arange(2), 6).astype(np.int64)
-    logits = rng.normal(size=(12, 4)).astype(np.float16)
-    buffer = dataclasses.replace(
-        ReplayBuffer.empty(12, 16), pixels=pixels, labels=labels, logits=logits, tasks=np.zeros(12, np.int32)
-    )
-    cfg = TrainConfig(epochs=1, replay_batch_size=5, augment=False, progress=False, seed=3)
-    prep = Preprocessing(16)
-    ctx = Context(
-        model=model,
-        teacher=None,
-        buffer=buffer,
-        seen=torch.arange(4),
-        old_classes=torch.arange(2),
-        current_classes=torch.tensor([2, 3]),
-        revisited_classes=torch.zeros(0, dtype=torch.long),
-        new_data=ImageSet(pixels[:0], labels[:0]),
-        config=cfg,
-        prep=prep,
-        device=torch.device("cpu"),
-        cached=False,
-        buffer_inputs=torch.from_numpy(pixels),
-        buffer_labels=torch.from_numpy(labels),
-        buffer_logits=torch.from_numpy(logits.astype(np.float32)),
-        rng=np.random.default_rng(7),
-        gen=torch.Generator().manual_seed(7),
-        task_index=1,
-    )
+    ctx = der_context(model)
     plugin = DerPlugin(alpha, beta)
     plugin.before_experience(ctx)
     return ctx, plugin

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import der_context
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.experts import ExpertMixture
@@ -271,10 +272,9 @@ def test_the_shared_mapper_trains_with_every_expert_or_the_first_only(
 def test_der_replays_buffer_samples_through_their_own_experts() -> None:
     from cvm_edge.augment import to_input
     from cvm_edge.plugins.der import DerPlugin
-    from cvm_edge.strategy import Batch, Context, Output
+    from cvm_edge.strategy import Batch, Output
 
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
     model = build_model(ModelConfig("resnet10_cifar_slim", 16, experts="adapter"), np.eye(4, 8, dtype=np.float32))
     model.eval()
     experts = model.experts
@@ -283,32 +283,8 @@ def test_der_replays_buffer_samples_through_their_own_experts() -> None:
         model.add_expert([t])
         torch.nn.init.normal_(experts.adapters[t].up.weight)
         experts.update_anchor(t, torch.randn(3, 128))
-    pixels = rng.integers(0, 255, (12, 16, 16, 3), dtype=np.uint8)
-    labels = np.repeat(np.arange(2), 6).astype(np.int64)
-    logits = rng.normal(size=(12, 4)).astype(np.float16)
-    prep = Preprocessing(16)
-    ctx = Context(
-        model=model,
-        teacher=None,
-        buffer=dataclasses.replace(
-            ReplayBuffer.empty(12, 16), pixels=pixels, labels=labels, logits=logits, tasks=np.zeros(12, np.int32)
-        ),
-        seen=torch.arange(4),
-        old_classes=torch.arange(2),
-        current_classes=torch.tensor([2, 3]),
-        revisited_classes=torch.zeros(0, dtype=torch.long),
-        new_data=ImageSet(pixels[:0], labels[:0]),
-        config=TrainConfig(epochs=1, replay_batch_size=5, augment=False, progress=False),
-        prep=prep,
-        device=torch.device("cpu"),
-        cached=False,
-        buffer_inputs=torch.from_numpy(pixels),
-        buffer_labels=torch.from_numpy(labels),
-        buffer_logits=torch.from_numpy(logits.astype(np.float32)),
-        rng=np.random.default_rng(7),
-        gen=torch.Generator().manual_seed(7),
-        task_index=2,
-    )
+    ctx = der_context(model)
+    pixels, labels, logits, prep = ctx.buffer.pixels, ctx.buffer.labels, ctx.buffer.logits, ctx.prep
     dummy = Output(x=torch.zeros(1), embeddings=torch.zeros(1), logits=torch.zeros(1))
     batch = Batch(torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
     loss = DerPlugin(0.3, 0.5).loss(ctx, batch, dummy)
