@@ -31,6 +31,12 @@ rescaled share of one unified delta. ``cvm-fusion`` evaluates the single unified
 over its own task's classes averaged (``cvm_edge.routing``; ``routed_combine="logits"`` gives the
 issue's plain mean of logits). The result JSON records the bytes fusion stores (``stored_bytes``), to set
 against the buffer's at equal memory.
+
+Two more issue-7 variants of the product default ``cvm-er-distill``: ``cvm-protos`` reads a
+multi-prototype concept table (MuproCL, 2025: the class name row plus one row per curated
+description shipped in ``llm_embeddings/descriptions``; class score = temperature-scaled LogSumExp
+of the prototype cosines), ``cvm-simscale`` multiplies each task's distillation weight by the
+task-similarity factor read off the concept table (He et al., 2023; ``cvm_edge.similarity``, power 1).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class Method:
     model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields (experts)
     # Count the experts' bytes against the buffer: its capacity shrinks by that many samples' bytes.
     equal_memory: bool = False
+    prototypes: bool = False  # a multi-prototype concept table from the bundled class descriptions
 
     @property
     def uses_buffer(self) -> bool:
@@ -94,6 +101,7 @@ DERPP_BY_BUFFER = {
 }
 EXPERTS_SOFT: dict[str, Any] = {"experts": "adapter", "expert_rank": 8, "routing": "soft", "routing_temperature": 0.1}
 CVM: dict[str, Any] = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "loss": "ace", "balance_epochs": 3}
+DISTILL_EMBEDDING: dict[str, Any] = {"distill_target": "embedding", "distill_weight": 1.0}
 # No buffer, so no class-balanced head tuning (it runs on the buffer).
 FUSION: dict[str, Any] = {**CVM, "balance_epochs": 0}
 
@@ -129,8 +137,25 @@ METHODS: dict[str, Method] = {
             "concepts",
             ("replay", "distill"),
             **CVM,
-            base_options={"distill_target": "embedding", "distill_weight": 1.0},
+            base_options=DISTILL_EMBEDDING,
             description="concept head, replay + embedding distillation (the product default)",
+        ),
+        Method(
+            "cvm-protos",
+            "concepts",
+            ("replay", "distill"),
+            **CVM,
+            base_options=DISTILL_EMBEDDING,
+            prototypes=True,
+            description="cvm-er-distill on a multi-prototype table (name + curated descriptions, LogSumExp)",
+        ),
+        Method(
+            "cvm-simscale",
+            "concepts",
+            ("replay", "distill"),
+            **CVM,
+            base_options={**DISTILL_EMBEDDING, "similarity_scaling": 1.0},
+            description="cvm-er-distill with each task's distillation weight scaled by its concept-table similarity",
         ),
         Method(
             "cvm-derpp",

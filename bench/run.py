@@ -36,10 +36,10 @@ from cvm_edge.data import ImageSet
 from cvm_edge.evaluate import predict_classes
 from cvm_edge.experts import ExpertMixture
 from cvm_edge.model import CvmModel, ModelConfig, build_model
-from cvm_edge.plugins import FusionPlugin, make_plugins
+from cvm_edge.plugins import DistillPlugin, EwcPlugin, FusionPlugin, make_plugins
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.routing import FusedRoutedModel
-from cvm_edge.strategy import Strategy, TrainConfig
+from cvm_edge.strategy import Plugin, Strategy, TrainConfig
 
 log = logging.getLogger("bench.run")
 
@@ -104,7 +104,7 @@ def _model(spec: RunSpec, scenario: Scenario) -> tuple[CvmModel, Preprocessing, 
     pretrained = spec.pretrained or spec.protocol.pretrained
     table_fp = "none (linear head)"
     if spec.method.head == "concepts":
-        table, table_fp = concept_vectors(scenario.class_names)
+        table, table_fp = concept_vectors(scenario.class_names, spec.method.prototypes)
     else:
         table = dummy_vectors(len(scenario.class_names))
     backbone = None
@@ -122,6 +122,16 @@ def _model(spec: RunSpec, scenario: Scenario) -> tuple[CvmModel, Preprocessing, 
         **spec.method.model_options,
     )
     return build_model(config, table, pretrained_backbone=backbone), prep, config, table_fp
+
+
+def _similarity_factors(plugins: Sequence[Plugin]) -> dict[str, float]:
+    """This task's task-similarity factor per scaling plugin (``cvm-simscale``), e.g.
+    ``{"distill_similarity_factor": 1.12}``; empty when no plugin scales."""
+    return {
+        f"{p.name}_similarity_factor": round(p.factor, 4)
+        for p in plugins
+        if isinstance(p, DistillPlugin | EwcPlugin) and p.similarity_scaling
+    }
 
 
 def equal_memory_capacity(buffer: int, expert_bytes: int, sample_bytes: int) -> int:
@@ -322,6 +332,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "buffer_bytes": buffer.nbytes,
                 "expert_bytes": 0 if experts is None else experts.nbytes,
                 **({"fusion": fusion.reports[-1]} if fusion is not None else {}),
+                **_similarity_factors(plugins),
             }
         )
         del scored
@@ -394,6 +405,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "model": model_config.to_dict(),
             "preprocessing": prep.to_dict(),
             "concept_table": table_fp,
+            "prototypes": "name + bundled descriptions" if spec.method.prototypes else "name",
             "train_per_class": spec.train_per_class,
             "test_per_class": spec.test_per_class,
             "buffer_policy": "class-balanced, a class's quota split evenly over the tasks that brought it "
