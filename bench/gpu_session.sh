@@ -4,6 +4,7 @@
 # Needs .whl/ (timm), .devdata/data (bench.gpu_data), .devdata/cache/tables (concept tables).
 #   bench/gpu_session.sh setup PROTOCOL...          # wheels, CUDA MPS, decode each protocol's data once
 #   bench/gpu_session.sh probe [step_speed args]    # python -m bench.step_speed
+#   bench/gpu_session.sh graphcheck PROTOCOL M1,M2,...  # a --smoke run of each method in CUDA-graph mode
 #   bench/gpu_session.sh start NAME GPU PROTOCOL METHOD:BUFFER:SEED,... [-- bench.run args]
 #   bench/gpu_session.sh plan SECONDS STEPS_PER_RUN PROTOCOL M:B:S,... [-- args]  # sized by the probe
 #   bench/gpu_session.sh wait SECONDS               # progress every minute; results -> $OUT/results.tar.gz
@@ -36,9 +37,34 @@ probe)
   shift
   python3 -m bench.step_speed --out "$OUT/step_speed.json" "$@"
   ;;
+graphcheck)  # methods whose step fails to capture go to /tmp/cvm-graph-failed; start runs them eagerly
+  proto=$2
+  for m in ${3//,/ }; do
+    log="$GRIDS/graphcheck-$proto-$m.log"
+    python3 -m bench.run --protocol "$proto" --method "$m" --smoke --device cuda --cuda-graph --bf16 \
+      --out /tmp/cvm-graphcheck >"$log" 2>&1 || { echo "$m" >>/tmp/cvm-graph-failed; tail -n 4 "$log"; } &
+  done
+  wait
+  echo "graph capture failed for: $(sort -u /tmp/cvm-graph-failed 2>/dev/null | tr '\n' ' ')"
+  ;;
 start)
   name=$2 gpu=$3 proto=$4 jobs=$5
   shift 5; [ "${1:-}" = "--" ] && shift
+  if [ -s /tmp/cvm-graph-failed ] && [[ " $* " == *" --cuda-graph "* ]]; then
+    # Jobs of methods that failed graphcheck run in a second grid with eager steps (said here and in
+    # each result's hyperparameters.cuda_graph), so one method's capture bug costs no other run.
+    keep=() eager=() args=()
+    for j in ${jobs//,/ }; do
+      if grep -qx "${j%%:*}" /tmp/cvm-graph-failed; then eager+=("$j"); else keep+=("$j"); fi
+    done
+    for a in "$@"; do [ "$a" != "--cuda-graph" ] && args+=("$a"); done
+    if [ ${#eager[@]} -gt 0 ]; then
+      echo "eager steps (graph capture failed) for: ${eager[*]}"
+      (IFS=,; "$0" start "$name-eager" "$gpu" "$proto" "${eager[*]}" -- "${args[@]}")
+    fi
+    [ ${#keep[@]} -eq 0 ] && exit 0
+    jobs=$(IFS=,; echo "${keep[*]}")
+  fi
   CUDA_VISIBLE_DEVICES=$gpu setsid nohup python3 -m bench.grid --protocol "$proto" --jobs "$jobs" \
     --parallel 64 --device cuda --out "$RES" --tag "$name" \
     --logs "$GRIDS/$name" -- "$@" >"$GRIDS/$name.log" 2>&1 </dev/null &
