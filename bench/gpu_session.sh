@@ -17,7 +17,7 @@ mkdir -p "$RES" "$GRIDS" "$OUT" "$CVM_BENCH_CACHE"
 
 collect() {
   tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>/dev/null
-  cp "$GRIDS"/*.log "$OUT"/ 2>/dev/null
+  tar -czf "$OUT/logs.tar.gz" -C "$GRIDS" . 2>/dev/null  # one file: a call brings back only a few
   tail -n 3 "$GRIDS"/*.log 2>/dev/null
 }
 

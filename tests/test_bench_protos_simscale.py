@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import report
 from bench import run as bench_run
 from bench.tables import concept_vectors, table_path
 from cvm_edge.demo import sample_class_names
@@ -53,3 +54,38 @@ def test_protos_and_simscale_methods_run_and_record_what_they_did(tmp_path: Path
     expect = task_similarity(class_vectors(table), sim["tasks"][1], sim["tasks"][0]).factor(1.0)
     assert sim["per_task"][1]["distill_similarity_factor"] == pytest.approx(expect, abs=1e-4)
     assert sim["per_task"][1]["distill_similarity_factor"] != 1.0
+
+
+def _rec(method: str, buffer: int, seed: int, acc: float, tag: str = "") -> dict[str, object]:
+    hp = {"epochs": 10, "model": {"train_backbone": "all", "image_size": 32}, "cuda_graph": True, "amp_bf16": True}
+    return {
+        "protocol": "cifar10-5",
+        "method": method,
+        "tag": tag,
+        "buffer": buffer,
+        "seed": seed,
+        "device": "cuda:0",
+        "hyperparameters": hp,
+        "final_avg_acc": acc,
+        "forgetting": 10.0,
+    }
+
+
+def test_versus_table_pairs_each_variant_with_the_baseline_of_its_buffer_and_seed() -> None:
+    recs = [
+        *(_rec("cvm-er-distill", 500, s, 50.0 + s) for s in range(3)),
+        *(_rec("cvm-er-distill", 200, s, 40.0) for s in range(3)),
+        *(_rec("cvm-simscale", 500, s, a) for s, a in enumerate((51.0, 50.0, 53.0))),  # +1, -1, +1
+        *(_rec("cvm-er", 200, s, 38.0) for s in range(2)),
+        _rec("cvm-fusion-routed", 0, 0, 20.0),  # bufferless: against the largest buffer (500)
+        _rec("cvm-protos", 500, 0, 99.0, tag="-e3"),  # no baseline with this tag: left out
+    ]
+    groups: dict[tuple[object, ...], list[dict[str, object]]] = {}
+    for r in recs:
+        groups.setdefault(report.group_key(r), []).append(r)
+    lines = report.render_versus(groups, "cifar10-5")
+    rows = {line.split(" | ")[0][2:] + "/" + line.split(" | ")[1]: line for line in lines if line.startswith("| cvm")}
+    assert set(rows) == {"cvm-simscale/500", "cvm-er/200", "cvm-fusion-routed/-"}
+    assert "| 51.3 ± 1.5 | 0.3 ± 1.2 | 2/3 |" in rows["cvm-simscale/500"]
+    assert "| -2.0 ± 0.0 | 0/2 |" in rows["cvm-er/200"]
+    assert "| 20.0 | -30.0 | 0/1 |" in rows["cvm-fusion-routed/-"]
