@@ -32,6 +32,9 @@ over its own task's classes averaged (``cvm_edge.routing``; ``routed_combine="lo
 issue's plain mean of logits). The result JSON records the bytes fusion stores (``stored_bytes``), to set
 against the buffer's at equal memory.
 
+``derpp-reservoir`` and ``cvm-derpp-reservoir`` replace our buffer by the paper's (``bench.reservoir``:
+reservoir sampling while the stream passes, logits recorded at insertion, replay from the first step).
+
 Two more issue-7 variants of the product default ``cvm-er-distill``: ``cvm-protos`` reads a
 multi-prototype concept table (MuproCL, 2025: the class name row plus one row per curated
 description shipped in ``llm_embeddings/descriptions``; class score = temperature-scaled LogSumExp
@@ -71,7 +74,7 @@ class Method:
 
     @property
     def uses_buffer(self) -> bool:
-        return any(p in ("replay", "der") for p in self.plugins)
+        return any(p in ("replay", "der", "der-reservoir") for p in self.plugins)
 
     def resolved(self, buffer: int) -> dict[str, Any]:
         """Hyper-parameters for one buffer size: optimizer fields plus plugin options."""
@@ -164,6 +167,22 @@ METHODS: dict[str, Method] = {
             **CVM,
             options={200: {"der_alpha": 0.1, "der_beta": 0.5}, 500: {"der_alpha": 0.2, "der_beta": 0.5}},
             description="concept head with DER++ logit replay, ACE on the stream",
+        ),
+        Method(
+            "derpp-reservoir",
+            "linear",
+            ("der-reservoir",),
+            lr=0.03,
+            options=DERPP_BY_BUFFER,
+            description="DER++ with the paper's buffer: reservoir sampling during the stream, logits at insertion",
+        ),
+        Method(
+            "cvm-derpp-reservoir",
+            "concepts",
+            ("der-reservoir",),
+            **{**CVM, "balance_epochs": 0},
+            options={200: {"der_alpha": 0.1, "der_beta": 0.5}, 500: {"der_alpha": 0.2, "der_beta": 0.5}},
+            description="cvm-derpp with the paper's reservoir buffer (no class-balanced head tuning: no product buffer)",
         ),
         Method(
             "cvm-experts",

@@ -30,6 +30,7 @@ from bench.domains import apply_domain
 from bench.methods import METHODS, Method
 from bench.metrics import forgetting_per_task, summarise
 from bench.protocols import PROTOCOLS, Protocol, Scenario, build_scenario
+from bench.reservoir import ReservoirDerPlugin
 from bench.tables import concept_vectors, dummy_vectors
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
@@ -216,14 +217,27 @@ def _accuracy_row(
 
 
 def stored_bytes(
-    buffer: ReplayBuffer, fusion: FusionPlugin | None, experts: ExpertMixture | None = None
+    buffer: ReplayBuffer,
+    fusion: FusionPlugin | None,
+    experts: ExpertMixture | None = None,
+    reservoir: ReservoirDerPlugin | None = None,
 ) -> dict[str, Any]:
     """What a method keeps between tasks besides the shared model, in bytes (equal-memory
     comparisons): buffer images, fusion deltas and masks, per-task experts."""
     fused = fusion.state.nbytes().to_dict() if fusion is not None and fusion.state is not None else None
     expert_bytes = 0 if experts is None else experts.nbytes
-    total = buffer.nbytes + (fused["total"] if fused else 0) + expert_bytes
-    return {"buffer": buffer.nbytes, "fusion": fused, "experts": expert_bytes, "total": total}
+    kept = buffer.nbytes + (reservoir.nbytes if reservoir is not None else 0)
+    total = kept + (fused["total"] if fused else 0) + expert_bytes
+    return {"buffer": kept, "fusion": fused, "experts": expert_bytes, "total": total}
+
+
+def make_run_plugins(spec: RunSpec, hp: dict[str, Any]) -> list[Plugin]:
+    """The product's plugins of a method, or the benchmark-only reservoir DER++ (bench.reservoir)."""
+    if "der-reservoir" in spec.method.plugins:
+        if spec.method.plugins != ("der-reservoir",):
+            raise ValueError("der-reservoir runs alone")
+        return [ReservoirDerPlugin(spec.buffer, hp["der_alpha"], hp["der_beta"])]
+    return make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
 
 
 def train_config(spec: RunSpec, hp: dict[str, Any], epochs: int) -> TrainConfig:
@@ -271,12 +285,15 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     model, prep, model_config, table_fp = _model(spec, scenario)
     hp = spec.method.resolved(spec.buffer)
     epochs = spec.epochs or spec.protocol.epochs
-    plugins = make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
+    plugins = make_run_plugins(spec, hp)
     fusion = next((p for p in plugins if isinstance(p, FusionPlugin)), None)
+    reservoir = next((p for p in plugins if isinstance(p, ReservoirDerPlugin)), None)
     base_cfg = train_config(spec, hp, epochs)
     tasks = [tuple(sorted({c for t in scenario.tasks for c in t}))] if spec.method.joint else list(scenario.tasks)
     test_sets = _test_sets(scenario)
-    buffer = ReplayBuffer.empty(spec.buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
+    # (a reservoir method keeps its own buffer: the product's stays empty)
+    capacity = spec.buffer if spec.method.uses_buffer and reservoir is None else 0
+    buffer = ReplayBuffer.empty(capacity, spec.size, max_bytes=1 << 30)
     matrix: list[list[float | None]] = []
     variant_matrices: dict[str, list[list[float | None]]] = {}
     per_task: list[dict[str, Any]] = []
@@ -325,7 +342,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "steps": result.steps,
                 "images_seen": result.images_seen,
                 "final_loss": None if math.isnan(result.final_loss) else round(result.final_loss, 5),
-                "buffer_size": len(buffer),
+                "buffer_size": len(buffer) if reservoir is None else min(int(reservoir.seen_count), reservoir.capacity),
                 # entries per task that brought them: a domain-incremental buffer keeps every domain
                 "buffer_by_task": {str(k): v for k, v in sorted(Counter(buffer.tasks.tolist()).items())},
                 "buffer_capacity": buffer.capacity,
@@ -378,7 +395,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "buffer_bytes": buffer.nbytes,
         "expert_bytes": 0 if experts is None else experts.nbytes,
         "experts": None if experts is None else _experts_record(spec, model_config, experts, sample_bytes),
-        "stored_bytes": stored_bytes(buffer, fusion, experts),
+        "stored_bytes": stored_bytes(buffer, fusion, experts, reservoir),
         **(
             {
                 "fusion_variants": {
@@ -408,8 +425,13 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "prototypes": "name + bundled descriptions" if spec.method.prototypes else "name",
             "train_per_class": spec.train_per_class,
             "test_per_class": spec.test_per_class,
-            "buffer_policy": "class-balanced, a class's quota split evenly over the tasks that brought it "
-            "(its domains), rebalanced at the end of each task (not reservoir sampling)",
+            "buffer_policy": (
+                "reservoir sampling (algorithm R) while the stream passes, logits recorded at insertion, "
+                "replayed from the first step (bench.reservoir)"
+                if reservoir is not None
+                else "class-balanced, a class's quota split evenly over the tasks that brought it "
+                "(its domains), rebalanced at the end of each task (not reservoir sampling)"
+            ),
             **(
                 {
                     "routing": {
