@@ -425,8 +425,14 @@ is a seeded permutation (the paper uses the natural order).
   listed above (buffer filled at the end of each task, logits recorded after the task, JPEG-decoded CIFAR-10,
   bf16) are the suspects, the first two most (the paper's reservoir buffer also replays the current task's
   samples with their logits taken while training). ER at 50 epochs is 5.7 points below its paper figure, DER++
-  27.8: what separates them is the stored logits. Still to run at 50 epochs: fine-tune, joint,
-  LwF, EWC, CVM-ER and CVM-ER+distill, and ER at buffer 200 (bench/README.md).
+  27.8: what separates them is the stored logits. **Tried: the paper's buffer** (`derpp-reservoir`,
+  `cvm-derpp-reservoir`: reservoir sampling during the stream, logits recorded at insertion, replay from the first
+  step; bench/reservoir.py), at 5 epochs/task, buffer 500, 3 seeds beside our buffer: linear DER++ 29.8 ± 5.4 %
+  against 29.7 ± 2.0 % (no change, forgetting 66.4 against 46.6), CVM DER++ 59.9 ± 1.4 % against 57.3 ± 1.2 %
+  (+2.6, ahead on all three seeds, without the class-balanced head tuning our buffer allows). So the buffer
+  policy does not explain our linear DER++'s gap at this budget; it does help the concept head. Still to run at
+  50 epochs: fine-tune, joint, LwF, EWC, CVM-ER and CVM-ER+distill, and ER at buffer 200, then CVM DER++ with
+  the reservoir (bench/README.md).
 - **Beyond replay (issue 7; buffer 500, 3 seeds, each variant trained beside the product default
   cvm-er-distill, differences paired by seed)**. cifar10-5 at 10 epochs/task: cvm-er-distill 58.3 ± 1.2 %;
   task-similarity-scaled distillation (cvm-simscale) 58.5 (+0.2 ± 0.3, ahead on 2 of 3 seeds), multi-prototype
