@@ -37,25 +37,27 @@ probe)
   shift
   python3 -m bench.step_speed --out "$OUT/step_speed.json" "$@"
   ;;
-graphcheck)  # methods whose step fails to capture go to /tmp/cvm-graph-failed; start runs them eagerly
-  proto=$2
+graphcheck)  # methods whose step fails to capture go to /tmp/cvm-graph-failed-PROTOCOL; start runs them eagerly
+  proto=$2 failed=/tmp/cvm-graph-failed-$2
+  rm -f "$failed"
   for m in ${3//,/ }; do
     log="$GRIDS/graphcheck-$proto-$m.log"
     python3 -m bench.run --protocol "$proto" --method "$m" --smoke --device cuda --cuda-graph --bf16 \
-      --out /tmp/cvm-graphcheck >"$log" 2>&1 || { echo "$m" >>/tmp/cvm-graph-failed; tail -n 4 "$log"; } &
+      --out /tmp/cvm-graphcheck >"$log" 2>&1 || { echo "$m" >>"$failed"; tail -n 4 "$log"; } &
   done
   wait
-  echo "graph capture failed for: $(sort -u /tmp/cvm-graph-failed 2>/dev/null | tr '\n' ' ')"
+  echo "graph capture failed on $proto for: $(sort -u "$failed" 2>/dev/null | tr '\n' ' ')"
   ;;
 start)
   name=$2 gpu=$3 proto=$4 jobs=$5
   shift 5; [ "${1:-}" = "--" ] && shift
-  if [ -s /tmp/cvm-graph-failed ] && [[ " $* " == *" --cuda-graph "* ]]; then
+  failed=/tmp/cvm-graph-failed-$proto
+  if [ -s "$failed" ] && [[ " $* " == *" --cuda-graph "* ]]; then
     # Jobs of methods that failed graphcheck run in a second grid with eager steps (said here and in
     # each result's hyperparameters.cuda_graph), so one method's capture bug costs no other run.
     keep=() eager=() args=()
     for j in ${jobs//,/ }; do
-      if grep -qx "${j%%:*}" /tmp/cvm-graph-failed; then eager+=("$j"); else keep+=("$j"); fi
+      if grep -qxF -- "${j%%:*}" "$failed"; then eager+=("$j"); else keep+=("$j"); fi
     done
     for a in "$@"; do [ "$a" != "--cuda-graph" ] && args+=("$a"); done
     if [ ${#eager[@]} -gt 0 ]; then

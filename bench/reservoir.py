@@ -12,8 +12,7 @@ All of it runs on the training device without a host round trip, so the step sti
 one CUDA graph: draws are ``floor(u * filled)``; the reservoir has one spare row that takes the
 writes algorithm R discards (a fixed-shape ``index_copy_`` instead of a data-dependent mask); an
 empty reservoir's replay terms are multiplied by 0. Draws are with replacement (the paper's are
-without), two samples of one batch drawn to the same row leave either one there, and the reservoir
-lives in memory for one benchmark run only.
+without), and the reservoir lives in memory for one benchmark run only.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ class ReservoirDerPlugin(Plugin):
         self.seen_count = torch.zeros((), dtype=torch.long, device=ctx.device)
 
     def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
-        total = self._replay_loss(ctx)
+        total = self._replay_loss(ctx) if ctx.config.replay_batch_size > 0 else None
         self._offer(ctx, batch, out)
         return total
 
@@ -97,7 +96,14 @@ class ReservoirDerPlugin(Plugin):
         pos = self.seen_count + torch.arange(b, device=ctx.device)
         j = (torch.rand(b, generator=ctx.gen, device=ctx.device) * (pos + 1).float()).long()
         target = torch.where(pos < self.capacity, pos, j)
-        target = torch.where(target < self.capacity, target, torch.full_like(target, self.capacity))
+        # Two samples of one batch drawn to the same row: the later one takes it, as the sequential
+        # algorithm would (index_copy_ with repeated indices keeps an arbitrary writer per element
+        # on CUDA, which could mix one sample's pixels with another's label); the earlier one goes
+        # to the spare row, with the writes algorithm R discards.
+        order = torch.arange(b, device=ctx.device)
+        overwritten = ((target[:, None] == target[None, :]) & (order[None, :] > order[:, None])).any(dim=1)
+        keep = (target < self.capacity) & ~overwritten
+        target = torch.where(keep, target, torch.full_like(target, self.capacity))
         self.inputs.index_copy_(0, target, batch.inputs)
         self.labels.index_copy_(0, target, batch.labels)
         self.logits.index_copy_(0, target, out.logits.detach().float())

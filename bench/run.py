@@ -345,8 +345,8 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "buffer_size": len(buffer) if reservoir is None else min(int(reservoir.seen_count), reservoir.capacity),
                 # entries per task that brought them: a domain-incremental buffer keeps every domain
                 "buffer_by_task": {str(k): v for k, v in sorted(Counter(buffer.tasks.tolist()).items())},
-                "buffer_capacity": buffer.capacity,
-                "buffer_bytes": buffer.nbytes,
+                "buffer_capacity": buffer.capacity if reservoir is None else reservoir.capacity,
+                "buffer_bytes": buffer.nbytes if reservoir is None else reservoir.nbytes,
                 "expert_bytes": 0 if experts is None else experts.nbytes,
                 **({"fusion": fusion.reports[-1]} if fusion is not None else {}),
                 **_similarity_factors(plugins),
@@ -392,7 +392,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "images_per_s": round(images_seen / max(train_s, 1e-9), 1),
         "peak_memory": peak,
         # Memory that persists between tasks: replay buffer and experts (equal-memory comparisons).
-        "buffer_bytes": buffer.nbytes,
+        "buffer_bytes": buffer.nbytes if reservoir is None else reservoir.nbytes,
         "expert_bytes": 0 if experts is None else experts.nbytes,
         "experts": None if experts is None else _experts_record(spec, model_config, experts, sample_bytes),
         "stored_bytes": stored_bytes(buffer, fusion, experts, reservoir),

@@ -32,9 +32,8 @@ import torch
 from bench import provenance
 from bench.methods import METHODS
 from bench.protocols import PROTOCOLS, build_scenario
-from bench.run import RESULTS, RunSpec, _model, _task_data, machine, train_config
+from bench.run import RESULTS, RunSpec, _model, _task_data, machine, make_run_plugins, train_config
 from cvm_edge.buffer import ReplayBuffer
-from cvm_edge.plugins import make_plugins
 from cvm_edge.strategy import Strategy, predict_logits
 
 log = logging.getLogger("bench.step_speed")
@@ -65,7 +64,7 @@ def _setup(protocol: str, method: str, buffer: int, device: str, mode: str, epoc
     logits = predict_logits(model, prep, d0.pixels, device)  # type: ignore[arg-type]
     buf = ReplayBuffer.empty(buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
     buf, _ = buf.updated_with_selection(d0, logits.astype(np.float16), seed=1, task=0)
-    plugins = make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
+    plugins = make_run_plugins(spec, hp)
     strategy = Strategy(model, prep, plugins, cfg)  # type: ignore[arg-type]
     data = _task_data(scenario.train.images, scenario.train.labels, second)
     return strategy, Setup(data, buf, sorted(set(first) | set(second)), list(first))

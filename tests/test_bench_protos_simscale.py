@@ -75,17 +75,27 @@ def test_versus_table_pairs_each_variant_with_the_baseline_of_its_buffer_and_see
     recs = [
         *(_rec("cvm-er-distill", 500, s, 50.0 + s) for s in range(3)),
         *(_rec("cvm-er-distill", 200, s, 40.0) for s in range(3)),
-        *(_rec("cvm-simscale", 500, s, a) for s, a in enumerate((51.0, 50.0, 53.0))),  # +1, -1, +1
+        # listed out of seed order: pairing is by seed, not by position
+        *(_rec("cvm-simscale", 500, s, a) for s, a in ((2, 53.0), (0, 51.0), (1, 50.0))),  # +1, -1, +1
         *(_rec("cvm-er", 200, s, 38.0) for s in range(2)),
         _rec("cvm-fusion-routed", 0, 0, 20.0),  # bufferless: against the largest buffer (500)
-        _rec("cvm-protos", 500, 0, 99.0, tag="-e3"),  # no baseline with this tag: left out
+        _rec("cvm-protos", 500, 0, 99.0, tag="-e3"),  # no baseline with this tag: listed as unpaired
+        *(_rec("derpp", 500, s, 30.0) for s in range(2)),
+        *(_rec("derpp-reservoir", 500, s, 31.0 + s) for s in range(2)),
+        _rec("er", 500, 0, 45.0),  # not a paired variant
     ]
     groups: dict[tuple[object, ...], list[dict[str, object]]] = {}
     for r in recs:
         groups.setdefault(report.group_key(r), []).append(r)
     lines = report.render_versus(groups, "cifar10-5")
-    rows = {line.split(" | ")[0][2:] + "/" + line.split(" | ")[1]: line for line in lines if line.startswith("| cvm")}
-    assert set(rows) == {"cvm-simscale/500", "cvm-er/200", "cvm-fusion-routed/-"}
+    rows = {
+        line.split(" | ")[0][2:] + "/" + line.split(" | ")[2]: line
+        for line in lines
+        if line.startswith("| ") and not line.startswith("| method")
+    }
+    assert set(rows) == {"cvm-simscale/500", "cvm-er/200", "cvm-fusion-routed/-", "derpp-reservoir/500"}
+    assert "| derpp | 500 |" in rows["derpp-reservoir/500"] and "| 1.5 ± 0.7 | 2/2 |" in rows["derpp-reservoir/500"]
+    assert lines[-1] == "No baseline trained beside: cvm-protos-e3 (buffer 500, 10 epochs, graph bf16)."
     assert "| 51.3 ± 1.5 | 0.3 ± 1.2 | 2/3 |" in rows["cvm-simscale/500"]
     assert "| -2.0 ± 0.0 | 0/2 |" in rows["cvm-er/200"]
     assert "| 20.0 | -30.0 | 0/1 |" in rows["cvm-fusion-routed/-"]

@@ -77,6 +77,22 @@ def test_reservoir_fills_in_order_then_keeps_each_sample_with_probability_capaci
     rate = counts / 400
     assert abs(rate[:50].mean() - 0.1) < 0.02 and abs(rate[50:].mean() - 0.1) < 0.02
     assert rate.max() < 0.25
+    assert counts[10] > 0  # the first sample past the capacity competes too (no off-by-one)
+
+
+def test_samples_of_one_batch_drawn_to_the_same_row_leave_the_later_one_whole() -> None:
+    plugin, ctx = _plugin(2)
+    _offer(plugin, ctx, torch.arange(2))
+    state = ctx.gen.get_state()
+    _offer(plugin, ctx, torch.arange(2, 42))  # 40 samples for 2 rows: many collisions in one batch
+    # the same draws again: row r ends with the last sample of the batch that drew it (else its old one)
+    pos = torch.arange(2, 42)
+    j = (torch.rand(40, generator=torch.Generator().set_state(state)) * (pos + 1).float()).long()
+    expect = [max([int(p) for p, r in zip(pos, j, strict=True) if r == row], default=row) for row in range(2)]
+    assert min(sum(int(r) == row for r in j) for row in range(2)) >= 1  # both rows were drawn in this batch
+    assert plugin.labels[:2].tolist() == expect
+    assert plugin.logits[:2, 0].tolist() == [float(e) for e in expect]
+    assert plugin.inputs[:2, 0, 0, 0].tolist() == expect
 
 
 def test_empty_reservoir_gives_zero_replay_loss_and_bytes_then_both_grow() -> None:

@@ -86,3 +86,7 @@ def test_graph_replay_trains_like_eager(sample: dict[str, np.ndarray], plugins: 
     travel = torch.cat([(a.detach() - b).flatten() for a, b in zip(eager.model.parameters(), before, strict=True)])
     ratio = float(gap.norm() / travel.norm())
     assert ratio < 0.25, f"graphed and eager Adam weights differ by {ratio:.3f} of the distance trained"
+    # and no tensor stood still in the graph that moved eagerly (a head left out of the capture, say)
+    for (name, e), g, b in zip(eager.model.named_parameters(), graphed.model.parameters(), before, strict=True):
+        eager_travel, graph_travel = float((e.detach() - b).norm()), float((g.detach() - b).norm())
+        assert graph_travel >= 0.5 * eager_travel, f"{name}: graphed {graph_travel:.2e}, eager {eager_travel:.2e}"
