@@ -32,7 +32,9 @@ over its own task's classes averaged (``cvm_edge.routing``; ``routed_combine="lo
 issue's plain mean of logits). The result JSON records the bytes fusion stores (``stored_bytes``), to set
 against the buffer's at equal memory.
 
-``derpp-reservoir`` and ``cvm-derpp-reservoir`` replace our buffer by the paper's (``bench.reservoir``:
+``derpp-allce`` trains DER++'s cross-entropies over all 10 outputs, as mammoth does (ours: over the
+classes seen so far), so the unseen classes' logits are pushed down before they are stored and
+matched by the MSE term. ``derpp-reservoir`` and ``cvm-derpp-reservoir`` replace our buffer by the paper's (``bench.reservoir``:
 reservoir sampling while the stream passes, logits recorded at insertion, replay from the first step).
 
 Two more issue-7 variants of the product default ``cvm-er-distill``: ``cvm-protos`` reads a
@@ -167,6 +169,15 @@ METHODS: dict[str, Method] = {
             **CVM,
             options={200: {"der_alpha": 0.1, "der_beta": 0.5}, 500: {"der_alpha": 0.2, "der_beta": 0.5}},
             description="concept head with DER++ logit replay, ACE on the stream",
+        ),
+        Method(
+            "derpp-allce",
+            "linear",
+            ("der",),
+            lr=0.03,
+            loss="ce-all",
+            options=DERPP_BY_BUFFER,
+            description="DER++ with cross-entropy over all 10 outputs (stream and buffer), as mammoth trains it",
         ),
         Method(
             "derpp-reservoir",

@@ -445,7 +445,9 @@ is a seeded permutation (the paper uses the natural order).
   step; bench/reservoir.py), at 5 epochs/task, buffer 500, 3 seeds beside our buffer: linear DER++ 29.8 ± 5.4 %
   against 29.7 ± 2.0 % (no change, forgetting 66.4 against 46.6), CVM DER++ 59.9 ± 1.4 % against 57.3 ± 1.2 %
   (+2.7 ± 1.0 paired by seed, ahead on all three, without the class-balanced head tuning our buffer allows). So the buffer
-  policy does not explain our linear DER++'s gap at this budget; it does help the concept head. Still to run at
+  policy does not explain our linear DER++'s gap at this budget; it does help the concept head. Next
+  suspect: our cross-entropies leave the unseen classes' logits free, so the logits DER++ stores for them are
+  arbitrary and the MSE pins them (mammoth's full 10-way loss pushes them down first): `derpp-allce` tests it. Still to run at
   50 epochs: fine-tune, joint, LwF, EWC, CVM-ER and CVM-ER+distill, and ER at buffer 200, then CVM DER++ with
   the reservoir (bench/README.md).
 - **Beyond replay (issue 7; buffer 500, 3 seeds, each variant trained beside the product default

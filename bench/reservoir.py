@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from cvm_edge.model import CvmModel, LinearHead
-from cvm_edge.plugins.der import prepare_replay
-from cvm_edge.strategy import Batch, Context, Output, Plugin, restricted_logits, targets_in
+from cvm_edge.plugins.der import prepare_replay, replay_ce
+from cvm_edge.strategy import Batch, Context, Output, Plugin
 
 
 def table_rows(model: CvmModel) -> int:
@@ -86,7 +86,7 @@ class ReservoirDerPlugin(Plugin):
         _, logits = ctx.forward_head(ctx.model, x, ctx.experts_for(labels))
         logits = logits.float()
         mse = F.mse_loss(logits[:n], self.logits.index_select(0, idx[:n]))
-        ce = F.cross_entropy(restricted_logits(logits[n:], ctx.seen), targets_in(labels[n:], ctx.seen))
+        ce = replay_ce(ctx, logits[n:], labels[n:])
         return (self.alpha * mse + self.beta * ce) * (filled > 0).float()
 
     def _offer(self, ctx: Context, batch: Batch, out: Output) -> None:

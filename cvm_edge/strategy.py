@@ -31,7 +31,7 @@ from cvm_edge.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
-LOSSES = ("ace", "ce")
+LOSSES = ("ace", "ce", "ce-all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,8 @@ class TrainConfig:
     # compete only among the classes of this experience, replayed ones among all seen classes, so
     # new classes stop pushing old class rows away. Incoming images of a revisited class (known
     # before, new domain) compete among all seen classes (see ``classification_loss``).
-    # "ce": plain cross-entropy over all seen classes.
+    # "ce": plain cross-entropy over all seen classes. "ce-all": over every table row, unseen
+    # (future) classes too, as mammoth's class-incremental baselines train (benchmark use).
     loss: str = "ace"
     # Class-balanced head tuning (as in EEIL, Castro et al. 2018): after an experience, the mapper
     # and scale are tuned for this many epochs on the (class-balanced) replay buffer, which removes
@@ -510,7 +511,8 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> to
 
 def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: str) -> torch.Tensor:
     """Cross-entropy over the seen classes; with ``ace`` the incoming images of new classes only
-    over this experience's classes (replayed images and images of revisited classes keep the full set).
+    over this experience's classes (replayed images and images of revisited classes keep the full set);
+    with ``ce-all`` over every table row.
 
     Why revisited classes take the full set: ACE restricts incoming images so that a new class,
     whose images vastly outnumber the replayed old ones, does not push the old rows away. A
@@ -522,6 +524,8 @@ def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: 
 
     Both terms are computed for every sample and one is selected per sample with ``where``, so no
     boolean indexing forces the host to wait for the device."""
+    if kind == "ce-all":
+        return F.cross_entropy(logits, batch.labels)
     seen_ce = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(batch.labels, ctx.seen), reduction="none")
     if kind == "ce":
         return seen_ce.mean()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from cvm_edge.data import ImageSet
 from cvm_edge.model import ModelConfig, build_model
 from cvm_edge.plugins import PluginOptions, make_plugins
 from cvm_edge.plugins.der import DerPlugin
-from cvm_edge.strategy import Batch, Context, Output, Strategy, TrainConfig
+from cvm_edge.strategy import Batch, Context, Output, Strategy, TrainConfig, classification_loss
 
 
 def _setup(alpha: float, beta: float) -> tuple[Context, DerPlugin]:
@@ -52,3 +54,36 @@ def test_der_is_registered_and_trains_through_the_strategy() -> None:
     result = strategy.train_experience(new, ctx.buffer, [0, 1, 2], [0, 1], task_index=1)
     assert result.steps == 1 and np.isfinite(result.final_loss)
     assert result.buffer.logits.shape[1] == 4 and 2 in set(result.buffer.labels.tolist())
+
+
+def test_ce_all_takes_the_softmax_over_every_table_row_in_the_stream_and_replay_terms() -> None:
+    """loss="ce-all" (mammoth's class-incremental DER++): unseen rows enter both cross-entropies."""
+    ctx, plugin = _setup(0.0, 1.0)  # the replay cross-entropy alone
+    seen = torch.tensor([0, 1, 2])  # row 3 not seen yet
+    losses = {}
+    for kind in ("ce", "ce-all"):
+        c = dataclasses.replace(
+            ctx, seen=seen, config=dataclasses.replace(ctx.config, loss=kind), gen=torch.Generator().manual_seed(7)
+        )
+        dummy = Output(x=torch.zeros(1), embeddings=torch.zeros(1), logits=torch.zeros(1))
+        batch = Batch(torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
+        loss = plugin.loss(c, batch, dummy)
+        assert loss is not None
+        losses[kind] = float(loss.detach())
+    gen = torch.Generator().manual_seed(7)
+    _, i2 = (torch.randperm(12, generator=gen)[:5].numpy() for _ in range(2))
+    with torch.no_grad():
+        out = ctx.model(to_input(torch.from_numpy(ctx.buffer.pixels[i2]), ctx.prep))
+    y = torch.from_numpy(ctx.buffer.labels[i2])
+    assert losses["ce-all"] == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-4)
+    assert losses["ce"] == pytest.approx(float(F.cross_entropy(out[:, :3], y)), rel=1e-4)
+    assert losses["ce-all"] > losses["ce"]  # one more row in every softmax
+    # the stream term: the same rule in classification_loss
+    logits = torch.tensor([[2.0, 0.0, 0.0, 3.0]])
+    b = Batch(torch.zeros(1), torch.tensor([0]), torch.zeros(1, dtype=torch.bool))
+    c = dataclasses.replace(ctx, seen=seen)
+    assert float(classification_loss(logits, b, c, "ce-all")) == pytest.approx(float(F.cross_entropy(logits, b.labels)))
+    assert float(classification_loss(logits, b, c, "ce")) == pytest.approx(
+        float(F.cross_entropy(logits[:, :3], b.labels))
+    )
+    assert TrainConfig(loss="ce-all").loss == "ce-all"

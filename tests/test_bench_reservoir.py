@@ -36,7 +36,7 @@ def _plugin(capacity: int, width: int = 3) -> tuple[ReservoirDerPlugin, Context]
     ctx = SimpleNamespace(
         device=torch.device("cpu"),
         gen=torch.Generator().manual_seed(0),
-        config=SimpleNamespace(replay_batch_size=4, augment=False, channels_last=False),
+        config=SimpleNamespace(replay_batch_size=4, augment=False, channels_last=False, loss="ce"),
         cached=True,
         seen=torch.arange(width),
         model=None,

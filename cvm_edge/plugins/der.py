@@ -33,6 +33,14 @@ def prepare_replay(ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def replay_ce(ctx: Context, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DER++'s cross-entropy on replayed labels: over the seen classes, or over every table row
+    when the run trains with ``loss="ce-all"`` (mammoth's class-incremental DER++)."""
+    if ctx.config.loss == "ce-all":
+        return F.cross_entropy(logits, labels)
+    return F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(labels, ctx.seen))
+
+
 class DerPlugin(Plugin):
     name = "der"
     uses_buffer = True
@@ -66,7 +74,5 @@ class DerPlugin(Plugin):
             total = total + self.alpha * F.mse_loss(logits[:m, :width], stored[:, :width])
         if self.beta > 0:
             y = ctx.buffer_labels.index_select(0, idx_ce)
-            total = total + self.beta * F.cross_entropy(
-                restricted_logits(logits[m:], ctx.seen), targets_in(y, ctx.seen)
-            )
+            total = total + self.beta * replay_ce(ctx, logits[m:], y)
         return total
