@@ -327,6 +327,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         row = rows[own]
         for name, r in rows.items():
             variant_matrices.setdefault(name, []).append(r)
+        routing = None if experts is None or not len(experts) else _routing_row(strategy, experts, test_sets, n_eval)
         dt_eval = time.perf_counter() - t0
         matrix.append(row)
         images_seen += result.images_seen
@@ -348,6 +349,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "buffer_capacity": buffer.capacity if reservoir is None else reservoir.capacity,
                 "buffer_bytes": buffer.nbytes if reservoir is None else reservoir.nbytes,
                 "expert_bytes": 0 if experts is None else experts.nbytes,
+                **({"routing_acc": routing} if routing is not None else {}),
                 **({"fusion": fusion.reports[-1]} if fusion is not None else {}),
                 **_similarity_factors(plugins),
             }
@@ -394,7 +396,9 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         # Memory that persists between tasks: replay buffer and experts (equal-memory comparisons).
         "buffer_bytes": buffer.nbytes if reservoir is None else reservoir.nbytes,
         "expert_bytes": 0 if experts is None else experts.nbytes,
-        "experts": None if experts is None else _experts_record(spec, model_config, experts, sample_bytes),
+        "experts": None
+        if experts is None
+        else _experts_record(spec, model_config, experts, sample_bytes, per_task[-1].get("routing_acc")),
         "stored_bytes": stored_bytes(buffer, fusion, experts, reservoir),
         **(
             {
@@ -461,7 +465,27 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     return record
 
 
-def _experts_record(spec: RunSpec, config: ModelConfig, experts: ExpertMixture, sample_bytes: int) -> dict[str, Any]:
+@torch.no_grad()
+def _routing_row(
+    strategy: Strategy, experts: ExpertMixture, test_sets: Sequence[ImageSet], n_eval: int
+) -> list[float | None]:
+    """Percent of each test set (tasks learned so far) whose largest routing weight goes to the
+    expert of the image's class: how often the anchors pick the right expert at inference."""
+    row: list[float | None] = []
+    for j, test in enumerate(test_sets):
+        if j >= n_eval:
+            row.append(None)
+            continue
+        chosen = experts.route(strategy.features(test.pixels).float()).argmax(dim=-1)
+        truth = experts.experts_of(torch.from_numpy(test.labels).to(chosen.device))
+        row.append(round(100.0 * float((chosen == truth).float().mean()), 3))
+    return row
+
+
+def _experts_record(
+    spec: RunSpec, config: ModelConfig, experts: ExpertMixture, sample_bytes: int, routing: list[float | None] | None
+) -> dict[str, Any]:
+    done = [r for r in routing or [] if r is not None]
     return {
         "count": len(experts),
         "shared_mapper": config.expert_shared_mapper,
@@ -472,6 +496,9 @@ def _experts_record(spec: RunSpec, config: ModelConfig, experts: ExpertMixture, 
         "buffer_sample_bytes": sample_bytes,
         "bytes_in_buffer_samples": math.ceil(experts.nbytes / sample_bytes),
         "equal_memory": spec.method.equal_memory,
+        # after the last task: per task's test set, and their mean (percent routed to the right expert)
+        "routing_acc": routing,
+        "routing_acc_mean": round(sum(done) / len(done), 3) if done else None,
     }
 
 

@@ -59,3 +59,14 @@ def test_equal_memory_capacity_counts_every_started_sample() -> None:
     assert bench_run.equal_memory_capacity(200, 3100, 3100) == 199
     assert bench_run.equal_memory_capacity(200, 3101, 3100) == 198
     assert bench_run.equal_memory_capacity(2, 10**6, 3100) == 0
+
+
+def test_experts_runs_record_how_often_routing_picks_the_right_expert(tmp_path: Path) -> None:
+    argv = ["--protocol", "cifar10-5", "--method", "cvm-experts-hard", "--buffer", "20"]
+    assert bench_run.main([*argv, "--out", str(tmp_path), *TINY]) == 0
+    rec = json.loads((tmp_path / "smoke" / "cifar10-5" / "cvm-experts-hard-b20-s0.json").read_text())
+    rows = [t["routing_acc"] for t in rec["per_task"]]
+    assert rows[0] == [100.0, None]  # one expert: every image goes to it
+    assert rows[1][1] is not None and all(0.0 <= r <= 100.0 for r in rows[1])
+    assert rec["experts"]["routing_acc"] == rows[1]
+    assert rec["experts"]["routing_acc_mean"] == pytest.approx(sum(rows[1]) / 2, abs=1e-3)
