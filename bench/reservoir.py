@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from cvm_edge.model import CvmModel, LinearHead
-from cvm_edge.plugins.der import prepare_replay, replay_ce
-from cvm_edge.strategy import Batch, Context, Output, Plugin
+from cvm_edge.plugins.der import replay_ce
+from cvm_edge.strategy import Batch, Context, Output, Plugin, prepare_inputs
 
 
 def table_rows(model: CvmModel) -> int:
@@ -81,7 +81,7 @@ class ReservoirDerPlugin(Plugin):
         u = torch.rand(2 * n, generator=ctx.gen, device=ctx.device)
         # floor(u * filled) < filled; the clamp guards float rounding at u -> 1
         idx = torch.minimum((u * filled.clamp(min=1)).long(), filled.clamp(min=1) - 1)
-        x = prepare_replay(ctx, self.inputs.index_select(0, idx))
+        x = prepare_inputs(ctx, self.inputs.index_select(0, idx))
         labels = self.labels.index_select(0, idx)
         _, logits = ctx.forward_head(ctx.model, x, ctx.experts_for(labels))
         logits = logits.float()

@@ -176,6 +176,19 @@ class Context:
         return z, model.head.logits_from_embedding(z)
 
 
+def prepare_inputs(ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
+    """Raw training inputs (incoming or replayed) as the model takes them: normalised, augmented,
+    channels-last; cached features pass through."""
+    if ctx.cached:
+        return inputs
+    x = to_input(inputs, ctx.prep)
+    if ctx.config.augment:
+        x = random_crop_flip(x, ctx.config.crop_pad, ctx.gen)
+    if ctx.config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 class Plugin:
     """Base class: every hook is a no-op."""
 
@@ -264,16 +277,6 @@ class Strategy:
     def _inputs(self, pixels: np.ndarray, cached: bool) -> torch.Tensor:
         return self.features(pixels) if cached else torch.from_numpy(pixels).to(self.device)
 
-    def _prepare(self, inputs: torch.Tensor, cached: bool, generator: torch.Generator) -> torch.Tensor:
-        if cached:
-            return inputs
-        x = to_input(inputs, self.prep)
-        if self.config.augment:
-            x = random_crop_flip(x, self.config.crop_pad, generator)
-        if self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
     # ----- the loop ---------------------------------------------------------------------
     def train_experience(
         self,
@@ -349,7 +352,7 @@ class Strategy:
             for plugin in self.plugins:
                 batch = plugin.extend_batch(ctx, batch)
             batch_sizes[len(idx)] = len(batch.labels)
-            x = self._prepare(batch.inputs, cached, ctx.gen)
+            x = prepare_inputs(ctx, batch.inputs)
             # Autocast's weight cache must be off inside a CUDA graph capture (torch.cuda.graphs).
             # Oracle routing while training (as HiDe-LLaVA): every sample through its class's expert.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16, cache_enabled=False):

@@ -16,21 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cvm_edge.augment import random_crop_flip, to_input
-from cvm_edge.strategy import Batch, Context, Output, Plugin, restricted_logits, targets_in
-
-
-def prepare_replay(ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
-    """Replayed raw inputs as the step's own: normalised, augmented, channels-last (cached
-    features pass through)."""
-    if ctx.cached:
-        return inputs
-    x = to_input(inputs, ctx.prep)
-    if ctx.config.augment:
-        x = random_crop_flip(x, ctx.config.crop_pad, ctx.gen)
-    if ctx.config.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+from cvm_edge.strategy import Batch, Context, Output, Plugin, prepare_inputs, restricted_logits, targets_in
 
 
 def replay_ce(ctx: Context, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,7 +48,7 @@ class DerPlugin(Plugin):
         idx_ce = ctx.sample_buffer(n) if self.beta > 0 else idx_mse[:0]
         assert idx_ce is not None
         idx = torch.cat([idx_mse, idx_ce])
-        x = prepare_replay(ctx, ctx.buffer_inputs.index_select(0, idx))
+        x = prepare_inputs(ctx, ctx.buffer_inputs.index_select(0, idx))
         # with per-task experts, replayed samples go through their own class's expert
         _, logits = ctx.forward_head(ctx.model, x, ctx.experts_for(ctx.buffer_labels.index_select(0, idx)))
         logits = logits.float()
