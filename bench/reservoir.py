@@ -20,15 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cvm_edge.model import CvmModel, LinearHead
 from cvm_edge.plugins.der import replay_ce
 from cvm_edge.strategy import Batch, Context, Output, Plugin, prepare_inputs
-
-
-def table_rows(model: CvmModel) -> int:
-    """Logit width of a model: its head's rows (linear outputs or concept-table classes)."""
-    head = model.head
-    return int(head.fc.out_features) if isinstance(head, LinearHead) else int(head.table.shape[0])
 
 
 class ReservoirDerPlugin(Plugin):
@@ -67,7 +60,7 @@ class ReservoirDerPlugin(Plugin):
         pixels = ctx.new_data.pixels
         self.inputs = torch.zeros((rows, *pixels.shape[1:]), dtype=torch.uint8, device=ctx.device)
         self.labels = torch.zeros(rows, dtype=torch.long, device=ctx.device)
-        self.logits = torch.zeros((rows, table_rows(ctx.model)), dtype=torch.float32, device=ctx.device)
+        self.logits = torch.zeros((rows, ctx.model.table_rows), dtype=torch.float32, device=ctx.device)
         self.seen_count = torch.zeros((), dtype=torch.long, device=ctx.device)
 
     def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:

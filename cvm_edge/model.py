@@ -254,6 +254,12 @@ class CvmModel(nn.Module):
         return not self.trainable_backbone
 
     @property
+    def table_rows(self) -> int:
+        """Logit width: the head's rows (concept-table classes, or linear outputs)."""
+        head = self.head
+        return int(head.table.shape[0]) if isinstance(head, ConceptHead) else int(head.fc.out_features)
+
+    @property
     def experts(self) -> ExpertMixture | None:
         """The per-task experts, or None for a model configured without them."""
         return self.head.experts if isinstance(self.head, ConceptHead) else None

@@ -28,7 +28,7 @@ from torch import nn
 from cvm_edge.augment import to_input
 from cvm_edge.data import ImageSet
 from cvm_edge.fusion_state import FusionState, model_with
-from cvm_edge.model import ConceptHead, CvmModel
+from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import eval_batch_for
 
@@ -89,7 +89,7 @@ class FusedRoutedModel(nn.Module):
         device = next(template.parameters()).device
         self.register_buffer("center", center.to(device))
         self.register_buffer("prototypes", F.normalize(protos - center, dim=-1).to(device))
-        rows = template.head.table.shape[0] if isinstance(template.head, ConceptHead) else template.head.fc.out_features
+        rows = template.table_rows
         known = torch.zeros(self.n_tasks, rows, dtype=torch.bool)
         for t, classes in enumerate(state.task_classes):
             known[t, list(classes)] = True
