@@ -42,14 +42,17 @@ class ReservoirDerPlugin(Plugin):
         self.logits = torch.zeros(0)
         self.seen_count = torch.zeros(0)  # stream samples offered so far (a device scalar)
 
+    def __len__(self) -> int:
+        """Filled rows (as ``len`` of a ReplayBuffer)."""
+        return 0 if self.inputs.numel() == 0 else min(int(self.seen_count), self.capacity)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the reservoir's filled rows: pixels, int64 label and float32 logits each."""
-        if self.inputs.numel() == 0:
+        if not len(self):
             return 0
-        filled = min(int(self.seen_count), self.capacity)
         per_row = self.inputs[0].numel() * self.inputs.element_size() + 8 + self.logits.shape[1] * 4
-        return filled * per_row
+        return len(self) * per_row
 
     def before_experience(self, ctx: Context) -> None:
         if ctx.cached:

@@ -217,18 +217,14 @@ def _accuracy_row(
 
 
 def stored_bytes(
-    buffer: ReplayBuffer,
-    fusion: FusionPlugin | None,
-    experts: ExpertMixture | None = None,
-    reservoir: ReservoirDerPlugin | None = None,
+    buffer: ReplayBuffer | ReservoirDerPlugin, fusion: FusionPlugin | None, experts: ExpertMixture | None = None
 ) -> dict[str, Any]:
     """What a method keeps between tasks besides the shared model, in bytes (equal-memory
     comparisons): buffer images, fusion deltas and masks, per-task experts."""
     fused = fusion.state.nbytes().to_dict() if fusion is not None and fusion.state is not None else None
     expert_bytes = 0 if experts is None else experts.nbytes
-    kept = buffer.nbytes + (reservoir.nbytes if reservoir is not None else 0)
-    total = kept + (fused["total"] if fused else 0) + expert_bytes
-    return {"buffer": kept, "fusion": fused, "experts": expert_bytes, "total": total}
+    total = buffer.nbytes + (fused["total"] if fused else 0) + expert_bytes
+    return {"buffer": buffer.nbytes, "fusion": fused, "experts": expert_bytes, "total": total}
 
 
 def make_run_plugins(spec: RunSpec, hp: dict[str, Any]) -> list[Plugin]:
@@ -318,6 +314,8 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             torch.cuda.synchronize(device)
         dt_train = time.perf_counter() - t0
         buffer = result.buffer
+        # what the method replays from: the product's buffer, or the reservoir it keeps instead
+        replay: ReplayBuffer | ReservoirDerPlugin = buffer if reservoir is None else reservoir
         t0 = time.perf_counter()
         scored, own = _scored_models(model, spec.method, fusion)
         # Class-incremental: only the tasks learned so far. Domain-incremental: every domain, also
@@ -343,11 +341,11 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
                 "steps": result.steps,
                 "images_seen": result.images_seen,
                 "final_loss": None if math.isnan(result.final_loss) else round(result.final_loss, 5),
-                "buffer_size": len(buffer) if reservoir is None else min(int(reservoir.seen_count), reservoir.capacity),
+                "buffer_size": len(replay),
                 # entries per task that brought them: a domain-incremental buffer keeps every domain
                 "buffer_by_task": {str(k): v for k, v in sorted(Counter(buffer.tasks.tolist()).items())},
-                "buffer_capacity": buffer.capacity if reservoir is None else reservoir.capacity,
-                "buffer_bytes": buffer.nbytes if reservoir is None else reservoir.nbytes,
+                "buffer_capacity": replay.capacity,
+                "buffer_bytes": replay.nbytes,
                 "expert_bytes": 0 if experts is None else experts.nbytes,
                 **({"routing_acc": routing} if routing is not None else {}),
                 **({"fusion": fusion.reports[-1]} if fusion is not None else {}),
@@ -394,12 +392,12 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "images_per_s": round(images_seen / max(train_s, 1e-9), 1),
         "peak_memory": peak,
         # Memory that persists between tasks: replay buffer and experts (equal-memory comparisons).
-        "buffer_bytes": buffer.nbytes if reservoir is None else reservoir.nbytes,
+        "buffer_bytes": replay.nbytes,
         "expert_bytes": 0 if experts is None else experts.nbytes,
         "experts": None
         if experts is None
         else _experts_record(spec, model_config, experts, sample_bytes, per_task[-1].get("routing_acc")),
-        "stored_bytes": stored_bytes(buffer, fusion, experts, reservoir),
+        "stored_bytes": stored_bytes(replay, fusion, experts),
         **(
             {
                 "fusion_variants": {
