@@ -114,3 +114,17 @@ def der_context(model: Any) -> Any:
         gen=torch.Generator().manual_seed(7),
         task_index=1,
     )
+
+
+def render_report(results: Path, protocol: str, work: Path) -> str:
+    """BENCHMARKS.md text (no plots) rendered by bench.report from the run JSONs in ``results``,
+    filed as one protocol's results under ``work/res``."""
+    from bench import report
+
+    proto = work / "res" / protocol
+    proto.mkdir(parents=True)
+    for f in results.glob("*.json"):
+        (proto / f.name).write_text(f.read_text())
+    out = work / "B.md"
+    assert report.main(["--results", str(work / "res"), "--out", str(out), "--no-plots"]) == 0
+    return out.read_text()

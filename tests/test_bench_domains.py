@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import report
 from bench import run as bench_run
 from bench.datasets import _decode_jpegs
 from bench.domains import SHIFTS, apply_domain, domain_seed, gaussian_blur, greyscale, jpeg_artefacts, low_light
 from bench.metrics import final_average, forgetting_per_task
 from bench.protocols import PROTOCOLS, build_scenario
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, render_report
 
 DOMAINS = ("clean", "greyscale", "low-light", "blur", "jpeg")
 
@@ -128,13 +127,7 @@ def test_smoke_run_fills_the_domain_matrix_and_the_report(tmp_path: Path) -> Non
     # the buffer keeps images of every domain seen (40 entries per task of 200)
     assert [t["buffer_by_task"] for t in rec["per_task"]][-1] == {str(k): 40 for k in range(5)}
     # the report renders the protocol with per-domain figures
-    proto = tmp_path / "res" / "cifar10-domains"
-    proto.mkdir(parents=True)
-    for f in folder.glob("*.json"):
-        (proto / f.name).write_text(f.read_text())
-    out = tmp_path / "B.md"
-    assert report.main(["--results", str(tmp_path / "res"), "--out", str(out), "--no-plots"]) == 0
-    text = out.read_text()
+    text = render_report(folder, "cifar10-domains", tmp_path)
     assert "Tasks: 5 domains of the same 10 classes (clean, greyscale, low-light, blur, jpeg)" in text
     assert "| method | buffer | seeds | clean | greyscale | low-light | blur | jpeg |" in text
     assert "| cvm-er-distill | 200 | 0 |" in text

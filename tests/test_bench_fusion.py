@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
 from bench import run as bench_run
 from bench.methods import METHODS
+from conftest import render_report
 
 TINY = ["--smoke", "--demo", "--train-per-class", "20", "--test-per-class", "10", "--threads", "2", "--tasks", "3"]
 
@@ -46,13 +46,7 @@ def test_fusion_methods_run_and_record_bytes_and_variants(tmp_path: Path) -> Non
     assert routed["hyperparameters"]["routing"]["top_k"] == 2 and "routing" not in unified["hyperparameters"]
     assert unified["final_avg_acc"] == unified["fusion_variants"]["unified"]["final_avg_acc"]
     # the report shows the stored bytes and the unified / routed comparison
-    proto = tmp_path / "res" / "cifar10-5"
-    proto.mkdir(parents=True)
-    for f in out.glob("*.json"):
-        (proto / f.name).write_text(f.read_text())
-    md = tmp_path / "B.md"
-    assert report.main(["--results", str(tmp_path / "res"), "--out", str(md), "--no-plots"]) == 0
-    text = md.read_text()
+    text = render_report(out, "cifar10-5", tmp_path)
     mb = f"{routed['stored_bytes']['total'] / 2**20:.2f}"
     top2 = f"{routed['fusion_variants']['top2']['final_avg_acc']:.1f}"
     assert "| unified final acc % | top1 final acc % | top2 final acc % | stored MB |" in text
