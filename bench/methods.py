@@ -7,7 +7,7 @@ Literature hyper-parameters are those reported for Seq-CIFAR-10 by Buzzega et al
 |---|---|---|
 | fine-tune (SGD) | lr 0.1 | lr 0.1 |
 | joint | lr 0.1 | lr 0.1 |
-| oEWC | lr 0.03, lambda 10, gamma 1 | lr 0.03, ewc_lambda 20 (our penalty is lambda/2 * sum F dtheta^2), decay 1, Fisher from 128 samples per task |
+| oEWC | lr 0.03, lambda 10, gamma 1 | lr 0.03, ewc_lambda 20 (our penalty is lambda/2 * sum F dtheta^2), decay 1, Fisher from 128 samples per task, each squared gradient weighted by p(y|x) as mammoth |
 | LwF | lr 0.01, alpha 0.5, T 2, wd 5e-4 | lr 0.01, distill weight 0.5 on T^2-scaled KL over old classes, T 2, wd 5e-4 |
 | ER | lr 0.1 (buffers 200 and 500) | lr 0.1 |
 | DER++ | 200: lr 0.03, alpha 0.1, beta 0.5; 500: lr 0.03, alpha 0.2, beta 0.5 | the same |

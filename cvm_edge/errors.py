@@ -45,5 +45,9 @@ class ForgettingGateError(CvmError):
     """An update would forget more than allowed; nothing was published."""
 
 
+class TrainingDivergedError(CvmError):
+    """Training produced a non-finite loss: the weights are unusable and nothing was published."""
+
+
 class ModelLoadError(CvmError):
     """A model file or bundle failed to load or verify."""

@@ -24,6 +24,7 @@ from cvm_edge.augment import random_crop_flip, to_input
 from cvm_edge.backbones import feature_dim
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
+from cvm_edge.errors import TrainingDivergedError
 from cvm_edge.graphed import GraphedStep
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
@@ -372,7 +373,7 @@ class Strategy:
         last_loss: torch.Tensor | None = None
         steps, images = 0, 0
         model.train()
-        for _epoch in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             order = torch.from_numpy(ctx.rng.permutation(n)).to(self.device)
             for start in range(0, n, cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
@@ -382,6 +383,13 @@ class Strategy:
                 bar.update(1)
                 if cfg.progress and steps % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{float(last_loss):.3f}")
+            # One host sync per epoch: a diverged run stops here instead of training on (and
+            # publishing) NaN weights, which would only show later as one class predicted.
+            if last_loss is not None and not bool(torch.isfinite(last_loss)):
+                raise TrainingDivergedError(
+                    f"task {task_index}, epoch {epoch + 1}: the training loss is {float(last_loss)}; "
+                    "lower the learning rate or the regularisation weights (ewc lambda, distill weight)"
+                )
         if isinstance(run_step, GraphedStep):
             log.info(
                 "task %d: %d steps replayed from a CUDA graph, %d eager",

@@ -81,7 +81,7 @@ def test_graph_replay_trains_like_eager(sample: dict[str, np.ndarray], plugins: 
     # models must be small against how far training moved them (training on other batches or a
     # stale graph would not be).
     gap = torch.cat(
-        [(a - b).flatten() for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True)]
+        [(a - b).detach().flatten() for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True)]
     )
     travel = torch.cat([(a.detach() - b).flatten() for a, b in zip(eager.model.parameters(), before, strict=True)])
     ratio = float(gap.norm() / travel.norm())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,16 @@ def test_plugins_compose_and_ewc_state_persists(fashion_table: Path, class_folde
     png = tmp_path / "acc.png"
     assert run_cli("status", "--workdir", str(wd), "--plot", str(png)) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diverged_training_fails_and_publishes_nothing(
+    fashion_table: Path, class_folders, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wd = tmp_path / "w"
+    init_store(wd, fashion_table, "--buffer-size", "20")
+    # An absurd learning rate sends the weights to inf within an epoch: the loss turns NaN.
+    code = _update(wd, class_folders([0, 1], per_class=20), "--epochs", "3", "--lr", "1e30", "--plugins", "none")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"cvm: error: task \d+, epoch \d+: the training loss is nan; lower the learning rate", err)
+    assert CheckpointStore(wd).versions() == [1]

@@ -1,7 +1,8 @@
 """Online Elastic Weight Consolidation (Kirkpatrick et al. 2017; Schwarz et al. 2018).
 
 After each experience the diagonal empirical Fisher information of the trainable weights is
-estimated on that experience's data and accumulated; training then pays
+estimated on that experience's data (each sample's squared gradient weighted by the model's
+probability of its label) and accumulated; training then pays
 ``lambda / 2 * sum(F * (theta - theta_star)^2)`` for moving weights that mattered before.
 
 With ``similarity_scaling = P != 0``, ``lambda`` of each experience is multiplied by the task
@@ -72,7 +73,10 @@ class EwcPlugin(Plugin):
         n = min(self.samples, len(data))
         idx = ctx.rng.choice(len(data), size=n, replace=False)
         model.eval()
-        # Empirical Fisher from per-sample gradients of the log-likelihood of the true label.
+        # Empirical Fisher from per-sample gradients of the log-likelihood of the true label, each
+        # weighted by the model's probability of that label (as mammoth's oEWC): the few samples the
+        # model gets wrong have the largest gradients, and unweighted they inflate F until an SGD
+        # step on lambda * F * dtheta overshoots (seen as NaN losses at 50 epochs per task).
         for i in idx:
             inp = to_input(torch.from_numpy(data.pixels[i : i + 1]).to(ctx.device), ctx.prep)
             if ctx.cached:
@@ -80,11 +84,12 @@ class EwcPlugin(Plugin):
             _, logits = ctx.forward_head(model, inp)
             y = torch.from_numpy(data.labels[i : i + 1]).to(ctx.device)
             loss = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(y, ctx.seen))
+            weight = torch.exp(-loss.detach())  # p(y | x)
             model.zero_grad(set_to_none=True)
             loss.backward()
             for name, p in params.items():
                 if p.grad is not None:
-                    fisher[name] += p.grad.detach() ** 2
+                    fisher[name] += weight * p.grad.detach() ** 2
         model.zero_grad(set_to_none=True)
         for name in fisher:
             fisher[name] /= max(1, n)
