@@ -29,6 +29,8 @@ STEP_COST = {
     "er": 64 / 96,
     "cvm-er": 64 / 96,
     "cvm-er-distill": (64 + 64 / 3) / 96,
+    "cvm-er-distill-ce": (64 + 64 / 3) / 96,
+    "cvm-er-distill-sgd": (64 + 64 / 3) / 96,
 }
 
 

@@ -160,6 +160,8 @@ PAIRED = {
         m: "cvm-er-distill"
         for m in (
             "cvm-er",
+            "cvm-er-distill-ce",
+            "cvm-er-distill-sgd",
             "cvm-simscale",
             "cvm-protos",
             "cvm-experts",
@@ -431,25 +433,29 @@ is a seeded permutation (the paper uses the natural order).
 
 ## What the numbers say (2026-11-30)
 
-- **cifar10-5 at 50 epochs/task** (the literature schedule; 2 H200s under CUDA MPS, CUDA-graph steps in bf16):
-  CVM DER++ 59.6 ± 1.4 % at buffer 500 and 49.4 ± 4.1 % at buffer 200 (3 seeds each), against our
-  linear-head DER++ at 44.9 ± 11.4 % and 43.7 ± 4.7 %, and ER at 52.0 ± 1.5 % (buffer 500; paper 57.7). The
-  concept head is ahead of our own DER++ by 14.7 and 5.7 points and forgets far less (15.9 / 15.5 points against
-  40.8 / 35.9), but the targets (74.0 / 66.0 %) are missed by 14.4 and 16.6 points, and our DER++ is far below
-  the paper's 72.7 / 64.9 %, with a large spread between seeds (31.9 to 53.0 % at buffer 500): the differences
-  listed above (buffer filled at the end of each task, logits recorded after the task, JPEG-decoded CIFAR-10,
-  bf16) are the suspects, the first two most (the paper's reservoir buffer also replays the current task's
-  samples with their logits taken while training). ER at 50 epochs is 5.7 points below its paper figure, DER++
-  27.8: what separates them is the stored logits. **Tried: the paper's buffer** (`derpp-reservoir`,
-  `cvm-derpp-reservoir`: reservoir sampling during the stream, logits recorded at insertion, replay from the first
-  step; bench/reservoir.py), at 5 epochs/task, buffer 500, 3 seeds beside our buffer: linear DER++ 29.8 ± 5.4 %
-  against 29.7 ± 2.0 % (no change, forgetting 66.4 against 46.6), CVM DER++ 59.9 ± 1.4 % against 57.3 ± 1.2 %
-  (+2.7 ± 1.0 paired by seed, ahead on all three, without the class-balanced head tuning our buffer allows). So the buffer
-  policy does not explain our linear DER++'s gap at this budget; it does help the concept head. Next
-  suspect: our cross-entropies leave the unseen classes' logits free, so the logits DER++ stores for them are
-  arbitrary and the MSE pins them (mammoth's full 10-way loss pushes them down first): `derpp-allce` tests it. Still to run at
-  50 epochs: fine-tune, joint, LwF, EWC, CVM-ER and CVM-ER+distill, and ER at buffer 200, then CVM DER++ with
-  the reservoir (bench/README.md).
+- **cifar10-5 at 50 epochs/task** (the literature schedule; 2 H200s under CUDA MPS, CUDA-graph steps in bf16;
+  37 of the 42 runs, 3 seeds unless said): at buffer 500 the CVM best is the product default CVM-ER+distill,
+  61.8 ± 2.5 % (forgetting 11.9), then CVM DER++ 59.6 ± 1.4 % (15.9) and CVM-ER 55.1 ± 5.3 % (1.9), against our
+  linear-head DER++ at 44.9 ± 11.4 % (40.8) and ER at 52.0 ± 1.5 % (53.2; paper 57.7). At buffer 200: CVM DER++
+  49.4 ± 4.1 %, CVM-ER+distill 49.4 (seed 0), DER++ 43.7 ± 4.7 %, ER 40.3 (seeds 0-1; paper 44.8). The
+  bounds match the paper's: fine-tune 19.2 ± 0.8 % (19.62), LwF 19.1 ± 0.6 % (19.61); joint 87.6 ± 0.3 %
+  (92.2; our CIFAR-10 is decoded from JPEG and trained in bf16). Our EWC runs diverged in 2 of 3 seeds (NaN
+  loss, 10 % = one class; fixed since, rerun pending). So the concept head beats our own DER++ by 16.9
+  (buffer 500) and 5.7 points (200) and forgets far less, but the targets (74.0 / 66.0 %) are missed by 12.2
+  and 16.6 points, and our DER++ is far below the paper's 72.7 / 64.9 %. **What the accuracy matrices show:**
+  the concept-head methods learn each new task poorly at 50 epochs: accuracy on the task just trained (tasks
+  2-5, 3 seeds) averages 47.9 % for CVM-ER+distill and 19.8 % for CVM-ER, against 94.4 % for linear ER, while
+  their old tasks hold (CVM-ER's backward transfer is +25 points: old tasks gain later). ACE trains the stream
+  only among the new classes, so after 50 epochs of memorising them nothing separates new test images from the
+  old classes, which replay keeps pulling towards; at 3-10 epochs this was milder. Next: `cvm-er-distill-ce`
+  (stream cross-entropy over all seen classes) and `cvm-er-distill-sgd` (the paper's ER optimiser instead of
+  Adam). **Tried for our DER++:** the paper's buffer (`derpp-reservoir`, `cvm-derpp-reservoir`: reservoir
+  sampling during the stream, logits recorded at insertion; bench/reservoir.py), 5 epochs/task, buffer 500, 3
+  seeds: linear DER++ 29.8 ± 5.4 % against 29.7 ± 2.0 % (no change), CVM DER++ 59.9 ± 1.4 % against 57.3 ± 1.2 %
+  (+2.7 ± 1.0 paired, ahead on all three). Mammoth's 10-way cross-entropy (`derpp-allce`: the unseen classes'
+  logits are pushed down before DER++ stores them; ours leaves them free and the MSE then pins arbitrary
+  values), same budget: 34.4 ± 5.1 % against 29.7 ± 2.0 % (+4.7, ahead on 3 of 3 seeds) and forgetting 28.1
+  against 46.6 points, the first change that moves it; at 50 epochs it is queued (bench/README.md).
 - **Beyond replay (issue 7; buffer 500, 3 seeds, each variant trained beside the product default
   cvm-er-distill, differences paired by seed)**. cifar10-5 at 10 epochs/task: cvm-er-distill 58.3 ± 1.2 %;
   task-similarity-scaled distillation (cvm-simscale) 58.5 (+0.2 ± 0.3, ahead on 2 of 3 seeds), multi-prototype

@@ -452,7 +452,8 @@ class Strategy:
             feats = self.features(buffer.pixels)
         labels = torch.from_numpy(buffer.labels).to(self.device)
         params = [p for p in model.head.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=cfg.lr * 0.5)
+        # The run's own optimiser at half its rate (an SGD run's rate would be far too large for Adam).
+        opt = make_optimizer(params, dataclasses.replace(cfg, lr=cfg.lr * 0.5, cuda_graph=False))
         model.head.train()
         for _ in range(cfg.balance_epochs):
             order = torch.from_numpy(ctx.rng.permutation(len(labels))).to(self.device)
