@@ -24,6 +24,7 @@ collect() {
 case "${1:?setup|probe|start|wait}" in
 setup)
   # A lent machine can keep /tmp from an earlier lease: stale results would come back as this one's.
+  pgrep -f bench.grid >/dev/null && { echo "grids are running: setup would delete their results" >&2; exit 1; }
   rm -rf "$RES" "$GRIDS" /tmp/cvm-graph-failed-* && mkdir -p "$RES" "$GRIDS"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   cp -r .devdata/cache/tables "$CVM_BENCH_CACHE"/ 2>/dev/null
@@ -86,7 +87,7 @@ plan)  # start as many runs of a priority list per GPU as the probe's rate finis
 wait)
   end=$((SECONDS + ${2:?seconds}))
   while [ $SECONDS -lt $end ]; do
-    sleep $((end - SECONDS < 60 ? end - SECONDS : 60))  # never past SECONDS: the call's limit is set by it
+    sleep $((end - SECONDS < 60 ? end - SECONDS : 60))  # never past the deadline: the call's limit is set by it
     echo "--- $(date -u +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader | tr '\n' ' ')"
     for f in "$GRIDS"/*/*.log; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -c ' task ' "$f") tasks"; done
     pgrep -f bench.grid >/dev/null || { echo "all grids finished"; break; }

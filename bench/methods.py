@@ -38,7 +38,7 @@ matched by the MSE term. ``derpp-reservoir`` and ``cvm-derpp-reservoir`` replace
 reservoir sampling while the stream passes, logits recorded at insertion, replay from the first step).
 
 Two variants of ``cvm-er-distill`` for the 50-epoch schedule, where it learns each new task poorly
-(its accuracy on the task just trained: 27-83 % at seed 0, against 94-98 % for linear ER) and forgets
+(its accuracy on the task just trained: 27-83 % at seed 0, against 83-98 % for linear ER) and forgets
 little: ``cvm-er-distill-ce`` trains the stream's cross-entropy over every seen class instead of ACE
 (the new classes are then pushed away from the old ones too), ``cvm-er-distill-sgd`` uses the paper's
 ER optimiser (plain SGD, lr 0.1; Adam without weight decay over 50 epochs memorises each task).

@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--balance-epochs",
         type=_non_negative_int,
         default=3,
-        help="epochs of class-balanced head tuning on the replay buffer after training (0: off)",
+        help="epochs of class-balanced head tuning on the replay buffer after training, with --optimizer at half --lr (0: off)",
     )
     u.add_argument("--distill-weight", type=float, default=1.0)
     u.add_argument("--distill-target", choices=("embedding", "logits"), default="embedding")

@@ -437,12 +437,25 @@ class Strategy:
         ctx.buffer_inputs = torch.zeros(0)
         if cfg.balance_epochs and len(new_buffer):
             self._balance_head(ctx, new_buffer, pool_feats)
+        self._check_outputs_finite(new_data, task_index)
         return ExperienceResult(
             buffer=new_buffer,
             final_loss=float("nan") if last_loss is None else float(last_loss),
             steps=steps,
             images_seen=images,
         )
+
+    def _check_outputs_finite(self, data: ImageSet, task_index: int) -> None:
+        """The per-epoch check reads each epoch's last loss, taken before that step's update: the last
+        update (or head balancing) can still break the weights, so the trained model must give finite
+        logits on a batch of this experience's images."""
+        sample = data.pixels[: self.config.batch_size]
+        logits = predict_logits(self.model, self.prep, sample, self.device, max(1, len(sample)))
+        if not np.isfinite(logits).all():
+            raise TrainingDivergedError(
+                f"task {task_index}: after training the model's outputs are not finite; "
+                "lower the learning rate or the regularisation weights (ewc lambda, distill weight)"
+            )
 
     def _balance_head(self, ctx: Context, buffer: ReplayBuffer, feats: torch.Tensor | None) -> None:
         """Tune only the head on the class-balanced buffer, backbone features computed once."""

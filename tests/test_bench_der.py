@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -87,3 +88,26 @@ def test_ce_all_takes_the_softmax_over_every_table_row_in_the_stream_and_replay_
         float(F.cross_entropy(logits[:, :3], b.labels))
     )
     assert TrainConfig(loss="ce-all").loss == "ce-all"
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_head_balancing_uses_the_runs_optimiser_at_half_its_rate(
+    optimizer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SGD run's rate (0.1) would wreck the head under Adam: balancing follows ``cfg.optimizer``."""
+    import cvm_edge.strategy as strategy_module
+
+    made: list[tuple[str, float, bool]] = []
+    real = strategy_module.make_optimizer
+
+    def spy(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+        made.append((cfg.optimizer, cfg.lr, cfg.cuda_graph))
+        return real(params, cfg)
+
+    monkeypatch.setattr(strategy_module, "make_optimizer", spy)
+    ctx, _ = _setup(0.1, 0.5)
+    cfg = TrainConfig(epochs=1, progress=False, balance_epochs=1, optimizer=optimizer, lr=0.1, momentum=0.0)
+    strategy = Strategy(ctx.model, ctx.prep, [DerPlugin()], cfg)
+    new = ImageSet(ctx.buffer.pixels[:6], np.full(6, 2, np.int64))
+    strategy.train_experience(new, ctx.buffer, [0, 1, 2], [0, 1], task_index=1)
+    assert made == [(optimizer, 0.1, False), (optimizer, 0.05, False)]  # training, then head balancing

@@ -105,5 +105,10 @@ def test_diverged_training_fails_and_publishes_nothing(
     code = _update(wd, class_folders([0, 1], per_class=20), "--epochs", "3", "--lr", "1e30", "--plugins", "none")
     assert code == 1
     err = capsys.readouterr().err
-    assert re.search(r"cvm: error: task \d+, epoch \d+: the training loss is nan; lower the learning rate", err)
+    assert re.search(r"cvm: error: task \d+, epoch \d+: the training loss is (nan|inf); lower the learning rate", err)
+    assert CheckpointStore(wd).versions() == [1]
+    # The last update of a run is after its last checked loss: the trained model's outputs are checked too.
+    code = _update(wd, class_folders([0, 1], per_class=20), "--epochs", "1", "--lr", "1e30", "--plugins", "none")
+    assert code == 1
+    assert "cvm: error: task 1: after training the model's outputs are not finite" in capsys.readouterr().err
     assert CheckpointStore(wd).versions() == [1]
