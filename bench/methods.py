@@ -106,15 +106,36 @@ class Method:
         return PluginOptions(**{k: v for k, v in hp.items() if k in fields})
 
 
-DERPP_BY_BUFFER = {
-    200: {"lr": 0.03, "der_alpha": 0.1, "der_beta": 0.5},
-    500: {"lr": 0.03, "der_alpha": 0.2, "der_beta": 0.5},
+# DER++'s loss weights per buffer size (the paper's best); the linear-head runs also take its lr.
+DER_WEIGHTS: dict[int, dict[str, Any]] = {
+    200: {"der_alpha": 0.1, "der_beta": 0.5},
+    500: {"der_alpha": 0.2, "der_beta": 0.5},
 }
+DERPP_BY_BUFFER = {b: {"lr": 0.03, **w} for b, w in DER_WEIGHTS.items()}
 EXPERTS_SOFT: dict[str, Any] = {"experts": "adapter", "expert_rank": 8, "routing": "soft", "routing_temperature": 0.1}
 CVM: dict[str, Any] = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "loss": "ace", "balance_epochs": 3}
 DISTILL_EMBEDDING: dict[str, Any] = {"distill_target": "embedding", "distill_weight": 1.0}
 # No buffer, so no class-balanced head tuning (it runs on the buffer).
 FUSION: dict[str, Any] = {**CVM, "balance_epochs": 0}
+
+# The methods others are variants of (dataclasses.replace below names what each variant changes).
+DERPP = Method("derpp", "linear", ("der",), lr=0.03, options=DERPP_BY_BUFFER, description="DER++")
+CVM_ER_DISTILL = Method(
+    "cvm-er-distill",
+    "concepts",
+    ("replay", "distill"),
+    **CVM,
+    base_options=DISTILL_EMBEDDING,
+    description="concept head, replay + embedding distillation (the product default)",
+)
+CVM_DERPP = Method(
+    "cvm-derpp",
+    "concepts",
+    ("der",),
+    **CVM,
+    options=DER_WEIGHTS,
+    description="concept head with DER++ logit replay, ACE on the stream",
+)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -122,7 +143,7 @@ METHODS: dict[str, Method] = {
         Method("finetune", "linear", (), lr=0.1, description="fine-tuning, no protection (lower bound)"),
         Method("joint", "linear", (), lr=0.1, joint=True, description="all tasks' data at once (upper bound)"),
         Method("er", "linear", ("replay",), lr=0.1, description="experience replay"),
-        Method("derpp", "linear", ("der",), lr=0.03, options=DERPP_BY_BUFFER, description="DER++"),
+        DERPP,
         Method(
             "lwf",
             "linear",
@@ -143,78 +164,51 @@ METHODS: dict[str, Method] = {
         Method(
             "cvm-er", "concepts", ("replay",), **CVM, description="concept head, replay, ACE loss, balanced head tuning"
         ),
-        Method(
-            "cvm-er-distill",
-            "concepts",
-            ("replay", "distill"),
-            **CVM,
-            base_options=DISTILL_EMBEDDING,
-            description="concept head, replay + embedding distillation (the product default)",
-        ),
-        Method(
-            "cvm-protos",
-            "concepts",
-            ("replay", "distill"),
-            **CVM,
-            base_options=DISTILL_EMBEDDING,
+        CVM_ER_DISTILL,
+        dataclasses.replace(
+            CVM_ER_DISTILL,
+            name="cvm-protos",
             prototypes=True,
             description="cvm-er-distill on a multi-prototype table (name + curated descriptions, LogSumExp)",
         ),
-        Method(
-            "cvm-simscale",
-            "concepts",
-            ("replay", "distill"),
-            **CVM,
+        dataclasses.replace(
+            CVM_ER_DISTILL,
+            name="cvm-simscale",
             base_options={**DISTILL_EMBEDDING, "similarity_scaling": 1.0},
             description="cvm-er-distill with each task's distillation weight scaled by its concept-table similarity",
         ),
-        Method(
-            "cvm-er-distill-ce",
-            "concepts",
-            ("replay", "distill"),
-            **{**CVM, "loss": "ce"},
-            base_options=DISTILL_EMBEDDING,
+        dataclasses.replace(
+            CVM_ER_DISTILL,
+            name="cvm-er-distill-ce",
+            loss="ce",
             description="cvm-er-distill with cross-entropy over every seen class on the stream (not ACE)",
         ),
-        Method(
-            "cvm-er-distill-sgd",
-            "concepts",
-            ("replay", "distill"),
-            **{**CVM, "optimizer": "sgd", "lr": 0.1, "momentum": 0.0},
-            base_options=DISTILL_EMBEDDING,
+        dataclasses.replace(
+            CVM_ER_DISTILL,
+            name="cvm-er-distill-sgd",
+            optimizer="sgd",
+            lr=0.1,
+            momentum=0.0,
             description="cvm-er-distill with the paper's ER optimiser (plain SGD, lr 0.1) instead of Adam",
         ),
-        Method(
-            "cvm-derpp",
-            "concepts",
-            ("der",),
-            **CVM,
-            options={200: {"der_alpha": 0.1, "der_beta": 0.5}, 500: {"der_alpha": 0.2, "der_beta": 0.5}},
-            description="concept head with DER++ logit replay, ACE on the stream",
-        ),
-        Method(
-            "derpp-allce",
-            "linear",
-            ("der",),
-            lr=0.03,
+        CVM_DERPP,
+        dataclasses.replace(
+            DERPP,
+            name="derpp-allce",
             loss="ce-all",
-            options=DERPP_BY_BUFFER,
             description="DER++ with cross-entropy over all 10 outputs (stream and buffer), as mammoth trains it",
         ),
-        Method(
-            "derpp-reservoir",
-            "linear",
-            ("der-reservoir",),
-            lr=0.03,
-            options=DERPP_BY_BUFFER,
+        dataclasses.replace(
+            DERPP,
+            name="derpp-reservoir",
+            plugins=("der-reservoir",),
             description="DER++ with the paper's buffer: reservoir sampling during the stream, logits at insertion",
         ),
-        Method(
-            "cvm-derpp-reservoir",
-            "concepts",
-            ("der-reservoir",),
-            **{**CVM, "balance_epochs": 0},
-            options={200: {"der_alpha": 0.1, "der_beta": 0.5}, 500: {"der_alpha": 0.2, "der_beta": 0.5}},
+        dataclasses.replace(
+            CVM_DERPP,
+            name="cvm-derpp-reservoir",
+            plugins=("der-reservoir",),
+            balance_epochs=0,
             description="cvm-derpp with the paper's reservoir buffer (no class-balanced head tuning: no product buffer)",
         ),
         Method(

@@ -32,6 +32,7 @@ from cvm_edge.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
+DIVERGED_HINT = "lower the learning rate or the regularisation weights (ewc lambda, distill weight)"
 LOSSES = ("ace", "ce", "ce-all")
 
 
@@ -387,8 +388,7 @@ class Strategy:
             # publishing) NaN weights, which would only show later as one class predicted.
             if last_loss is not None and not bool(torch.isfinite(last_loss)):
                 raise TrainingDivergedError(
-                    f"task {task_index}, epoch {epoch + 1}: the training loss is {float(last_loss)}; "
-                    "lower the learning rate or the regularisation weights (ewc lambda, distill weight)"
+                    f"task {task_index}, epoch {epoch + 1}: the training loss is {float(last_loss)}; {DIVERGED_HINT}"
                 )
         if isinstance(run_step, GraphedStep):
             log.info(
@@ -453,8 +453,7 @@ class Strategy:
         logits = predict_logits(self.model, self.prep, sample, self.device, max(1, len(sample)))
         if not np.isfinite(logits).all():
             raise TrainingDivergedError(
-                f"task {task_index}: after training the model's outputs are not finite; "
-                "lower the learning rate or the regularisation weights (ewc lambda, distill weight)"
+                f"task {task_index}: after training the model's outputs are not finite; {DIVERGED_HINT}"
             )
 
     def _balance_head(self, ctx: Context, buffer: ReplayBuffer, feats: torch.Tensor | None) -> None:
