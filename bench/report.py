@@ -433,24 +433,29 @@ is a seeded permutation (the paper uses the natural order).
 
 ## What the numbers say (2026-11-30)
 
-- **cifar10-5 at 50 epochs/task** (the literature schedule; 2 H200s under CUDA MPS, CUDA-graph steps in bf16;
-  37 of the 42 runs, 3 seeds unless said): at buffer 500 the CVM best is the product default CVM-ER+distill,
-  61.8 ± 2.5 % (forgetting 11.9), then CVM DER++ 59.6 ± 1.4 % (15.9) and CVM-ER 55.1 ± 5.3 % (1.9), against our
-  linear-head DER++ at 44.9 ± 11.4 % (40.8) and ER at 52.0 ± 1.5 % (53.2; paper 57.7). At buffer 200: CVM DER++
-  49.4 ± 4.1 %, CVM-ER+distill 49.4 (seed 0), DER++ 43.7 ± 4.7 %, ER 40.3 (seeds 0-1; paper 44.8). The
-  bounds match the paper's: fine-tune 19.2 ± 0.8 % (19.62), LwF 19.1 ± 0.6 % (19.61); joint 87.6 ± 0.3 %
-  (92.2; our CIFAR-10 is decoded from JPEG and trained in bf16). Our EWC runs diverged in 2 of 3 seeds (NaN
-  loss, 10 % = one class; its Fisher is now weighted by p(y|x) as mammoth's and a non-finite loss stops
-  training; rerun pending). So the concept head beats our own DER++ by 16.9
-  (buffer 500) and 5.7 points (200) and forgets far less, but the targets (74.0 / 66.0 %) are missed by 12.2
-  and 16.6 points, and our DER++ is far below the paper's 72.7 / 64.9 %. **What the accuracy matrices show:**
-  the concept-head methods learn each new task poorly at 50 epochs: accuracy on the task just trained (tasks
-  2-5, 3 seeds) averages 47.9 % for CVM-ER+distill and 19.8 % for CVM-ER, against 94.4 % for linear ER, while
-  their old tasks hold (CVM-ER's backward transfer is +25 points: old tasks gain later). ACE trains the stream
-  only among the new classes, so after 50 epochs of memorising them nothing separates new test images from the
-  old classes, which replay keeps pulling towards; at 10 epochs the same measure was 72.0 and 61.8 %. Next: `cvm-er-distill-ce`
-  (stream cross-entropy over all seen classes) and `cvm-er-distill-sgd` (the paper's ER optimiser instead of
-  Adam). **Tried for our DER++:** the paper's buffer (`derpp-reservoir`, `cvm-derpp-reservoir`: reservoir
+- **cifar10-5 at 50 epochs/task** (the literature schedule; H200s under CUDA MPS, CUDA-graph steps in bf16;
+  all 42 runs, 3 seeds): at buffer 500 the CVM best is the product default CVM-ER+distill, 61.8 ± 2.5 %
+  (forgetting 11.9), then CVM DER++ 59.6 ± 1.4 % (15.9) and CVM-ER 55.1 ± 5.3 % (1.9), against our linear-head
+  DER++ at 44.9 ± 11.4 % (40.8) and ER at 52.0 ± 1.5 % (53.2; paper 57.7). At buffer 200: CVM-ER+distill
+  49.4 ± 0.1 % (0.4), CVM DER++ 49.4 ± 4.1 % (15.5), CVM-ER 45.0 ± 2.5 % (2.9), DER++ 43.7 ± 4.7 % (35.9), ER
+  39.7 ± 1.1 % (69.2; paper 44.8). The bounds match the paper's: fine-tune 19.2 ± 0.8 % (19.62), LwF 19.1 ± 0.6 %
+  (19.61), EWC 17.5 ± 3.0 % (19.49; rerun with its Fisher weighted by p(y|x) as mammoth's: the earlier runs
+  diverged to NaN in 2 of 3 seeds, these do not); joint 87.6 ± 0.3 % (92.2; our CIFAR-10 is decoded from JPEG
+  and trained in bf16). So the concept head beats our own DER++ by 16.9 (buffer 500) and 5.7 points (200) and
+  forgets far less, but the targets (74.0 / 66.0 %) are missed by 12.2 and 16.6 points, and our DER++ is far
+  below the paper's 72.7 / 64.9 %. **What the accuracy matrices show:** the concept-head methods learn each new
+  task poorly at 50 epochs: accuracy on the task just trained (tasks 2-5, 3 seeds) averages 47.9 % for
+  CVM-ER+distill and 19.8 % for CVM-ER at buffer 500, 12.1 and 2.4 % at buffer 200, against 94-95 % for linear
+  ER, while their old tasks hold and even gain later (backward transfer +25 to +30 points: a class is learnt
+  once it is replayed). ACE trains the stream only among the new classes, and that softmax does not change
+  when all new-class logits move together, so nothing pulls new images towards their own rows rather than
+  the old ones; after 50 epochs of memorising the stream, new test images land on old classes. At 10 epochs
+  the same measure was 72.0 and 61.8 %. **Tried** (buffer 500, paired with CVM-ER+distill by seed): stream
+  cross-entropy over all seen classes (`cvm-er-distill-ce`, seeds 0-1) learns the new task (95.2 %) but
+  forgets 51.0 points: 54.7 % (-8.4); the paper's ER optimiser, SGD lr 0.1 (`cvm-er-distill-sgd`, seed 0),
+  78.1 % new-task, forgetting 29.4: 57.9 % (-6.2). Neither beats ACE; the trade-off they span suggests a
+  stream term that pulls new images onto their own row without pushing old rows down (next, bench/README.md).
+  **Tried for our DER++:** the paper's buffer (`derpp-reservoir`, `cvm-derpp-reservoir`: reservoir
   sampling during the stream, logits recorded at insertion; bench/reservoir.py), 5 epochs/task, buffer 500, 3
   seeds: linear DER++ 29.8 ± 5.4 % against 29.7 ± 2.0 % (no change), CVM DER++ 59.9 ± 1.4 % against 57.3 ± 1.2 %
   (+2.7 ± 1.0 paired, ahead on all three). Mammoth's 10-way cross-entropy (`derpp-allce`: the unseen classes'
