@@ -31,6 +31,7 @@ STEP_COST = {
     "cvm-er-distill": (64 + 64 / 3) / 96,
     "cvm-er-distill-ce": (64 + 64 / 3) / 96,
     "cvm-er-distill-sgd": (64 + 64 / 3) / 96,
+    "cvm-er-distill-align": (64 + 64 / 3) / 96,
 }
 
 

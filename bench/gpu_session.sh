@@ -78,8 +78,10 @@ start)
 plan)  # start as many runs of a priority list per GPU as the probe's rate finishes in SECONDS
   secs=$2 steps=$3 proto=$4 jobs=$5
   shift 5; [ "${1:-}" = "--" ] && shift
+  # This call's probe, else the committed one ($OUT is empty at the start of every call).
+  speed=$OUT/step_speed.json; [ -f "$speed" ] || speed=bench/results/step_speed.json
   # CUDA-graph steps in bf16 when the probe measured them, else the eager fp32 loop.
-  plan() { python3 -m bench.gpu_plan --speed "$OUT/step_speed.json" --mode "$1" --seconds "$secs" \
+  plan() { python3 -m bench.gpu_plan --speed "$speed" --mode "$1" --seconds "$secs" \
     --gpus "$(nvidia-smi -L | wc -l)" --steps-per-run "$steps" --jobs "$jobs" >/tmp/cvm-plan.txt; }
   if plan graph-bf16; then mode=(--cuda-graph --bf16); elif plan eager; then mode=(); else exit 1; fi
   while read -r gpu js; do "$0" start "$proto-g$gpu" "$gpu" "$proto" "$js" -- "${mode[@]}" "$@"; done </tmp/cvm-plan.txt

@@ -42,6 +42,10 @@ Two variants of ``cvm-er-distill`` for the 50-epoch schedule, where it learns ea
 little: ``cvm-er-distill-ce`` trains the stream's cross-entropy over every seen class instead of ACE
 (the new classes are then pushed away from the old ones too), ``cvm-er-distill-sgd`` uses the paper's
 ER optimiser (plain SGD, lr 0.1; Adam without weight decay over 50 epochs memorises each task).
+Measured (bench/BENCHMARKS.md): the first learns new tasks and forgets like ER, the second sits between.
+``cvm-er-distill-align`` keeps ACE and adds the ``align`` plugin: ``1 - cos`` between each incoming
+image's embedding and its own fixed row (``cvm_edge.plugins.align``), which ACE's softmax over the new
+classes alone leaves free, without pushing any old row down.
 
 Two more issue-7 variants of the product default ``cvm-er-distill``: ``cvm-protos`` reads a
 multi-prototype concept table (MuproCL, 2025: the class name row plus one row per curated
@@ -190,6 +194,13 @@ METHODS: dict[str, Method] = {
             lr=0.1,
             momentum=0.0,
             description="cvm-er-distill with the paper's ER optimiser (plain SGD, lr 0.1) instead of Adam",
+        ),
+        dataclasses.replace(
+            CVM_ER_DISTILL,
+            name="cvm-er-distill-align",
+            plugins=(*CVM_ER_DISTILL.plugins, "align"),
+            base_options={**DISTILL_EMBEDDING, "align_weight": 1.0},
+            description="cvm-er-distill plus 1 - cos(embedding, own row) on incoming images (ACE leaves it free)",
         ),
         CVM_DERPP,
         dataclasses.replace(

@@ -162,6 +162,7 @@ PAIRED = {
             "cvm-er",
             "cvm-er-distill-ce",
             "cvm-er-distill-sgd",
+            "cvm-er-distill-align",
             "cvm-simscale",
             "cvm-protos",
             "cvm-experts",

@@ -156,6 +156,7 @@ def cmd_update(args: argparse.Namespace) -> int:
             distill_target=args.distill_target,
             ewc_lambda=args.ewc_lambda,
             similarity_scaling=args.similarity_scaling,
+            align_weight=args.align_weight,
         ),
         max_forgetting=args.max_forgetting,
         force=args.force,
@@ -385,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plugins",
         type=_plugin_list,
         default=("replay", "distill"),
-        help="comma list of replay,distill,ewc,der,fusion or none",
+        help="comma list of replay,distill,ewc,der,fusion,align or none",
     )
     u.add_argument(
         "--loss",
@@ -402,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--distill-weight", type=float, default=1.0)
     u.add_argument("--distill-target", choices=("embedding", "logits"), default="embedding")
     u.add_argument("--ewc-lambda", type=float, default=100.0)
+    u.add_argument(
+        "--align-weight",
+        type=float,
+        default=1.0,
+        help="align plugin: weight of 1 - cos(embedding, own concept row) on the new images",
+    )
     u.add_argument(
         "--similarity-scaling",
         type=float,

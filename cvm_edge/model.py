@@ -173,6 +173,10 @@ class ConceptHead(nn.Module):
         e = torch.exp((s - m) / t) * self.prototype_mask.to(s.dtype)  # in [0, 1]; the max term is exactly 1
         return m.squeeze(-1) + t * (torch.log(e.sum(dim=-1)) - self.log_counts)
 
+    def cosines(self, z: torch.Tensor) -> torch.Tensor:
+        """Each class's score in cosine units, before the logit scale (``[B, C]``, at most 1)."""
+        return z @ self.table.t() if not self.multi_prototype else self.class_scores(z)
+
     def logits_from_embedding(self, z: torch.Tensor) -> torch.Tensor:
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
         if not self.multi_prototype:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from cvm_edge.plugins.align import AlignPlugin
 from cvm_edge.plugins.der import DerPlugin
 from cvm_edge.plugins.distill import DistillPlugin
 from cvm_edge.plugins.ewc import EwcPlugin
@@ -12,7 +13,7 @@ from cvm_edge.plugins.fusion import FusionPlugin
 from cvm_edge.plugins.replay import ReplayPlugin
 from cvm_edge.strategy import Plugin
 
-PLUGIN_NAMES = ("replay", "distill", "ewc", "der", "fusion")
+PLUGIN_NAMES = ("replay", "distill", "ewc", "der", "fusion", "align")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,7 @@ class PluginOptions:
     # factor = clip((mean old-new cosine / table mean cosine) ** P, 1/4, 4); 0 is off.
     similarity_scaling: float = 0.0
     fusion_start: str = "unified"  # fusion: each task trains from the unified model or from the base
+    align_weight: float = 1.0  # align: weight of 1 - cos(embedding, own row) on incoming images
 
 
 def parse_plugin_list(text: str) -> list[str]:
@@ -72,6 +74,8 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
             plugins.append(DerPlugin(options.der_alpha, options.der_beta))
         elif name == "fusion":
             plugins.append(FusionPlugin(options.fusion_start))
+        elif name == "align":
+            plugins.append(AlignPlugin(options.align_weight))
         else:
             raise ValueError(f"unknown plugin {name!r}")
     return plugins
@@ -79,6 +83,7 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
 
 __all__ = [
     "PLUGIN_NAMES",
+    "AlignPlugin",
     "DerPlugin",
     "DistillPlugin",
     "EwcPlugin",
