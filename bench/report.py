@@ -453,7 +453,7 @@ is a seeded permutation (the paper uses the natural order).
   the old ones; after 50 epochs of memorising the stream, new test images land on old classes. At 10 epochs
   the same measure was 72.0 and 61.8 %. **Tried** (buffer 500, paired with CVM-ER+distill by seed): stream
   cross-entropy over all seen classes (`cvm-er-distill-ce`, seeds 0-1) learns the new task (95.2 %) but
-  forgets 51.0 points: 54.7 % (-8.4); the paper's ER optimiser, SGD lr 0.1 (`cvm-er-distill-sgd`, seed 0),
+  forgets 51.0 points: 54.7 % (-8.3); the paper's ER optimiser, SGD lr 0.1 (`cvm-er-distill-sgd`, seed 0),
   78.1 % new-task, forgetting 29.4: 57.9 % (-6.2). Neither beats ACE; the trade-off they span suggests a
   stream term that pulls new images onto their own row without pushing old rows down (next, bench/README.md).
   **Tried for our DER++:** the paper's buffer (`derpp-reservoir`, `cvm-derpp-reservoir`: reservoir

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cvm_edge import __version__
-from cvm_edge.argtypes import int_at_least
+from cvm_edge.argtypes import int_at_least, non_negative_float
 from cvm_edge.errors import CvmError, UsageError
 
 log = logging.getLogger("cvm")
@@ -400,14 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="epochs of class-balanced head tuning on the replay buffer after training, with --optimizer at half --lr (0: off)",
     )
-    u.add_argument("--distill-weight", type=float, default=1.0)
+    u.add_argument("--distill-weight", type=non_negative_float, default=1.0)
     u.add_argument("--distill-target", choices=("embedding", "logits"), default="embedding")
-    u.add_argument("--ewc-lambda", type=float, default=100.0)
+    u.add_argument("--ewc-lambda", type=non_negative_float, default=100.0)
     u.add_argument(
         "--align-weight",
-        type=float,
+        type=non_negative_float,
         default=1.0,
-        help="align plugin: weight of 1 - cos(embedding, own concept row) on the new images",
+        help="align plugin: weight of 1 - cos(embedding, own class) on the incoming images (concept head only)",
     )
     u.add_argument(
         "--similarity-scaling",

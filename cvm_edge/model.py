@@ -174,7 +174,9 @@ class ConceptHead(nn.Module):
         return m.squeeze(-1) + t * (torch.log(e.sum(dim=-1)) - self.log_counts)
 
     def cosines(self, z: torch.Tensor) -> torch.Tensor:
-        """Each class's score in cosine units, before the logit scale (``[B, C]``, at most 1)."""
+        """Each class's score in cosine units, before the logit scale (``[B, C]``, at most 1): the
+        cosine to its row, or with several prototypes :meth:`class_scores`, which stays below 1 by
+        up to ``T log P`` even on a prototype."""
         return z @ self.table.t() if not self.multi_prototype else self.class_scores(z)
 
     def logits_from_embedding(self, z: torch.Tensor) -> torch.Tensor:

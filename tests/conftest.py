@@ -49,6 +49,13 @@ def class_folders(sample: dict[str, np.ndarray], tmp_path: Path):
     return make
 
 
+def update_store(workdir: Path, data: Path, *extra: str) -> int:
+    """``cvm -q update`` of ``workdir`` on ``data`` (no progress bar, no ONNX export); the exit code."""
+    return run_cli(
+        "-q", "update", "--workdir", str(workdir), "--data", str(data), "--no-progress", "--no-export", *extra
+    )
+
+
 def init_store(workdir: Path, table: Path, *extra: str) -> None:
     assert (
         run_cli(

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import run as bench_run
+from conftest import init_store, update_store
+from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.model import ConceptHead, LinearHead
 from cvm_edge.plugins import AlignPlugin, make_plugins, parse_plugin_list
 from cvm_edge.strategy import Batch, Output
@@ -83,7 +85,12 @@ def test_multi_prototype_tables_use_the_class_score() -> None:
     head = ConceptHead(feat_dim=4, table=table, hidden=0, init_logit_scale=2.0)
     z = torch.from_numpy(_unit(rng, 2, 8))
     cos = head.cosines(z)
-    torch.testing.assert_close(cos, head.class_scores(z))
+    # By hand: T * log(mean over the class's real prototypes of exp(cos / T)), T the head's temperature.
+    t = head.prototype_temperature
+    for i, y in enumerate([1, 2]):
+        rows = [r for r in table[y] if np.any(r != 0)]
+        sims = np.array([float(r @ z[i].numpy()) for r in rows])
+        assert float(cos[i, y]) == pytest.approx(t * np.log(np.mean(np.exp(sims / t))), abs=1e-5)
     torch.testing.assert_close(head.logits_from_embedding(z), head.logit_scale.exp() * cos)
     loss = _loss(head, z, [1, 2], [False, False])
     assert float(loss) == pytest.approx(float((1 - cos[0, 1] + 1 - cos[1, 2]) / 2), abs=1e-6)
@@ -113,3 +120,37 @@ def test_harness_runs_cvm_er_distill_align_and_records_it(tmp_path: Path) -> Non
     hp = rec["hyperparameters"]
     assert hp["plugins"] == ["replay", "distill", "align"] and hp["align_weight"] == 1.0 and hp["loss"] == "ace"
     assert len(rec["acc_matrix"]) == 2 and np.isfinite(rec["final_avg_acc"])
+
+
+def test_loss_is_float32_under_bf16_autocast() -> None:
+    rng = np.random.default_rng(3)
+    table = _unit(rng, 6, 16)
+    head = ConceptHead(feat_dim=4, table=table, hidden=0, init_logit_scale=2.0)
+    # Embeddings close to their rows: 1 - cos is small, where bf16's 8-bit mantissa would show.
+    z = F.normalize(torch.from_numpy(table[[0, 4, 5]] + 0.05 * rng.normal(size=(3, 16)).astype(np.float32)), dim=-1)
+    exact = _loss(head, z, [0, 4, 5], [False] * 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _loss(head, z, [0, 4, 5], [False] * 3)
+    assert auto is not None and exact is not None and auto.dtype == torch.float32
+    assert float(auto) == pytest.approx(float(exact), rel=1e-5)
+
+
+def test_cvm_update_with_align_and_its_usage_errors(
+    fashion_table: Path, class_folders, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = class_folders([0, 1], per_class=20)
+    wd = tmp_path / "concepts"
+    init_store(wd, fashion_table, "--buffer-size", "20")
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit) as exc:
+            update_store(wd, data, "--plugins", "replay,distill,align", "--align-weight", bad)
+        assert exc.value.code == 2
+        assert "must be a finite number >= 0" in capsys.readouterr().err
+    assert update_store(wd, data, "--epochs", "1", "--plugins", "replay,distill,align", "--align-weight", "0.5") == 0
+    assert CheckpointStore(wd).load().plugins == ("replay", "distill", "align")
+    linear = tmp_path / "linear"
+    init_store(linear, fashion_table, "--buffer-size", "20", "--head", "linear")
+    capsys.readouterr()
+    assert update_store(linear, data, "--epochs", "1", "--plugins", "replay,align") == 2
+    assert "the align plugin needs the concept head; this store's head is linear" in capsys.readouterr().err
+    assert CheckpointStore(linear).versions() == [1]

@@ -12,16 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FASHION_NAMES, init_store, run_cli
+from conftest import FASHION_NAMES, init_store, run_cli, update_store
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.demo import write_class_folders
 from cvm_edge.evaluate import accuracy_matrix
-
-
-def _update(workdir: Path, data: Path, *extra: str) -> int:
-    return run_cli(
-        "-q", "update", "--workdir", str(workdir), "--data", str(data), "--no-progress", "--no-export", *extra
-    )
 
 
 def _folder(sample: dict[str, np.ndarray], root: Path, classes: list[int], start: int, n: int, dark: bool) -> Path:
@@ -39,7 +33,7 @@ def store(fashion_table: Path, sample: dict[str, np.ndarray], tmp_path: Path) ->
     """A store that learned T-shirt/top (0) and Trouser (1) from 40 clean images each."""
     wd = tmp_path / "w"
     init_store(wd, fashion_table, "--buffer-size", "40")
-    assert _update(wd, _folder(sample, tmp_path / "clean", [0, 1], 0, 40, dark=False), "--epochs", "2") == 0
+    assert update_store(wd, _folder(sample, tmp_path / "clean", [0, 1], 0, 40, dark=False), "--epochs", "2") == 0
     return wd
 
 
@@ -48,7 +42,7 @@ def test_update_with_only_known_classes_is_domain_incremental(
 ) -> None:
     dark = _folder(sample, tmp_path / "dark", [0, 1], 40, 40, dark=True)
     capsys.readouterr()
-    assert _update(store, dark, "--epochs", "1", "--force") == 0
+    assert update_store(store, dark, "--epochs", "1", "--force") == 0
     out = capsys.readouterr().out
     assert "update 2 (domain-incremental)" in out and "known classes with new images (T-shirt/top, Trouser)" in out
     ck = CheckpointStore(store).load()
@@ -79,7 +73,7 @@ def test_mixed_update_names_new_and_revisited_classes(
 ) -> None:
     mixed = _folder(sample, tmp_path / "mixed", [1, 2], 40, 40, dark=True)
     capsys.readouterr()
-    assert _update(store, mixed, "--epochs", "1", "--force") == 0
+    assert update_store(store, mixed, "--epochs", "1", "--force") == 0
     out = capsys.readouterr().out
     assert "update 2 (mixed)" in out
     assert "new classes (Pullover)" in out and "known classes with new images (Trouser)" in out
@@ -102,14 +96,14 @@ def test_gate_protects_the_earlier_domain_of_revisited_classes(
     before = CheckpointStore(store).load().history[-1]["per_class_accuracy"]
     assert min(before.values()) >= 0.6, before  # the clean classes were learned: there is something to lose
     capsys.readouterr()
-    code = _update(store, swapped, "--epochs", "3", "--plugins", "none", "--max-forgetting", "10")
+    code = update_store(store, swapped, "--epochs", "3", "--plugins", "none", "--max-forgetting", "10")
     assert code == 1
     err = capsys.readouterr().err
     assert "old-class accuracy on earlier held-out images would fall" in err and "nothing was published" in err
     assert "Fell most:" in err
     assert CheckpointStore(store).versions() == [1, 2]
     # forced, it publishes and records that it was forced, with the revisited classes' fall
-    assert _update(store, swapped, "--epochs", "3", "--plugins", "none", "--force") == 0
+    assert update_store(store, swapped, "--epochs", "3", "--plugins", "none", "--force") == 0
     e = CheckpointStore(store).load().history[-1]
     assert e["forced"] is True and e["kind"] == "domain-incremental"
     assert e["revisited"]["earlier_data_after"] < e["revisited"]["earlier_data_before"] - 0.1
@@ -155,9 +149,10 @@ def test_domain_update_on_a_frozen_backbone_scores_from_cached_features(
     """The frozen-backbone path (features computed once, head rerun) gives the same bookkeeping."""
     wd = tmp_path / "frozen"
     init_store(wd, fashion_table, "--buffer-size", "40", "--train-backbone", "none")
-    assert _update(wd, _folder(sample, tmp_path / "clean", [0, 1, 2], 0, 30, dark=False), "--epochs", "2") == 0
+    assert update_store(wd, _folder(sample, tmp_path / "clean", [0, 1, 2], 0, 30, dark=False), "--epochs", "2") == 0
     assert (
-        _update(wd, _folder(sample, tmp_path / "dark", [0, 1, 2], 30, 30, dark=True), "--epochs", "1", "--force") == 0
+        update_store(wd, _folder(sample, tmp_path / "dark", [0, 1, 2], 30, 30, dark=True), "--epochs", "1", "--force")
+        == 0
     )
     e = CheckpointStore(wd).load().history[-1]
     assert e["kind"] == "domain-incremental" and e["revisited_classes"] == [0, 1, 2]
@@ -180,7 +175,8 @@ def test_store_written_before_buffer_tags_takes_a_domain_update(
     with open(path, "wb") as fh:
         np.savez(fh, **members)
     assert (
-        _update(store, _folder(sample, tmp_path / "dark", [0, 1], 40, 40, dark=True), "--epochs", "1", "--force") == 0
+        update_store(store, _folder(sample, tmp_path / "dark", [0, 1], 40, 40, dark=True), "--epochs", "1", "--force")
+        == 0
     )
     buf = CheckpointStore(store).load().buffer
     assert buf.task_counts(0) == {-1: 10, 2: 10} and buf.task_counts(1) == {-1: 10, 2: 10}

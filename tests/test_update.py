@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import init_store, run_cli
+from conftest import init_store, run_cli, update_store
 from cvm_edge.checkpoints import CheckpointStore
-
-
-def _update(workdir: Path, data: Path, *extra: str) -> int:
-    return run_cli(
-        "-q", "update", "--workdir", str(workdir), "--data", str(data), "--no-progress", "--no-export", *extra
-    )
 
 
 def _old_accuracy(workdir: Path) -> float:
@@ -30,8 +24,8 @@ def test_replay_distill_beats_finetuning_by_15_points(fashion_table: Path, class
     for name, plugins in (("cvm", ["--plugins", "replay,distill"]), ("ft", ["--plugins", "none"])):
         wd = tmp_path / name
         init_store(wd, fashion_table, "--buffer-size", "100")
-        assert _update(wd, first, "--epochs", "3", *plugins) == 0
-        assert _update(wd, second, "--epochs", "3", "--force", *plugins) == 0
+        assert update_store(wd, first, "--epochs", "3", *plugins) == 0
+        assert update_store(wd, second, "--epochs", "3", "--force", *plugins) == 0
         results[name] = _old_accuracy(wd)
     assert results["cvm"] - results["ft"] >= 0.15, results
 
@@ -40,7 +34,7 @@ def test_status_rollback_predict(fashion_table: Path, class_folders, tmp_path: P
     wd = tmp_path / "w"
     init_store(wd, fashion_table, "--buffer-size", "40")
     data = class_folders([8, 9], per_class=40)
-    assert _update(wd, data, "--epochs", "1") == 0
+    assert update_store(wd, data, "--epochs", "1") == 0
     capsys.readouterr()
     assert run_cli("status", "--workdir", str(wd), "--json") == 0
     info = json.loads(capsys.readouterr().out)
@@ -65,9 +59,9 @@ def test_status_rollback_predict(fashion_table: Path, class_folders, tmp_path: P
 def test_forgetting_gate_refuses_and_writes_nothing(fashion_table: Path, class_folders, tmp_path: Path, capsys) -> None:
     wd = tmp_path / "w"
     init_store(wd, fashion_table, "--buffer-size", "0")
-    assert _update(wd, class_folders([0, 1], per_class=60, name="a"), "--epochs", "2", "--plugins", "none") == 0
+    assert update_store(wd, class_folders([0, 1], per_class=60, name="a"), "--epochs", "2", "--plugins", "none") == 0
     capsys.readouterr()
-    code = _update(
+    code = update_store(
         wd, class_folders([2, 3], per_class=60, name="b"), "--epochs", "3", "--plugins", "none", "--max-forgetting", "5"
     )
     assert code == 1
@@ -80,14 +74,14 @@ def test_plugins_compose_and_ewc_state_persists(fashion_table: Path, class_folde
     wd = tmp_path / "w"
     init_store(wd, fashion_table, "--buffer-size", "40")
     plugins = ["--plugins", "replay,distill,ewc", "--force"]
-    assert _update(wd, class_folders([0, 1], per_class=30, name="a"), "--epochs", "1", *plugins) == 0
+    assert update_store(wd, class_folders([0, 1], per_class=30, name="a"), "--epochs", "1", *plugins) == 0
     ck = CheckpointStore(wd).load()
     ewc = ck.plugin_state["ewc"]
     fisher = [v for k, v in ewc.items() if k.startswith("fisher.")]
     assert fisher and all(float(f.sum()) >= 0 for f in fisher) and any(float(f.sum()) > 0 for f in fisher)
     assert ck.plugins == ("replay", "distill", "ewc")
     assert sorted(ck.buffer.class_counts()) == [0, 1]
-    assert _update(wd, class_folders([2, 3], per_class=30, name="b"), "--epochs", "1", *plugins) == 0
+    assert update_store(wd, class_folders([2, 3], per_class=30, name="b"), "--epochs", "1", *plugins) == 0
     ck2 = CheckpointStore(wd).load()
     assert ck2.buffer.class_counts() == {0: 10, 1: 10, 2: 10, 3: 10}
     capsys.readouterr()
@@ -102,13 +96,13 @@ def test_diverged_training_fails_and_publishes_nothing(
     wd = tmp_path / "w"
     init_store(wd, fashion_table, "--buffer-size", "20")
     # An absurd learning rate sends the weights to inf within an epoch: the loss turns NaN.
-    code = _update(wd, class_folders([0, 1], per_class=20), "--epochs", "3", "--lr", "1e30", "--plugins", "none")
+    code = update_store(wd, class_folders([0, 1], per_class=20), "--epochs", "3", "--lr", "1e30", "--plugins", "none")
     assert code == 1
     err = capsys.readouterr().err
     assert re.search(r"cvm: error: task \d+, epoch \d+: the training loss is (nan|inf); lower the learning rate", err)
     assert CheckpointStore(wd).versions() == [1]
     # The last update of a run is after its last checked loss: the trained model's outputs are checked too.
-    code = _update(wd, class_folders([0, 1], per_class=20), "--epochs", "1", "--lr", "1e30", "--plugins", "none")
+    code = update_store(wd, class_folders([0, 1], per_class=20), "--epochs", "1", "--lr", "1e30", "--plugins", "none")
     assert code == 1
     assert "cvm: error: task 1: after training the model's outputs are not finite" in capsys.readouterr().err
     assert CheckpointStore(wd).versions() == [1]

@@ -1,4 +1,5 @@
-"""Pull each incoming image's embedding onto its own class's row of the concept table.
+"""Pull each incoming image's embedding onto its own class's row of the concept table (with
+several prototypes per class: raise its class score, :meth:`cvm_edge.model.ConceptHead.cosines`).
 
 Why: ACE (the default loss) lets incoming images of new classes compete only among the new
 classes, so old rows are not pushed down by the many new images. But that softmax is unchanged
@@ -36,7 +37,9 @@ class AlignPlugin(Plugin):
             return None
         head = ctx.model.head
         assert isinstance(head, ConceptHead)  # checked in before_experience
-        own = head.cosines(out.embeddings.float()).gather(1, batch.labels.unsqueeze(1)).squeeze(1)
+        # In float32 even inside bf16 autocast: 1 - cos of a well-aligned image is a small difference.
+        with torch.autocast(out.embeddings.device.type, enabled=False):
+            own = head.cosines(out.embeddings.float()).gather(1, batch.labels.unsqueeze(1)).squeeze(1)
         # A mask, not boolean indexing: no host sync, and the step stays capturable as a CUDA graph.
         incoming = (~batch.from_buffer).float()
         return self.weight * ((1.0 - own) * incoming).sum() / incoming.sum().clamp_min(1.0)
