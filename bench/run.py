@@ -37,7 +37,7 @@ from cvm_edge.data import ImageSet
 from cvm_edge.evaluate import predict_classes
 from cvm_edge.experts import ExpertMixture
 from cvm_edge.model import CvmModel, ModelConfig, build_model
-from cvm_edge.plugins import DistillPlugin, EwcPlugin, FusionPlugin, make_plugins
+from cvm_edge.plugins import DistillPlugin, EwcPlugin, FusionPlugin, PluginOptions, make_plugins
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import Plugin, Strategy, TrainConfig
@@ -69,6 +69,9 @@ class RunSpec:
     compile_mode: str = ""
     cuda_graph: bool = False
     tag: str = ""
+    # (key, value) pairs that replace the method's resolved hyper-parameters (--hp): a sweep
+    # without a new method per value; recorded in the result's hyperparameters.overrides.
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def size(self) -> int:
@@ -279,7 +282,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     t_data = time.perf_counter() - t_start
     torch.manual_seed(spec.seed)
     model, prep, model_config, table_fp = _model(spec, scenario)
-    hp = spec.method.resolved(spec.buffer)
+    hp = {**spec.method.resolved(spec.buffer), **dict(spec.overrides)}
     epochs = spec.epochs or spec.protocol.epochs
     plugins = make_run_plugins(spec, hp)
     fusion = next((p for p in plugins if isinstance(p, FusionPlugin)), None)
@@ -421,6 +424,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "cuda_graph": spec.cuda_graph,
             "plugins": list(spec.method.plugins),
             **hp,
+            "overrides": dict(spec.overrides),
             "model": model_config.to_dict(),
             "preprocessing": prep.to_dict(),
             "concept_table": table_fp,
@@ -525,12 +529,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--tag", default="", help="suffix for the result file name (variants of one method)")
     ap.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="replace one of the method's hyper-parameters or plugin options (e.g. align_weight=0.3; repeatable; "
+        "needs --tag, so the method's own result is not overwritten)",
+    )
+    ap.add_argument(
         "--smoke", action="store_true", help="2 tasks (every domain), 1 epoch, small subset, slim backbone (CPU)"
     )
     ap.add_argument("--demo", action="store_true", help="use the Fashion-MNIST sample embedded in cvm_edge (offline)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results root (files go to OUT/PROTOCOL/)")
     ap.add_argument("--threads", type=int, default=None)
     return ap
+
+
+def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    """``KEY=VALUE`` strings -> (key, value) pairs; the value is read as JSON (``0.3``, ``true``)
+    or else kept as text (``sgd``). Keys must be hyper-parameters some method resolves or plugin
+    options: a misspelt key would otherwise be recorded and change nothing."""
+    known = {f.name for f in dataclasses.fields(PluginOptions)}
+    for m in METHODS.values():
+        known |= set(m.resolved(500))
+    out: list[tuple[str, Any]] = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--hp {item!r}: expected KEY=VALUE")
+        if key not in known:
+            raise SystemExit(f"--hp {item!r}: unknown key {key!r}; choose from {', '.join(sorted(known))}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out.append((key, value))
+    return tuple(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -559,6 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         out_dir = args.out / "smoke" / protocol.name
     argv_list = ["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)]
+    overrides = parse_overrides(args.hp)
+    if overrides and not args.tag:
+        raise SystemExit("--hp needs --tag: the run would overwrite the method's own result file")
     for name in names:
         spec = RunSpec(
             protocol=protocol,
@@ -580,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             compile_mode=args.compile,
             cuda_graph=args.cuda_graph,
             tag=args.tag,
+            overrides=overrides,
         )
         rec = run(spec, out_dir, argv_list)
         forg = rec["forgetting"]

@@ -119,7 +119,29 @@ def test_harness_runs_cvm_er_distill_align_and_records_it(tmp_path: Path) -> Non
     rec = json.loads((tmp_path / "smoke" / "cifar10-5" / "cvm-er-distill-align-b20-s0.json").read_text())
     hp = rec["hyperparameters"]
     assert hp["plugins"] == ["replay", "distill", "align"] and hp["align_weight"] == 1.0 and hp["loss"] == "ace"
-    assert len(rec["acc_matrix"]) == 2 and np.isfinite(rec["final_avg_acc"])
+    assert (
+        len(rec["acc_matrix"]) == 2 and np.isfinite(rec["final_avg_acc"]) and rec["hyperparameters"]["overrides"] == {}
+    )
+    # --hp replaces the weight for a sweep; the file takes the tag, the override is recorded.
+    assert bench_run.main([*argv, *tiny, "--hp", "align_weight=0.25", "--tag=-w025"]) == 0
+    rec = json.loads((tmp_path / "smoke" / "cifar10-5" / "cvm-er-distill-align-w025-b20-s0.json").read_text())
+    assert rec["hyperparameters"]["align_weight"] == 0.25 and rec["hyperparameters"]["overrides"] == {
+        "align_weight": 0.25
+    }
+
+
+def test_hp_overrides_are_checked() -> None:
+    assert bench_run.parse_overrides(["align_weight=0.3", "optimizer=sgd", "lr=1e-4"]) == (
+        ("align_weight", 0.3),
+        ("optimizer", "sgd"),
+        ("lr", 1e-4),
+    )
+    with pytest.raises(SystemExit, match="unknown key 'align_wieght'"):
+        bench_run.parse_overrides(["align_wieght=0.3"])
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        bench_run.parse_overrides(["align_weight"])
+    with pytest.raises(SystemExit, match="--hp needs --tag"):
+        bench_run.main(["--protocol", "cifar10-5", "--method", "cvm-er", "--smoke", "--hp", "lr=0.01"])
 
 
 def test_loss_is_float32_under_bf16_autocast() -> None:
