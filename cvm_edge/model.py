@@ -182,6 +182,8 @@ class ConceptHead(nn.Module):
     def logits_from_embedding(self, z: torch.Tensor) -> torch.Tensor:
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
         if not self.multi_prototype:
+            # (scale * z) @ table.T, not scale * cosines(z): the op order of single-prototype stores'
+            # logits and ONNX graphs stays as it was (the class docstring's "bit for bit").
             return scale * z @ self.table.t()
         return scale * self.class_scores(z)
 

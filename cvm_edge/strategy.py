@@ -201,6 +201,9 @@ class Plugin:
     # classes by other means (fusion keeps each task's model; ACE keeps a task from pushing down
     # the rows of classes it never sees).
     keeps_configured_loss = False
+    # Only a concept head has fixed class rows (a linear head learns its own): `cvm update` refuses
+    # such a plugin on a linear-head store before training.
+    needs_concept_head = False
 
     def before_experience(self, ctx: Context) -> None:
         """Prepare per-experience values (never called twice for one experience)."""

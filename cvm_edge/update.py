@@ -282,12 +282,15 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         device = torch.device(opts.device)
 
         model = model_from_checkpoint(prev).to(device)
-        if "align" in opts.plugins and prev.model_config.head != "concepts":
-            raise UsageError(f"the align plugin needs the concept head; this store's head is {prev.model_config.head}")
         if table is not prev.table:
             model.set_table(table.as_float32())
 
         plugins = make_plugins(opts.plugins, opts.plugin_options)
+        for p in plugins:
+            if p.needs_concept_head and prev.model_config.head != "concepts":
+                raise UsageError(
+                    f"the {p.name} plugin needs the concept head; this store's head is {prev.model_config.head}"
+                )
         for p in plugins:
             if p.name in prev.plugin_state:
                 p.load_state_dict(prev.plugin_state[p.name])

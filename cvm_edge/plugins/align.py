@@ -22,6 +22,7 @@ from cvm_edge.strategy import Batch, Context, Output, Plugin
 
 class AlignPlugin(Plugin):
     name = "align"
+    needs_concept_head = True
 
     def __init__(self, weight: float = 1.0) -> None:
         if weight < 0:
