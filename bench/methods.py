@@ -83,6 +83,9 @@ class Method:
     # Count the experts' bytes against the buffer: its capacity shrinks by that many samples' bytes.
     equal_memory: bool = False
     prototypes: bool = False  # a multi-prototype concept table from the bundled class descriptions
+    # "gradient": trained by the product's Strategy; "ncm", "analytic", "probe": on frozen backbone
+    # features (bench.frozen; analytic is the product's closed-form learner).
+    learner: str = "gradient"
 
     @property
     def uses_buffer(self) -> bool:
@@ -141,9 +144,48 @@ CVM_DERPP = Method(
     description="concept head with DER++ logit replay, ACE on the stream",
 )
 
+# Frozen-feature methods (bench.frozen): the analytic learner and its training-free baselines.
+ANALYTIC: dict[str, Any] = {"analytic_dim": 2048}
+FROZEN_METHODS = (
+    Method("ncm", "concepts", (), learner="ncm", description="nearest class mean, cosine (no training, no images)"),
+    Method(
+        "ranpac",
+        "concepts",
+        (),
+        learner="analytic",
+        base_options={**ANALYTIC, "targets": "onehot"},
+        description="random ReLU projection + ridge onto one-hot targets, closed form (RanPAC)",
+    ),
+    Method(
+        "cvm-analytic",
+        "concepts",
+        (),
+        learner="analytic",
+        base_options={**ANALYTIC, "targets": "concepts"},
+        description="random ReLU projection + ridge onto the concept rows, closed form (the analytic learner)",
+    ),
+    Method(
+        "cvm-analytic-whitened",
+        "concepts",
+        (),
+        learner="analytic",
+        base_options={**ANALYTIC, "targets": "whitened"},
+        description="random ReLU projection + ridge onto the whitened concept rows, closed form",
+    ),
+    Method(
+        "joint-probe",
+        "linear",
+        (),
+        learner="probe",
+        joint=True,
+        description="logistic regression on all tasks' frozen features at once (upper bound)",
+    ),
+)
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
+        *FROZEN_METHODS,
         Method("finetune", "linear", (), lr=0.1, description="fine-tuning, no protection (lower bound)"),
         Method("joint", "linear", (), lr=0.1, joint=True, description="all tasks' data at once (upper bound)"),
         Method("er", "linear", ("replay",), lr=0.1, description="experience replay"),

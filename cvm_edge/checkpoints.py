@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cvm_edge.analytic_learner import ANALYTIC_FILE, AnalyticState
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet
@@ -68,6 +69,9 @@ class Checkpoint:
     history: tuple[dict[str, Any], ...]  # one entry per update
     plugin_state: dict[str, dict[str, torch.Tensor]]
     plugins: tuple[str, ...] = ()
+    # Analytic stores (ModelConfig.learner == "analytic"): ridge sums and held-out features
+    # (cvm_edge.analytic_learner); their buffer and val hold no images.
+    analytic: AnalyticState | None = None
     version: int = 0
     parent: int | None = None
     created_at: str = ""
@@ -159,7 +163,11 @@ class CheckpointStore:
             (tmp / "concepts.npz").write_bytes(ckpt.table.to_bytes())
             (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
             _save_imageset(tmp / "val.npz", ckpt.val)
+            if ckpt.analytic is not None:
+                (tmp / ANALYTIC_FILE).write_bytes(ckpt.analytic.to_bytes())
             fault_point("checkpoint_files_written")
+            # what the version costs on flash (meta.json aside), for `cvm status` and the update report
+            meta["files_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
             # meta.json last: a version directory without it is never considered complete
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             publish_dir(tmp, self.path(version))
@@ -180,6 +188,10 @@ class CheckpointStore:
         log.info("published checkpoint %s", name)
         return version
 
+    def version_bytes(self, version: int) -> int:
+        """Bytes the version's files take on disk."""
+        return sum(f.stat().st_size for f in self.path(version).iterdir() if f.is_file())
+
     def load(self, version: int | None = None) -> Checkpoint:
         version = self.latest() if version is None else version
         d = self.path(version)
@@ -192,6 +204,8 @@ class CheckpointStore:
             plugin_state = torch.load(d / "plugins.pt", map_location="cpu", weights_only=True)
             buffer = ReplayBuffer.load(d / "buffer.npz")
             val = _load_imageset(d / "val.npz")
+            config = ModelConfig.from_dict(meta["model"])
+            analytic = AnalyticState.from_bytes((d / ANALYTIC_FILE).read_bytes()) if config.analytic else None
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - any unreadable part makes the version unusable
@@ -199,7 +213,7 @@ class CheckpointStore:
         if meta.get("table_fingerprint") != table.fingerprint:
             raise StoreError(f"version {version_name(version)}: concept table does not match its metadata")
         return Checkpoint(
-            model_config=ModelConfig.from_dict(meta["model"]),
+            model_config=config,
             prep=Preprocessing.from_dict(meta["preprocessing"]),
             table=table,
             weights=weights,
@@ -209,6 +223,7 @@ class CheckpointStore:
             history=tuple(meta["history"]),
             plugin_state=plugin_state,
             plugins=tuple(meta.get("plugins", ())),
+            analytic=analytic,
             version=version,
             parent=meta.get("parent"),
             created_at=meta.get("created_at", ""),

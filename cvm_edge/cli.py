@@ -115,14 +115,23 @@ def cmd_init(args: argparse.Namespace) -> int:
 
         backbone, default_pretrained = default_backbone()
         pretrained = pretrained or default_pretrained
+    pretrained = pretrained or "none"
+    # The analytic learner needs features worth projecting: the default on a pretrained backbone
+    # (bench/BENCHMARKS.md: above every gradient method there); from scratch the backbone must learn.
+    learner = args.learner or ("analytic" if pretrained != "none" else "gradient")
+    train_backbone = args.train_backbone or ("none" if learner == "analytic" else "all")
+    if learner == "analytic" and train_backbone != "none":
+        raise UsageError(
+            "the analytic learner keeps the backbone frozen: use --train-backbone none or --learner gradient"
+        )
     opts = InitOptions(
         concepts=args.concepts,
         backbone=backbone,
         image_size=args.image_size,
-        train_backbone=args.train_backbone,
+        train_backbone=train_backbone,
         head=args.head,
         mapper_hidden=args.mapper_hidden,
-        pretrained=pretrained or "none",
+        pretrained=pretrained,
         buffer_size=args.buffer_size,
         seed=args.seed,
         prototype_temperature=args.prototype_temperature,
@@ -131,10 +140,14 @@ def cmd_init(args: argparse.Namespace) -> int:
         routing=args.routing,
         routing_temperature=args.routing_temperature,
         expert_shared_mapper=args.expert_shared_mapper,
+        learner=learner,
+        analytic_dim=args.analytic_dim,
+        analytic_targets=args.targets,
     )
     version = init_store(args.workdir, opts)
     print(
-        f"initialised {args.workdir}: version {version}, backbone {backbone} ({opts.pretrained}), {args.image_size} px"
+        f"initialised {args.workdir}: version {version}, backbone {backbone} ({opts.pretrained}), {args.image_size} px, "
+        f"{learner} learner"
     )
     return 0
 
@@ -171,14 +184,14 @@ def cmd_update(args: argparse.Namespace) -> int:
     )
     exported: list[str] = []
 
-    def export_hook(version: int) -> None:  # runs inside run_update's lock, after the checkpoint is saved
+    def export_hook(version: int, images: Any) -> None:  # inside run_update's lock, after the checkpoint is saved
         from cvm_edge.fsutil import fault_point
         from deploy.export import export_bundle
 
         log.info("exporting the bundle of v%d", version)
         fault_point("update_exporting")
         try:
-            exported.append(export_bundle(args.workdir, version).summary())
+            exported.append(export_bundle(args.workdir, version, images=images).summary())
         except CvmError as exc:
             raise CvmError(
                 f"checkpoint v{version} was saved, but no bundle was published ({exc}); the server keeps the "
@@ -336,7 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--image-size", type=_positive_int, default=224, help="input size in pixels (default 224)")
     i.add_argument(
-        "--train-backbone", choices=("all", "last", "none"), default="all", help="which backbone weights train"
+        "--learner",
+        choices=("analytic", "gradient"),
+        default=None,
+        help="analytic: closed-form ridge onto the concept rows on a frozen backbone, no images kept (default with a "
+        "pretrained backbone); gradient: the training loop with replay and distillation (default from scratch)",
+    )
+    i.add_argument(
+        "--analytic-dim", type=_positive_int, default=2048, help="analytic: width M of the random ReLU projection"
+    )
+    i.add_argument(
+        "--targets",
+        choices=("concepts", "whitened", "onehot"),
+        default="concepts",
+        help="analytic: regress onto each class's concept row, the row of the whitened table, or one-hot (RanPAC)",
+    )
+    i.add_argument(
+        "--train-backbone",
+        choices=("all", "last", "none"),
+        default=None,
+        help="which backbone weights train (gradient learner; default all; the analytic learner needs none)",
     )
     i.add_argument(
         "--head", choices=("concepts", "linear"), default="concepts", help="concept table head or a plain linear one"

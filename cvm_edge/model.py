@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvm_edge.analytic import DEFAULT_DIM, TARGETS, projection, whiten_table
 from cvm_edge.backbones import TRAIN_BACKBONE_CHOICES, create_backbone, feature_dim, set_trainable
 from cvm_edge.experts import EXPERT_CHOICES, ROUTING_CHOICES, ExpertMixture
 
@@ -34,6 +35,11 @@ PAD_COSINE = -2.0
 EXPERT_FIELDS = ("experts", "expert_rank", "routing", "routing_temperature", "expert_shared_mapper")
 SHARED_MAPPER_CHOICES = ("always", "first")
 DEFAULT_ROUTING_TEMPERATURE = 0.1
+# How the head learns: "gradient" (the Strategy's training loop) or "analytic" (closed-form ridge on
+# a fixed random ReLU projection of frozen features: cvm_edge.analytic). The analytic fields are
+# left out of ``to_dict`` for gradient stores, whose metadata stays exactly as it was.
+LEARNER_CHOICES = ("gradient", "analytic")
+ANALYTIC_FIELDS = ("learner", "analytic_dim", "analytic_seed", "analytic_targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,10 @@ class ModelConfig:
     # Does the shared mapper train with every expert ("always") or only with the first ("first":
     # later tasks train their own expert only, as HiDe-LLaVA trains LoRA experts on a frozen base)?
     expert_shared_mapper: str = "always"
+    learner: str = "gradient"
+    analytic_dim: int = DEFAULT_DIM  # M: width of the random ReLU projection
+    analytic_seed: int = 0  # the projection is rebuilt from this seed (cvm_edge.analytic.projection)
+    analytic_targets: str = "concepts"  # concepts: ridge onto concept rows; onehot: RanPAC's targets
 
     def __post_init__(self) -> None:
         if self.train_backbone not in TRAIN_BACKBONE_CHOICES:
@@ -76,11 +86,29 @@ class ModelConfig:
             raise ValueError(f"expert_shared_mapper must be one of {SHARED_MAPPER_CHOICES}")
         if self.experts != "none" and self.head != "concepts":
             raise ValueError("experts sit on the concept head's mapper; the linear head has none")
+        if self.learner not in LEARNER_CHOICES:
+            raise ValueError(f"learner must be one of {LEARNER_CHOICES}")
+        if self.learner == "analytic":
+            if self.analytic_targets not in TARGETS:
+                raise ValueError(f"analytic targets must be one of {TARGETS}")
+            if self.analytic_dim < 1:
+                raise ValueError("the analytic projection dimension must be >= 1")
+            if self.train_backbone != "none":
+                raise ValueError("the analytic learner needs a frozen backbone (--train-backbone none)")
+            if self.experts != "none" or self.head != "concepts":
+                raise ValueError("the analytic learner has its own head: no experts, no linear head")
+
+    @property
+    def analytic(self) -> bool:
+        return self.learner == "analytic"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if self.experts == "none":
             for k in EXPERT_FIELDS:
+                d.pop(k)
+        if self.learner == "gradient":
+            for k in ANALYTIC_FIELDS:
                 d.pop(k)
         return d
 
@@ -121,9 +149,10 @@ class ConceptHead(nn.Module):
         init_logit_scale: float,
         prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE,
         experts: ExpertMixture | None = None,
+        mapper: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.mapper = Mapper(feat_dim, table.shape[-1], hidden)
+        self.mapper = mapper if mapper is not None else Mapper(feat_dim, table.shape[-1], hidden)
         # Registered only when on: a model without experts has exactly today's state dict.
         self.experts = experts
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
@@ -207,6 +236,60 @@ class ConceptHead(nn.Module):
             self.log_counts = torch.zeros(arr.shape[0], device=device)
 
 
+class AnalyticMapper(nn.Module):
+    """``relu(f @ P) @ W``: the fixed seeded projection ``P`` (rebuilt from the seed, not stored) and
+    the ridge solution ``W`` (cvm_edge.analytic), which is set, never trained."""
+
+    def __init__(self, in_dim: int, dim: int, out_dim: int, seed: int) -> None:
+        super().__init__()
+        self.projection: torch.Tensor
+        self.weight: torch.Tensor
+        self.register_buffer("projection", torch.from_numpy(projection(in_dim, dim, seed)), persistent=False)
+        self.register_buffer("weight", torch.zeros(dim, out_dim))
+
+    def lift(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.relu(f @ self.projection)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.lift(f) @ self.weight
+
+    def set_weight(self, w: np.ndarray) -> None:
+        arr = torch.from_numpy(np.asarray(w, np.float32)).to(self.weight.device)
+        if arr.shape[0] != self.weight.shape[0]:
+            raise ValueError(
+                f"a ridge solution of {arr.shape[0]} rows does not fit a projection of {self.weight.shape[0]}"
+            )
+        self.weight = arr
+
+
+class RidgeHead(nn.Module):
+    """One-hot ridge targets (RanPAC): logits are ``scale * relu(f @ P) @ W``, one column per table
+    row (rows without images stay 0); ``embed`` is the raw ridge output."""
+
+    def __init__(self, feat_dim: int, dim: int, rows: int, seed: int, init_logit_scale: float) -> None:
+        super().__init__()
+        self.mapper = AnalyticMapper(feat_dim, dim, rows, seed)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=False)
+        self.experts = None
+
+    def embed(self, f: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mapper(f)
+
+    def logits_from_embedding(self, z: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * z
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_embedding(self.embed(f))
+
+    def set_table(self, table: np.ndarray) -> None:
+        n, have = table.shape[0], self.mapper.weight.shape[1]
+        if n < have:
+            raise ValueError("a concept table never shrinks")
+        if n > have:
+            w = self.mapper.weight
+            self.mapper.weight = torch.cat([w, w.new_zeros(w.shape[0], n - have)], dim=1)
+
+
 class LinearHead(nn.Module):
     """A learned classifier with one output per table row (baselines; ``embed`` is the features)."""
 
@@ -243,8 +326,16 @@ class CvmModel(nn.Module):
         self.config = config
         self.backbone = backbone if backbone is not None else create_backbone(config.backbone)
         dim = feature_dim(self.backbone)
-        self.head: ConceptHead | LinearHead
-        if config.head == "concepts":
+        self.head: ConceptHead | LinearHead | RidgeHead
+        if config.analytic and config.analytic_targets == "onehot":
+            self.head = RidgeHead(
+                dim, config.analytic_dim, table.shape[0], config.analytic_seed, config.init_logit_scale
+            )
+        elif config.analytic:
+            mapper = AnalyticMapper(dim, config.analytic_dim, table.shape[-1], config.analytic_seed)
+            self.head = ConceptHead(dim, table, 0, config.init_logit_scale, config.prototype_temperature, mapper=mapper)
+            self.head.logit_scale.requires_grad_(False)
+        elif config.head == "concepts":
             experts = None
             if config.experts != "none":
                 experts = ExpertMixture(
@@ -265,6 +356,8 @@ class CvmModel(nn.Module):
     def table_rows(self) -> int:
         """Logit width: the head's rows (concept-table classes, or linear outputs)."""
         head = self.head
+        if isinstance(head, RidgeHead):
+            return int(head.mapper.weight.shape[1])
         return int(head.table.shape[0]) if isinstance(head, ConceptHead) else int(head.fc.out_features)
 
     @property
@@ -295,8 +388,15 @@ class CvmModel(nn.Module):
         z = self.head.embed(self.features(x))
         return self.head.logits_from_embedding(z), z
 
+    def _head_table(self, table: np.ndarray) -> np.ndarray:
+        """The rows the head scores against: the concept table, or for whitened analytic targets the
+        whitened table (cvm_edge.analytic.whiten_table, recomputed whenever the table changes)."""
+        if self.config.analytic and self.config.analytic_targets == "whitened":
+            return whiten_table(table)
+        return table
+
     def set_table(self, table: np.ndarray) -> None:
-        self.head.set_table(table)
+        self.head.set_table(self._head_table(table))
 
     def train(self, mode: bool = True) -> CvmModel:
         super().train(mode)

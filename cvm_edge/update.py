@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from cvm_edge.analytic import DEFAULT_DIM
+from cvm_edge.analytic_learner import AnalyticState
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split, load_image_folder
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError, UsageError
-from cvm_edge.evaluate import classes_from_logits, mean_over
+from cvm_edge.evaluate import classes_from_logits, mean_over, trained_classes
 from cvm_edge.fsutil import FileLock, fault_point
 from cvm_edge.model import (
     DEFAULT_PROTOTYPE_TEMPERATURE,
@@ -61,6 +63,9 @@ class InitOptions:
     routing: str = "soft"
     routing_temperature: float = DEFAULT_ROUTING_TEMPERATURE
     expert_shared_mapper: str = "always"
+    learner: str = "gradient"  # gradient | analytic (closed form, frozen backbone: cvm_edge.analytic)
+    analytic_dim: int = DEFAULT_DIM
+    analytic_targets: str = "concepts"
 
 
 def resolve_backbone(opts: InitOptions) -> tuple[torch.nn.Module | None, Preprocessing, str]:
@@ -96,6 +101,10 @@ def init_store(workdir: Path, opts: InitOptions) -> int:
                 routing=opts.routing,
                 routing_temperature=opts.routing_temperature,
                 expert_shared_mapper=opts.expert_shared_mapper,
+                learner=opts.learner,
+                analytic_dim=opts.analytic_dim,
+                analytic_seed=opts.seed,
+                analytic_targets=opts.analytic_targets,
             )
         except ValueError as exc:  # e.g. experts on a linear head: the options are wrong, not the program
             raise UsageError(str(exc)) from None
@@ -110,6 +119,7 @@ def init_store(workdir: Path, opts: InitOptions) -> int:
             seen=(),
             history=(),
             plugin_state={},
+            analytic=AnalyticState.empty(model) if config.analytic else None,
         )
         return store.save(ckpt)
 
@@ -190,55 +200,76 @@ class UpdateReport:
             risky = ", ".join(f"{r['class']} ({r['cosine']:.2f} to {r['nearest_new']})" for r in sim["at_risk"][:3])
             lines.append(f"  old classes most at risk: {risky}; scaling factor {sim['factor']:g}")
         if self.version is not None:
-            lines.append(f"  published {version_name(self.version)}")
+            size = f" ({e['store_mb']:.1f} MB)" if "store_mb" in e else ""
+            lines.append(f"  published {version_name(self.version)}{size}")
         return "\n".join(lines)
 
 
 class _ValidationScorer:
-    """Per-class validation accuracy before and after training.
+    """Per-class validation accuracy before and after learning.
 
-    With a frozen backbone the validation features are computed once and only the head is rerun,
-    so the old-class gate costs no second backbone pass over the validation set. Rows are the
-    earlier updates' held-out images first, then this update's (``n_earlier`` splits them)."""
+    Rows are the earlier updates' held-out images first, then this update's (``n_earlier`` splits
+    them). ``predict(keep)`` gives the predicted table rows (among the seen classes) of the rows
+    where ``keep``: each learner supplies its own (cached features for a frozen backbone)."""
 
-    def __init__(self, strategy: Strategy, val: ImageSet, seen: list[int], n_earlier: int) -> None:
-        self.strategy, self.val, self.seen = strategy, val, seen
-        self.earlier = np.arange(len(val)) < n_earlier
-        self.feats = strategy.features(val.pixels) if strategy.model.backbone_frozen and len(val) else None
+    def __init__(self, labels: np.ndarray, n_earlier: int, predict: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.labels = labels
+        self.earlier = np.arange(len(labels)) < n_earlier
+        self._predict = predict
 
     def predict(self, keep: np.ndarray) -> np.ndarray:
-        """Predicted table rows (among the seen classes) of the rows where ``keep``; -1 elsewhere."""
-        pred = np.full(len(self.val), -1, np.int64)
-        if not keep.any():
-            return pred
-        if self.feats is not None:
-            logits = self.strategy.head_logits(self.feats[torch.from_numpy(keep).to(self.feats.device)])
-        else:
-            s = self.strategy
-            logits = predict_logits(
-                s.model, s.prep, self.val.pixels[keep], s.device, s.config.eval_batch(s.prep.image_size)
-            )
-        pred[keep] = classes_from_logits(logits, self.seen)
+        """Predicted table rows of the rows where ``keep``; -1 elsewhere."""
+        pred = np.full(len(self.labels), -1, np.int64)
+        if keep.any():
+            pred[keep] = self._predict(keep)
         return pred
 
     def rows(self, earlier_classes: Sequence[int], current_classes: Sequence[int]) -> np.ndarray:
         """Earlier held-out rows of ``earlier_classes`` and this update's rows of ``current_classes``."""
-        labels = self.val.labels
-        return (self.earlier & np.isin(labels, list(earlier_classes))) | (
-            ~self.earlier & np.isin(labels, list(current_classes))
+        return (self.earlier & np.isin(self.labels, list(earlier_classes))) | (
+            ~self.earlier & np.isin(self.labels, list(current_classes))
         )
 
     def accuracy(self, pred: np.ndarray, classes: Sequence[int], part: str) -> dict[int, float]:
         """Per-class accuracy of ``pred`` on the ``earlier`` or ``current`` rows, or on ``all``."""
-        rows = {"earlier": self.earlier, "current": ~self.earlier, "all": np.ones(len(self.val), bool)}[part]
+        rows = {"earlier": self.earlier, "current": ~self.earlier, "all": np.ones(len(self.labels), bool)}[part]
         out = {}
         for c in classes:
-            mask = rows & (self.val.labels == c)
+            mask = rows & (self.labels == c)
             if mask.any():
                 if (pred[mask] < 0).any():
                     raise AssertionError(f"class {c} was not predicted on the {part} rows")  # a caller's bug
                 out[int(c)] = float((pred[mask] == c).mean())
         return out
+
+
+def _gradient_predictor(strategy: Strategy, val: ImageSet, seen: list[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """Predictions of the strategy's model; with a frozen backbone the validation features are
+    computed once and only the head is rerun (the gate costs no second backbone pass)."""
+    feats = strategy.features(val.pixels) if strategy.model.backbone_frozen and len(val) else None
+
+    def predict(keep: np.ndarray) -> np.ndarray:
+        if feats is not None:
+            logits = strategy.head_logits(feats[torch.from_numpy(keep).to(feats.device)])
+        else:
+            s = strategy
+            logits = predict_logits(s.model, s.prep, val.pixels[keep], s.device, s.config.eval_batch(s.prep.image_size))
+        return classes_from_logits(logits, seen)
+
+    return predict
+
+
+@dataclasses.dataclass(frozen=True)
+class _Learned:
+    """One learner's update: the scorer, predictions before and after, what replaces the previous
+    checkpoint's fields, and the learner's own history-entry fields."""
+
+    scorer: _ValidationScorer
+    pred_before: np.ndarray
+    pred_after: np.ndarray
+    checkpoint: dict[str, Any]
+    entry: dict[str, Any]
+    release: Callable[[], None] = lambda: None  # drops big references before the export
 
 
 def _load_table_for_update(current: ConceptTable, path: Path | None) -> ConceptTable:
@@ -253,7 +284,9 @@ def _load_table_for_update(current: ConceptTable, path: Path | None) -> ConceptT
     return new
 
 
-def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int], None] | None = None) -> UpdateReport:
+def run_update(
+    workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int, ImageSet | None], None] | None = None
+) -> UpdateReport:
     """Train on ``opts.data_dir`` and publish a new version, or raise with nothing written."""
     store = CheckpointStore(workdir)
     t0 = time.perf_counter()
@@ -279,59 +312,14 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
         # distill/ewc plugins apply when --similarity-scaling is on (they compute it the same way).
         similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
         log.info("task similarity: %s", similarity.summary(table.names))
-        device = torch.device(opts.device)
-
-        model = model_from_checkpoint(prev).to(device)
+        model = model_from_checkpoint(prev).to(torch.device(opts.device))
         if table is not prev.table:
             model.set_table(table.as_float32())
-
-        plugins = make_plugins(opts.plugins, opts.plugin_options)
-        for p in plugins:
-            if p.needs_concept_head and prev.model_config.head != "concepts":
-                raise UsageError(
-                    f"the {p.name} plugin needs the concept head; this store's head is {prev.model_config.head}"
-                )
-        for p in plugins:
-            if p.name in prev.plugin_state:
-                p.load_state_dict(prev.plugin_state[p.name])
-        buffer = (
-            prev.buffer if opts.buffer_size is None else dataclasses.replace(prev.buffer, capacity=opts.buffer_size)
-        )
-        cfg = TrainConfig(
-            epochs=opts.epochs,
-            batch_size=opts.batch_size,
-            replay_batch_size=opts.batch_size,
-            lr=opts.lr,
-            optimizer=opts.optimizer,
-            augment=opts.augment,
-            crop_pad=max(1, prev.prep.image_size // 8),
-            seed=opts.seed,
-            device=opts.device,
-            progress=opts.progress,
-            loss=opts.loss,
-            balance_epochs=opts.balance_epochs,
-            channels_last=opts.channels_last,
-        )
-        strategy = Strategy(model, prev.prep, plugins, cfg)
-        all_val = ImageSet.concat([prev.val, val], prev.prep.image_size)
-        scorer = _ValidationScorer(strategy, all_val, seen, n_earlier=len(prev.val))
-        # Old classes are judged on the held-out images of earlier updates only (for a revisited
-        # class: its earlier domains), so an update that ruins what the previous version knew is
-        # caught even when it does well on the new images of the same class.
-        pred_before = scorer.predict(scorer.rows(old_classes, revisited))
+        learn = _learn_analytic if prev.model_config.analytic else _learn_gradient
+        learned = learn(prev, model, table, train, val, seen, old_classes, revisited, opts)
+        scorer, pred_before, pred = learned.scorer, learned.pred_before, learned.pred_after
         acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
         revisited_new_before = scorer.accuracy(pred_before, revisited, "current")
-        # phase lines: the operator sees where a long update is; the kill tests aim at each phase
-        log.info(
-            "training on %d images of %d class(es), starting from %s",
-            len(train),
-            len(trained_classes),
-            version_name(prev.version),
-        )
-        fault_point("update_training")
-        result = strategy.train_experience(train, buffer, seen, old_classes, task_index=len(prev.history) + 1)
-
-        pred = scorer.predict(np.ones(len(all_val), bool))
         acc = scorer.accuracy(pred, seen, "all")
         acc_earlier = scorer.accuracy(pred, old_classes, "earlier")
         old_before = mean_over(acc_before, old_classes)
@@ -354,46 +342,205 @@ def run_update(workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int],
             "all_accuracy": mean_over(acc, seen),
             "n_train": len(train),
             "n_val": len(val),
-            "plugins": list(opts.plugins),
-            "epochs": opts.epochs,
-            "steps": result.steps,
-            "images_per_s": result.images_seen / max(1e-9, time.perf_counter() - t0),
+            **learned.entry,
+            "images_per_s": learned.entry.get("images_seen", len(train)) / max(1e-9, time.perf_counter() - t0),
             "wall_s": time.perf_counter() - t0,
             "forced": False,
             "similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling),
         }
-        drop = 100.0 * (old_before - old_after) if old_before is not None and old_after is not None else 0.0
-        if drop > opts.max_forgetting:
+        # Two gates: against the previous version, and against each old class's accuracy when it
+        # was learned (the accuracy matrix's diagonal), so that several small steps cannot add up
+        # to more than --max-forgetting.
+        learned_acc = accuracy_when_learned(prev.history, old_classes)
+        old_learned = mean_over(learned_acc, old_classes)
+        drop = _points(old_before, old_after)
+        drop_cumulative = _points(old_learned, old_after)
+        entry.update(
+            old_accuracy_when_learned=old_learned,
+            forgetting_since_previous=round(drop, 3),
+            forgetting_since_learned=round(drop_cumulative, 3),
+        )
+        if max(drop, drop_cumulative) > opts.max_forgetting:
+            since, ref, ref_acc = (
+                ("the previous version", acc_before, old_before)
+                if drop >= drop_cumulative
+                else ("when they were learned", learned_acc, old_learned)
+            )
+            worst = max(drop, drop_cumulative)
             if not opts.force:
                 raise ForgettingGateError(
-                    f"old-class accuracy on earlier held-out images would fall by {drop:.1f} points "
-                    f"({100 * old_before:.1f}% -> {100 * old_after:.1f}%), over --max-forgetting "  # type: ignore[operator]
-                    f"{opts.max_forgetting:g}; nothing was published.{_worst_drops(acc_before, acc_earlier, table.names)} "
+                    f"old-class accuracy on earlier held-out images would fall by {worst:.1f} points since {since} "
+                    f"({100 * ref_acc:.1f}% -> {100 * old_after:.1f}%), over --max-forgetting "  # type: ignore[operator]
+                    f"{opts.max_forgetting:g}; nothing was published.{_worst_drops(ref, acc_earlier, table.names)} "
                     "Train with replay/distill, or pass --force"
                 )
             entry["forced"] = True
-            log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", drop)
+            log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", worst)
         log.info("trained and evaluated in %.1f s; saving the checkpoint", time.perf_counter() - t0)
         fault_point("update_saving")
         ckpt = dataclasses.replace(
             prev,
             table=table,
             weights=model.weights_state(),
-            buffer=result.buffer,
-            val=all_val,
             seen=tuple(seen),
             history=(*prev.history, entry),
-            plugin_state={p.name: p.state_dict() for p in plugins},
-            plugins=tuple(opts.plugins),
+            plugins=tuple(opts.plugins) if not prev.model_config.analytic else (),
+            **learned.checkpoint,
         )
         version = store.save(ckpt)
         entry["version"] = version
+        entry["store_mb"] = round(store.version_bytes(version) / 1e6, 3)
         if publish_hook is not None:
             # The export loads the saved version itself: drop this update's images, features and
             # models first, so a device's peak memory is that of the bigger step, not of both.
-            del ckpt, prev, train, val, all_val, scorer, strategy, model, result, plugins
-            publish_hook(version)
+            # An analytic store keeps no images, so its export checks parity on this update's.
+            parity = (
+                None
+                if ckpt.val.pixels.size or len(ckpt.buffer)
+                else ImageSet.concat([val, train], prev.prep.image_size)
+            )
+            learned.release()
+            del ckpt, prev, train, val, scorer, model, learned
+            publish_hook(version, parity)
     return UpdateReport(version=version, entry=entry)
+
+
+def _points(before: float | None, after: float | None) -> float:
+    return 100.0 * (before - after) if before is not None and after is not None else 0.0
+
+
+def accuracy_when_learned(history: Sequence[dict[str, Any]], classes: Sequence[int]) -> dict[int, float]:
+    """Each class's held-out accuracy right after the latest update that trained it."""
+    out: dict[int, float] = {}
+    for entry in history:
+        acc = entry.get("per_class_accuracy", {})
+        for c in trained_classes(entry):
+            if c in classes and str(c) in acc:
+                out[c] = float(acc[str(c)])
+    return out
+
+
+def _learn_gradient(
+    prev: Checkpoint,
+    model: CvmModel,
+    table: ConceptTable,
+    train: ImageSet,
+    val: ImageSet,
+    seen: list[int],
+    old_classes: list[int],
+    revisited: list[int],
+    opts: UpdateOptions,
+) -> _Learned:
+    """The Strategy's training loop with the configured plugins and the replay buffer."""
+    plugins = make_plugins(opts.plugins, opts.plugin_options)
+    for p in plugins:
+        if p.needs_concept_head and prev.model_config.head != "concepts":
+            raise UsageError(
+                f"the {p.name} plugin needs the concept head; this store's head is {prev.model_config.head}"
+            )
+    for p in plugins:
+        if p.name in prev.plugin_state:
+            p.load_state_dict(prev.plugin_state[p.name])
+    buffer = prev.buffer if opts.buffer_size is None else dataclasses.replace(prev.buffer, capacity=opts.buffer_size)
+    cfg = TrainConfig(
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        replay_batch_size=opts.batch_size,
+        lr=opts.lr,
+        optimizer=opts.optimizer,
+        augment=opts.augment,
+        crop_pad=max(1, prev.prep.image_size // 8),
+        seed=opts.seed,
+        device=opts.device,
+        progress=opts.progress,
+        loss=opts.loss,
+        balance_epochs=opts.balance_epochs,
+        channels_last=opts.channels_last,
+    )
+    strategy = Strategy(model, prev.prep, plugins, cfg)
+    all_val = ImageSet.concat([prev.val, val], prev.prep.image_size)
+    scorer = _ValidationScorer(all_val.labels, len(prev.val), _gradient_predictor(strategy, all_val, seen))
+    # Old classes are judged on the held-out images of earlier updates only (for a revisited
+    # class: its earlier domains), so an update that ruins what the previous version knew is
+    # caught even when it does well on the new images of the same class.
+    pred_before = scorer.predict(scorer.rows(old_classes, revisited))
+    # phase lines: the operator sees where a long update is; the kill tests aim at each phase
+    log.info(
+        "training on %d images of %d class(es), starting from %s",
+        len(train),
+        len(train.classes),
+        version_name(prev.version),
+    )
+    fault_point("update_training")
+    result = strategy.train_experience(train, buffer, seen, old_classes, task_index=len(prev.history) + 1)
+    pred_after = scorer.predict(np.ones(len(all_val), bool))
+    return _Learned(
+        scorer,
+        pred_before,
+        pred_after,
+        checkpoint={
+            "buffer": result.buffer,
+            "val": all_val,
+            "plugin_state": {p.name: p.state_dict() for p in plugins},
+        },
+        entry={
+            "learner": "gradient",
+            "plugins": list(opts.plugins),
+            "epochs": opts.epochs,
+            "steps": result.steps,
+            "images_seen": result.images_seen,
+        },
+    )
+
+
+def _learn_analytic(
+    prev: Checkpoint,
+    model: CvmModel,
+    table: ConceptTable,
+    train: ImageSet,
+    val: ImageSet,
+    seen: list[int],
+    old_classes: list[int],
+    revisited: list[int],
+    opts: UpdateOptions,
+) -> _Learned:
+    """Closed form (cvm_edge.analytic_learner): one backbone pass, sums added, lambda chosen, solved.
+    No images are kept: the held-out images' backbone features are."""
+    from cvm_edge import analytic_learner as al
+
+    if prev.analytic is None:
+        raise StoreError(f"version {version_name(prev.version)} is an analytic store without its ridge statistics")
+    state = prev.analytic
+    task = len(prev.history) + 1
+    log.info("extracting features of %d images (frozen backbone)", len(train) + len(val))
+    fault_point("update_training")
+    train_f = al.backbone_features(model.backbone, prev.prep, train.pixels, opts.device)
+    val_f = al.backbone_features(model.backbone, prev.prep, val.pixels, opts.device)
+    all_f = np.concatenate([state.held_out.features.astype(np.float32), val_f])
+    all_labels = np.concatenate([state.held_out.labels, val.labels])
+    predict = lambda keep: al.predict_rows(model, all_f[keep], seen)  # noqa: E731 - the model's weight at call time
+    scorer = _ValidationScorer(all_labels, len(state.held_out), predict)
+    pred_before = (
+        scorer.predict(scorer.rows(old_classes, revisited))
+        if old_classes
+        else scorer.predict(np.zeros(len(all_labels), bool))
+    )
+    learned = al.learn(model, table.as_float32(), state, train_f, train.labels, val_f, val.labels, seen, task)
+    pred_after = scorer.predict(np.ones(len(all_labels), bool))
+    return _Learned(
+        scorer,
+        pred_before,
+        pred_after,
+        checkpoint={"analytic": learned.state},
+        entry={
+            "learner": "analytic",
+            "targets": prev.model_config.analytic_targets,
+            "relative_lambda": learned.choice.relative_lambda,
+            "lambda_scores": learned.choice.scores,
+            "images_seen": len(train),
+            "analytic_bytes": learned.state.nbytes,
+        },
+    )
 
 
 def _log_update_kind(kind: str, new_classes: Sequence[int], revisited: Sequence[int], names: Sequence[str]) -> None:

@@ -52,7 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         top_k=args.top_k,
     )
     version = parse_version(args.version) if args.version is not None else None
-    result = export_locked(args.workdir, version, opts)
+    result = export_locked(args.workdir, version, opts, images_dir=args.images)
     print(result.summary())
     return 0
 
@@ -111,6 +111,13 @@ def add_deploy_commands(sub: Any) -> None:
         "prototype similarity inside the graph (fp32); none: the single model (default)",
     )
     e.add_argument("--top-k", type=int_at_least(1), default=2, help="task models averaged per image (routing top-k)")
+    e.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="labelled images (class folders or labels.csv) to check parity and calibrate int8 on, for stores that "
+        "keep none (the analytic learner)",
+    )
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore
+from cvm_edge.data import ImageSet
 from cvm_edge.errors import CvmError, UsageError
 from cvm_edge.fsutil import FileLock, clean_stale_tmp, scratch_dir
 from cvm_edge.fusion_state import FusionState
@@ -158,17 +159,38 @@ def routed_model(ckpt: Checkpoint, model: CvmModel, opts: ExportOptions) -> tupl
 @dataclasses.dataclass(frozen=True)
 class ParityImages:
     pixels: np.ndarray  # uint8 NHWC at the model's size
-    n_val: int  # the first n_val rows are ckpt.val (labels known)
+    labels: np.ndarray  # table rows of the first len(labels) rows (held-out images), the rest unknown
     info: dict[str, Any]
 
+    @property
+    def n_val(self) -> int:
+        return len(self.labels)
 
-def parity_images(ckpt: Checkpoint, minimum: int) -> ParityImages:
-    """The checkpoint's real images (held-out val first, then the replay buffer); when there are
-    fewer than ``minimum``, flipped and rotated copies make up the count (recorded in ``info``)."""
-    base = np.concatenate([ckpt.val.pixels, ckpt.buffer.pixels])
+
+# An analytic store keeps no images: its parity check and int8 calibration use images handed in
+# (the update's own, or `cvm export --images DIR`), at most this many.
+MAX_GIVEN_IMAGES = 512
+
+
+def parity_images(ckpt: Checkpoint, minimum: int, given: ImageSet | None = None) -> ParityImages:
+    """The checkpoint's real images (held-out val first, then the replay buffer), or ``given`` for a
+    store that keeps none; when there are fewer than ``minimum``, flipped and rotated copies make up
+    the count (recorded in ``info``)."""
+    if len(ckpt.val) + len(ckpt.buffer) == 0 and given is not None and len(given):
+        keep = np.random.default_rng(0).permutation(len(given))[:MAX_GIVEN_IMAGES]
+        given = given.subset(np.sort(keep))
+        base, labels = given.pixels, given.labels
+        info: dict[str, Any] = {"given": len(given), "augmented": 0}
+    else:
+        base, labels = np.concatenate([ckpt.val.pixels, ckpt.buffer.pixels]), ckpt.val.labels
+        info = {"val": len(ckpt.val), "buffer": len(ckpt.buffer), "augmented": 0}
     if len(base) == 0:
-        raise UsageError("the checkpoint holds no images to check parity on; run `cvm update` first")
-    info: dict[str, Any] = {"val": len(ckpt.val), "buffer": len(ckpt.buffer), "augmented": 0}
+        hint = (
+            "an analytic store keeps no images: pass `--images DIR` (a folder of labelled images)"
+            if ckpt.model_config.analytic
+            else "run `cvm update` first"
+        )
+        raise UsageError(f"the checkpoint holds no images to check parity on; {hint}")
     pixels = base
     variants = (
         ("horizontal flip", lambda a: a[:, :, ::-1]),
@@ -188,7 +210,7 @@ def parity_images(ckpt: Checkpoint, minimum: int) -> ParityImages:
     if used:
         info["augmented"] = len(pixels) - len(base)
         info["note"] = f"only {len(base)} stored images; {info['augmented']} more made by {', '.join(used)} of them"
-    return ParityImages(np.ascontiguousarray(pixels), len(ckpt.val), info)
+    return ParityImages(np.ascontiguousarray(pixels), np.asarray(labels, np.int64), info)
 
 
 class Inputs(Protocol):
@@ -421,6 +443,8 @@ def build_manifest(
         raw = float(ckpt.weights["head.logit_scale"])
         scale = float(np.exp(min(raw, MAX_LOGIT_SCALE)))
     emb_dim = ckpt.table.dim if head == "concepts" else None
+    if ckpt.model_config.analytic and ckpt.model_config.analytic_targets == "onehot":
+        emb_dim = len(ckpt.table.names)  # the raw one-hot ridge scores over every table row
     return {
         "format": FORMAT,
         "name": name,
@@ -477,7 +501,9 @@ def experts_manifest(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions | None = None) -> ExportResult:
+def export_bundle(
+    workdir: Path, version: int | None = None, opts: ExportOptions | None = None, images: ImageSet | None = None
+) -> ExportResult:
     """Export a checkpoint (default: the latest), check parity, publish the bundle and move CURRENT.
 
     The caller holds the store lock (``cvm export`` takes it; ``cvm update`` calls this from its
@@ -496,14 +522,17 @@ def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions
     else:
         routed, routing = routed_model(ckpt, model, opts)
         graph = ExportGraph(routed, ckpt.seen).eval()
-    images = parity_images(ckpt, opts.min_parity_images)
-    x = LazyNormalised(images.pixels, ckpt.prep)
+    parity = parity_images(ckpt, opts.min_parity_images, images)
+    x = LazyNormalised(parity.pixels, ckpt.prep)
     batch = opts.batch_size or eval_batch_for(ckpt.prep.image_size)
     ref = torch_outputs(graph, x, batch)
     seen_index = {c: i for i, c in enumerate(ckpt.seen)}
-    val_labels = np.asarray([seen_index.get(int(c), -1) for c in ckpt.val.labels], np.int64)
-
-    if opts.precision == "int8" and len(ckpt.buffer) == 0:
+    val_labels = np.asarray([seen_index.get(int(c), -1) for c in parity.labels], np.int64)
+    # int8 calibrates on the replay buffer, or on the images handed in when the store keeps none
+    calibration, calibration_source = ckpt.buffer.pixels, "replay buffer"
+    if len(ckpt.buffer) == 0 and "given" in parity.info:
+        calibration, calibration_source = parity.pixels[: parity.info["given"]], "images handed to the export"
+    if opts.precision == "int8" and len(calibration) == 0:
         raise UsageError("int8 calibration needs replay-buffer images; this checkpoint has none")
     try:
         # Scratch inside the bundles folder, not /tmp, for our files and the exporter's and quantiser's
@@ -516,16 +545,16 @@ def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions
             elif opts.precision == "fp16":
                 model_bytes = to_fp16(fp32)
             else:
-                model_bytes = to_int8(fp32, LazyNormalised(ckpt.buffer.pixels, ckpt.prep), opts.calibration, work)
+                model_bytes = to_int8(fp32, LazyNormalised(calibration, ckpt.prep), opts.calibration, work)
             figures = parity_figures(ref, onnx_outputs(model_bytes, x, batch), val_labels)
     except CvmError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporter/quantiser failures become one line; nothing was published
         raise CvmError(f"{opts.precision} export failed ({type(exc).__name__}: {exc}); nothing was published") from None
-    figures.update(images=images.info, reference="torch fp32 (eval) on the same normalised inputs")
+    figures.update(images=parity.info, reference="torch fp32 (eval) on the same normalised inputs")
     figures["gates"] = GATES[opts.precision]
     if opts.precision == "int8":
-        figures["calibration"] = {"method": opts.calibration, "images": len(ckpt.buffer), "source": "replay buffer"}
+        figures["calibration"] = {"method": opts.calibration, "images": len(calibration), "source": calibration_source}
     check_gates(opts.precision, figures, opts.min_parity_images)
     figures["passed"] = True
 
@@ -535,10 +564,19 @@ def export_bundle(workdir: Path, version: int | None = None, opts: ExportOptions
     return ExportResult(name, path, manifest)
 
 
-def export_locked(workdir: Path, version: int | None, opts: ExportOptions) -> ExportResult:
-    """``cvm export``: take the store lock, then :func:`export_bundle`."""
+def export_locked(
+    workdir: Path, version: int | None, opts: ExportOptions, images_dir: Path | None = None
+) -> ExportResult:
+    """``cvm export``: take the store lock, then :func:`export_bundle` (with the images of
+    ``images_dir`` for parity, read through the store's table and preprocessing)."""
     store = CheckpointStore(workdir)
     if not store.exists():
         raise UsageError(f"{workdir} has no checkpoints; run `cvm init` and `cvm update` first")
     with FileLock(store.lock_path, "cvm export"):
-        return export_bundle(workdir, version, opts)
+        images = None
+        if images_dir is not None:
+            from cvm_edge.data import load_image_folder
+
+            ckpt = store.load(version)
+            images = load_image_folder(images_dir, ckpt.table, ckpt.prep)
+        return export_bundle(workdir, version, opts, images)

@@ -1,0 +1,271 @@
+"""The analytic learner's arithmetic: a fixed random ReLU projection and ridge regression in closed form.
+
+Frozen backbone features ``f`` are lifted to ``h = relu(f @ P)`` with a seeded Gaussian ``P`` (RanPAC,
+McDonnell et al., NeurIPS 2023). A model's knowledge is three sums over every image ever learned:
+
+- ``gram``       G = sum h h^T               ``[M, M]``
+- ``class_sums`` S[c] = sum of h over class c ``[C, M]`` (one row per concept-table row)
+- ``counts``     images per class            ``[C]``
+
+Sums add, so learning a new batch of images, a new class or a new domain of a known class adds to
+them, and the ridge solution ``W = (G + lambda I)^-1 S^T T`` equals one joint fit on everything seen so
+far (ACIL, Zhuang et al., NeurIPS 2022): nothing is forgotten, no image is kept, and the sums of many
+devices add up to the fleet's. ``T`` are the per-class targets: the class's concept row (its
+prototypes' mean for multi-prototype tables: the CVM mapping, solved in closed form) or one-hot.
+Keeping ``S`` rather than ``S^T T`` lets the target be chosen at solve time and lets rows be added.
+
+Everything here is float64 numpy; the torch modules that serve the solution live in ``cvm_edge.model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+TARGETS = ("concepts", "whitened", "onehot")
+# Shrinkage of the table whitening: the covariance's eigenvalues are raised by this share of their
+# mean, so directions the table barely spans are not blown up without bound.
+WHITEN_SHRINK = 0.01
+DEFAULT_DIM = 2048
+# Ridge strengths relative to the mean diagonal of G (the mean squared projected activation), so
+# one grid fits any backbone's feature scale; picked on held-out images per update.
+RELATIVE_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def projection(in_dim: int, dim: int, seed: int) -> np.ndarray:
+    """The fixed random projection ``P`` (``[in_dim, dim]``, float32), rebuilt from its seed.
+
+    ``RandomState`` (not ``Generator``): its stream is frozen by NumPy's compatibility policy, so a
+    store written today rebuilds the same ``P`` on another machine or NumPy release; the store also
+    records :func:`projection_digest` and refuses a mismatch. Entries are N(0, 1/in_dim), so
+    ``f @ P`` keeps the scale of ``f`` (float16 export stays in range)."""
+    rs = np.random.RandomState(seed)
+    return (rs.standard_normal((in_dim, dim)) / np.sqrt(in_dim)).astype(np.float32)
+
+
+def projection_digest(p: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(p, dtype=np.float32).tobytes()).hexdigest()[:16]
+
+
+def lift(features: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``relu(f @ P)`` in float64 (the sums are accumulated in float64)."""
+    return np.maximum(np.asarray(features, np.float32) @ p, 0.0).astype(np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class RidgeStats:
+    """G, per-class sums and counts (module docstring). Immutable: :meth:`add` returns new sums."""
+
+    gram: np.ndarray  # [M, M] float64, symmetric
+    class_sums: np.ndarray  # [C, M] float64
+    counts: np.ndarray  # [C] int64
+
+    @staticmethod
+    def empty(dim: int, rows: int) -> RidgeStats:
+        return RidgeStats(np.zeros((dim, dim)), np.zeros((rows, dim)), np.zeros(rows, np.int64))
+
+    @property
+    def dim(self) -> int:
+        return int(self.gram.shape[0])
+
+    @property
+    def rows(self) -> int:
+        return int(self.counts.shape[0])
+
+    def grown(self, rows: int) -> RidgeStats:
+        """The same sums over ``rows`` table rows (the table only grows: new rows start at zero)."""
+        if rows < self.rows:
+            raise ValueError(f"a concept table never shrinks ({self.rows} rows -> {rows})")
+        if rows == self.rows:
+            return self
+        extra = rows - self.rows
+        return RidgeStats(
+            self.gram,
+            np.concatenate([self.class_sums, np.zeros((extra, self.dim))]),
+            np.concatenate([self.counts, np.zeros(extra, np.int64)]),
+        )
+
+    def add(self, h: np.ndarray, labels: np.ndarray) -> RidgeStats:
+        """These sums plus the lifted features ``h`` ``[N, M]`` of images with table rows ``labels``."""
+        labels = np.asarray(labels, np.int64)
+        if h.ndim != 2 or h.shape[1] != self.dim or len(h) != len(labels):
+            raise ValueError(f"features {h.shape} do not fit sums of dimension {self.dim} and {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.rows):
+            raise ValueError(f"labels must be table rows in [0, {self.rows})")
+        h = np.asarray(h, np.float64)
+        sums = self.class_sums.copy()
+        np.add.at(sums, labels, h)
+        return RidgeStats(self.gram + h.T @ h, sums, self.counts + np.bincount(labels, minlength=self.rows))
+
+    def merged(self, other: RidgeStats) -> RidgeStats:
+        """The sums of two devices (or two updates): exactly those of one pass over both."""
+        rows = max(self.rows, other.rows)
+        a, b = self.grown(rows), other.grown(rows)
+        if a.dim != b.dim:
+            raise ValueError(f"sums of dimension {a.dim} and {b.dim} cannot be merged")
+        return RidgeStats(a.gram + b.gram, a.class_sums + b.class_sums, a.counts + b.counts)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """G's upper triangle only (it is symmetric): half the bytes on flash."""
+        iu = np.triu_indices(self.dim)
+        return {"gram_triu": self.gram[iu], "class_sums": self.class_sums, "counts": self.counts}
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray]) -> RidgeStats:
+        sums = np.asarray(arrays["class_sums"], np.float64)
+        counts = np.asarray(arrays["counts"], np.int64)
+        triu = np.asarray(arrays["gram_triu"], np.float64)
+        dim = sums.shape[1] if sums.ndim == 2 else -1
+        if sums.ndim != 2 or counts.shape != (sums.shape[0],) or triu.shape != (dim * (dim + 1) // 2,):
+            raise ValueError(
+                f"ridge statistics of inconsistent shapes: class_sums {sums.shape}, counts {counts.shape}, "
+                f"gram_triu {triu.shape}"
+            )
+        if not (np.isfinite(triu).all() and np.isfinite(sums).all()) or (counts < 0).any():
+            raise ValueError("ridge statistics hold non-finite values or negative counts")
+        gram = np.zeros((dim, dim))
+        gram[np.triu_indices(dim)] = triu
+        gram = gram + np.triu(gram, 1).T
+        return RidgeStats(gram, sums, counts)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.to_arrays().values()))
+
+
+def whiten_table(table: np.ndarray, shrink: float = WHITEN_SHRINK) -> np.ndarray:
+    """The concept table after centring and (shrunk) whitening over its classes, rows renormalised;
+    zero padding rows of a ``[C, P, D]`` table stay zero.
+
+    Sentence-embedding rows share a large common component (their pairwise cosines sit around
+    0.2-0.5), so ridge targets that are raw rows spend the fit on what all classes share and their
+    cosines separate classes poorly. Whitened rows are close to orthonormal over the table's classes
+    (one-hot in a rotated basis) but stay a fixed linear map of the language model's space, so a class
+    added by name gets its row by the same map. A function of the table alone: it is recomputed, never
+    stored, and changes when classes are appended (the solve recomputes the targets too)."""
+    t = np.asarray(table, np.float64)
+    real = np.any(t != 0, axis=-1)
+    rows = class_targets(t, "concepts")  # one unit row per class (prototype means)
+    mu = rows.mean(axis=0)
+    x = rows - mu
+    e, v = np.linalg.eigh(x.T @ x / len(x))
+    e = np.maximum(e, 0.0)
+    pos = e[e > 1e-12 * max(float(e.max()), 1e-300)]
+    eps = shrink * (float(pos.mean()) if len(pos) else 1.0)
+    a = v @ np.diag(1.0 / np.sqrt(e + eps)) @ v.T
+    out = (t - mu) @ a
+    out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return (out * real[..., None]).astype(np.float32)
+
+
+def class_targets(table: np.ndarray, kind: str) -> np.ndarray:
+    """Per-class regression targets ``[C, K]``: the concept row (a multi-prototype class: the mean of
+    its real prototypes, renormalised), the row of the whitened table (:func:`whiten_table`), or
+    one-hot (``K = C``)."""
+    if kind not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, not {kind!r}")
+    t = np.asarray(table, np.float64)
+    if kind == "onehot":
+        return np.eye(t.shape[0])
+    if kind == "whitened":
+        t = np.asarray(whiten_table(t), np.float64)
+    if t.ndim == 3:  # [C, P, D] with all-zero padding rows
+        real = np.any(t != 0, axis=-1, keepdims=True)
+        t = (t * real).sum(axis=1) / np.maximum(real.sum(axis=1), 1)
+    return t / np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class RidgePath:
+    """One eigendecomposition of G, then the ridge solution for any lambda at the cost of a matmul."""
+
+    eigvals: np.ndarray
+    eigvecs: np.ndarray
+    projected_rhs: np.ndarray  # V^T C
+    scale: float  # mean diagonal of G: lambdas are relative to it
+
+    @staticmethod
+    def of(stats: RidgeStats, targets: np.ndarray) -> RidgePath:
+        rhs = stats.class_sums.T @ targets[: stats.rows]
+        e, v = np.linalg.eigh(stats.gram)
+        scale = float(np.trace(stats.gram)) / stats.dim
+        return RidgePath(np.maximum(e, 0.0), v, v.T @ rhs, scale if scale > 0 else 1.0)
+
+    def solve(self, relative_lambda: float) -> np.ndarray:
+        """``W = (G + lambda I)^-1 C`` with ``lambda = relative_lambda * scale`` (``[M, K]``, float64)."""
+        lam = relative_lambda * self.scale
+        return self.eigvecs @ (self.projected_rhs / (self.eigvals + lam)[:, None])
+
+
+def solve(stats: RidgeStats, targets: np.ndarray, relative_lambda: float) -> np.ndarray:
+    """The ridge solution by a direct linear solve (the reference :class:`RidgePath` is tested against)."""
+    lam = relative_lambda * max(float(np.trace(stats.gram)) / stats.dim, 0.0) or relative_lambda
+    rhs = stats.class_sums.T @ targets[: stats.rows]
+    return np.linalg.solve(stats.gram + lam * np.eye(stats.dim), rhs)
+
+
+def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over classes of per-class accuracy (a class with many held-out images counts once)."""
+    classes = np.unique(labels)
+    if not len(classes):
+        return float("nan")
+    return float(np.mean([(pred[labels == c] == c).mean() for c in classes]))
+
+
+@dataclasses.dataclass(frozen=True)
+class LambdaChoice:
+    relative_lambda: float
+    weight: np.ndarray  # [M, K] float64
+    scores: dict[str, float]  # held-out balanced accuracy per candidate (str(lambda) -> accuracy)
+
+
+def choose_lambda(
+    path: RidgePath,
+    val_h: np.ndarray,
+    val_labels: np.ndarray,
+    predict: Callable[[np.ndarray], np.ndarray],
+    grid: Sequence[float] = RELATIVE_LAMBDAS,
+) -> LambdaChoice:
+    """The grid's lambda with the best balanced held-out accuracy (ties: the larger, smoother one).
+    ``predict`` maps ridge outputs ``val_h @ W`` to predicted table rows. Without held-out images the
+    middle of the grid is taken."""
+    grid = sorted(grid)
+    if not len(val_labels):
+        lam = grid[len(grid) // 2]
+        return LambdaChoice(lam, path.solve(lam), {})
+    scores: dict[str, float] = {}
+    best: tuple[float, float] | None = None
+    for lam in grid:
+        acc = balanced_accuracy(predict(val_h @ path.solve(lam)), val_labels)
+        scores[f"{lam:g}"] = round(acc, 6)
+        if best is None or acc >= best[0]:
+            best = (acc, lam)
+    assert best is not None
+    return LambdaChoice(best[1], path.solve(best[1]), scores)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """Backbone features of every update's held-out images (float16; no pixels), with their table
+    rows and the update that brought them: the forgetting gate and the lambda choice use them."""
+
+    features: np.ndarray  # [N, F] float16
+    labels: np.ndarray  # [N] int64
+    tasks: np.ndarray  # [N] int64, 1-based update index
+
+    @staticmethod
+    def empty(feat_dim: int) -> HeldOut:
+        return HeldOut(np.zeros((0, feat_dim), np.float16), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def added(self, features: np.ndarray, labels: np.ndarray, task: int) -> HeldOut:
+        return HeldOut(
+            np.concatenate([self.features, np.asarray(features, np.float16)]),
+            np.concatenate([self.labels, np.asarray(labels, np.int64)]),
+            np.concatenate([self.tasks, np.full(len(labels), task, np.int64)]),
+        )
