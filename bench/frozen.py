@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import logging
 import time
 from collections.abc import Sequence
@@ -73,7 +74,7 @@ def extract(backbone: torch.nn.Module, name: str, prep: Any, scenario: Scenario,
     seconds = time.perf_counter() - t0
     backbone.to("cpu")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")  # parallel runs of one protocol each write their own
     np.savez(tmp, train=train.astype(np.float16), test=test.astype(np.float16))
     tmp.replace(path)
     return Features(train, test, seconds, False)

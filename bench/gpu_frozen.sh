@@ -21,14 +21,14 @@ for job in "$@"; do
   kind=$1 proto=$2 size=$3
   if [ "$kind" = frozen ]; then
     seeds=$4
-    (for s in ${seeds//,/ }; do for m in $FROZEN; do
-       OMP_NUM_THREADS=4 python3 -m bench.run --protocol "$proto" --image-size "$size" --tag "-$size" --method "$m" \
-         --seed "$s" --device cuda --out "$RES" >>"$LOGS/$proto-$size-frozen.log" 2>&1
-     done; done) &
+    for s in ${seeds//,/ }; do (for m in $FROZEN; do
+       OMP_NUM_THREADS=4 python3 -m bench.run --protocol "$proto" --image-size "$size" --tag="-$size" --method "$m" \
+         --seed "$s" --device cuda --out "$RES" >>"$LOGS/$proto-$size-frozen-s$s.log" 2>&1
+     done) & done
   else
     methods=$4 seeds=$5 buffer=$6
     for m in ${methods//,/ }; do for s in ${seeds//,/ }; do
-      OMP_NUM_THREADS=1 timeout "$limit" python3 -m bench.run --protocol "$proto" --image-size "$size" --tag "-none-$size" \
+      OMP_NUM_THREADS=1 timeout "$limit" python3 -m bench.run --protocol "$proto" --image-size "$size" --tag="-none-$size" \
         --method "$m" --seed "$s" --buffer "$buffer" --device cuda --cuda-graph --bf16 --out "$RES" \
         >>"$LOGS/$proto-$size-$m-s$s.log" 2>&1 &
     done; done

@@ -360,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument(
         "--targets",
-        choices=("concepts", "whitened", "onehot"),
-        default="concepts",
-        help="analytic: regress onto each class's concept row, the row of the whitened table, or one-hot (RanPAC)",
+        choices=("whitened", "concepts", "onehot"),
+        default="whitened",
+        help="analytic: regress onto each class's row of the whitened concept table (default), its raw concept row, "
+        "or one-hot (RanPAC)",
     )
     i.add_argument(
         "--train-backbone",

@@ -65,7 +65,7 @@ class ModelConfig:
     learner: str = "gradient"
     analytic_dim: int = DEFAULT_DIM  # M: width of the random ReLU projection
     analytic_seed: int = 0  # the projection is rebuilt from this seed (cvm_edge.analytic.projection)
-    analytic_targets: str = "concepts"  # concepts: ridge onto concept rows; onehot: RanPAC's targets
+X
 
     def __post_init__(self) -> None:
         if self.train_backbone not in TRAIN_BACKBONE_CHOICES:

@@ -65,7 +65,7 @@ class InitOptions:
     expert_shared_mapper: str = "always"
     learner: str = "gradient"  # gradient | analytic (closed form, frozen backbone: cvm_edge.analytic)
     analytic_dim: int = DEFAULT_DIM
-    analytic_targets: str = "concepts"
+    analytic_targets: str = "whitened"
 
 
 def resolve_backbone(opts: InitOptions) -> tuple[torch.nn.Module | None, Preprocessing, str]:
