@@ -65,7 +65,9 @@ class ModelConfig:
     learner: str = "gradient"
     analytic_dim: int = DEFAULT_DIM  # M: width of the random ReLU projection
     analytic_seed: int = 0  # the projection is rebuilt from this seed (cvm_edge.analytic.projection)
-X
+    # whitened: ridge onto the rows of the whitened concept table (the measured best, bench/BENCHMARKS.md);
+    # concepts: onto the raw rows; onehot: RanPAC's targets.
+    analytic_targets: str = "whitened"
 
     def __post_init__(self) -> None:
         if self.train_backbone not in TRAIN_BACKBONE_CHOICES:
