@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -73,8 +74,11 @@ def parse_request(raw: bytes, headers: Mapping[str, str], limit: int, max_bytes_
     body = decode_content(raw, headers.get("content-encoding"), limit)
     declared = headers.get(HEADER_LENGTH.lower())
     if declared is None:
-        return _json(body)
-    if not declared.strip().isdigit() or not 0 < int(declared) <= len(body):
+        request = _json(body)
+        _attach_binary(request, memoryview(b""), max_bytes_elements)  # binary_data_size without binary data: 400
+        return request
+    # ASCII digits only, and few of them: int() takes other Unicode digits and refuses 4,300 or more
+    if not re.fullmatch(r"[0-9]{1,12}", declared.strip()) or not 0 < int(declared) <= len(body):
         raise ProtocolError(
             400,
             f"{HEADER_LENGTH} must be a whole number of bytes from 1 to the body size ({len(body)}), not {declared!r}",

@@ -155,7 +155,10 @@ def test_tritonclient_compressed_requests(
     x = _x()
     inp = tritonhttp.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    result = triton.infer("cvm", [inp], request_compression_algorithm=algorithm)
+    # Accept-Encoding too: the server may answer uncompressed, and the client takes that
+    result = triton.infer(
+        "cvm", [inp], request_compression_algorithm=algorithm, response_compression_algorithm=algorithm
+    )
     np.testing.assert_allclose(result.as_numpy("logits"), reference.run(x).logits, atol=1e-4)
     images = _images()
     img = tritonhttp.InferInput("image", [len(images)], "BYTES")
@@ -283,6 +286,11 @@ def _hostile_cases() -> list[tuple[str, bytes, dict[str, str], int, str]]:
     add("header length not a number", (good, {**good_headers, HEADER: "12a"}), 400, HEADER)
     add("header length zero", (good, {**good_headers, HEADER: "0"}), 400, HEADER)
     add("header length negative", (good, {**good_headers, HEADER: "-5"}), 400, HEADER)
+    add("header length in other digits", (good, {**good_headers, HEADER: b"\xb2"}), 400, HEADER)  # type: ignore[dict-item]
+    add("header length of 5,000 digits", (good, {**good_headers, HEADER: "1" * 5000}), 400, HEADER)
+    no_header = {k: v for k, v in good_headers.items() if k != HEADER}
+    add("binary data without the header", (good, no_header), 400, "must be JSON")
+    add("binary_data_size without binary data", (json.dumps(_fp32_header(len(x))).encode(), {}), 400, "past the end")
     add("header length past the body", (good, {**good_headers, HEADER: str(len(good) + 1)}), 400, HEADER)
     add("header length cuts the JSON", (good, {**good_headers, HEADER: "10"}), 400, "must be JSON")
     add("binary runs past the end", _binary_body(_fp32_header(len(x) + 4), x), 400, "past the end")
