@@ -181,6 +181,49 @@ def test_tritonclient_error_is_the_servers_message(triton: Any) -> None:
     assert err.value.status() == "400" and "input tensor must have shape [B, 3, 32, 32]" in err.value.message()
 
 
+def test_tritonclient_asyncio_client(server: Any, client: httpx.Client, reference: Predictor) -> None:
+    """tritonclient.http.aio (aiohttp underneath): the same calls, binary and gzip."""
+    import tritonclient.http.aio as aio
+
+    images = _images()
+
+    async def calls() -> tuple[Any, ...]:
+        c = aio.InferenceServerClient(url=server.url.removeprefix("http://"))
+        try:
+            meta = await c.get_model_metadata("cvm", model_version=reference.name)
+            ready = await c.is_model_ready("cvm", model_version=reference.name)
+            other = await c.is_model_ready("cvm", model_version="1")
+            inp = aio.InferInput("image", [len(images)], "BYTES")
+            inp.set_data_from_numpy(np.array(images, dtype=np.object_))
+            result = await c.infer(
+                "cvm",
+                [inp],
+                model_version=reference.name,
+                outputs=[aio.InferRequestedOutput("label")],
+                request_compression_algorithm="gzip",
+            )
+            return meta, ready, other, result
+        finally:
+            await c.close()
+
+    meta, ready, other, result = asyncio.run(calls())
+    assert meta["versions"] == [reference.name] and ready is True and other is False
+    assert [b.decode() for b in result.as_numpy("label")] == _labels(client, images)
+
+
+def test_tritonclient_calls_of_extensions_not_served_get_json_404(triton: Any) -> None:
+    """Triton-only extensions (model config, repository, statistics) are not advertised; they answer
+    404 with the JSON error, which tritonclient raises as an exception with the status."""
+    for call in (
+        lambda: triton.get_model_config("cvm"),
+        lambda: triton.get_model_repository_index(),
+        lambda: triton.get_inference_statistics("cvm"),
+    ):
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert err.value.status() == "404", err.value
+
+
 # ----- KServe SDK -------------------------------------------------------------------------------
 def _kserve_calls(url: str, x: np.ndarray, images: list[bytes]) -> dict[str, Any]:
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
