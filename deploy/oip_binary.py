@@ -36,6 +36,7 @@ EXTENSION = "binary_tensor_data"
 # zlib window bits per Content-Encoding: "deflate" is the zlib format (RFC 9110), as tritonclient sends it
 ENCODINGS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _LENGTH = struct.Struct("<I")
+_STEP = 1 << 20  # decompression output per step
 
 
 class ProtocolError(CvmError):
@@ -57,15 +58,25 @@ def decode_content(raw: bytes, encoding: str | None, limit: int) -> bytes:
     if wbits is None:
         return raw
     inflater = zlib.decompressobj(wbits)
+    # In 1 MiB steps: a bomb is stopped as soon as it passes the limit and never reaches the final
+    # join (one decompress call to the limit builds the output twice over, twice the memory)
+    chunks: list[bytes] = []
+    total, data = 0, raw
     try:
-        out = inflater.decompress(raw, limit + 1)
+        while True:
+            piece = inflater.decompress(data, _STEP)
+            total += len(piece)
+            if total > limit:
+                raise ProtocolError(413, f"the {name} body decompresses to more than the limit of {limit} bytes")
+            chunks.append(piece)
+            data = inflater.unconsumed_tail
+            if inflater.eof or (not data and len(piece) < _STEP):
+                break
     except zlib.error as exc:
         raise ProtocolError(400, f"the body is not valid {name} data: {exc}") from None
-    if len(out) > limit:
-        raise ProtocolError(413, f"the {name} body decompresses to more than the limit of {limit} bytes")
     if not inflater.eof or inflater.unused_data:
         raise ProtocolError(400, f"the body is not one complete {name} stream")
-    return out
+    return b"".join(chunks)
 
 
 def parse_request(raw: bytes, headers: Mapping[str, str], limit: int, max_bytes_elements: int) -> Any:

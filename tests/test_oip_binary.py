@@ -22,9 +22,9 @@ def _status(fn: Any, *args: Any) -> tuple[int, str]:
     return err.value.http_status, str(err.value)
 
 
+@pytest.mark.parametrize("limit", [100_000, (3 << 20) + 5])  # one step, and several 1 MiB steps
 @pytest.mark.parametrize(("name", "pack"), [("gzip", gzip.compress), ("deflate", zlib.compress)])
-def test_decompressed_size_is_bounded_to_the_byte(name: str, pack: Any) -> None:
-    limit = 100_000
+def test_decompressed_size_is_bounded_to_the_byte(name: str, pack: Any, limit: int) -> None:
     exact = bytes(range(256)) * (limit // 256) + b"x" * (limit % 256)
     assert len(exact) == limit
     assert decode_content(pack(exact), name, limit) == exact
