@@ -223,6 +223,9 @@ def respond(answer: dict[str, Any], choice: BinaryChoice) -> Response:
     chunks: list[bytes] = []
     for out in answer["outputs"]:
         if not choice.wants(out["name"]):
+            if out["datatype"] == "FP32" and not np.isfinite(np.asarray(out["data"], dtype=np.float32)).all():
+                # JSON has no NaN or infinity: refuse rather than send null or fail with a 500
+                raise ProtocolError(422, f"output {out['name']!r} holds NaN or infinite values")
             continue
         data = out.pop("data")
         if out["datatype"] == "BYTES":
@@ -233,7 +236,7 @@ def respond(answer: dict[str, Any], choice: BinaryChoice) -> Response:
         chunks.append(raw)
     if not chunks:
         return JSONResponse(answer)
-    header = json.dumps(answer, separators=(",", ":")).encode()
+    header = json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()
     return Response(
         header + b"".join(chunks),
         media_type="application/octet-stream",

@@ -388,6 +388,8 @@ def _hostile_cases() -> list[tuple[str, bytes, dict[str, str], int, str]]:
     }
     add("classification extension", _binary_body(classify, x), 400, "classification")
 
+    huge = np.full((1, 3, 32, 32), 3.0e38, np.float32)  # finite, but the logits overflow to NaN/inf
+    add("outputs JSON cannot carry", _binary_body(_fp32_header(huge.nbytes), huge.tobytes()), 422, "")
     bomb = gzip.compress(b"\0" * (11 << 20))  # 11 MiB of zeros in about 11 kB
     add("gzip bomb over the limit", (bomb, {"Content-Encoding": "gzip"}), 413, "decompresses to more than")
     deflate_bomb = zlib.compress(b"{" * (11 << 20))

@@ -136,3 +136,14 @@ def test_binary_choice_and_response_layout() -> None:
     assert head["outputs"][1]["data"] == [0.5, -3.25] and r.body[n:] == labels
     plain = respond(json.loads(json.dumps(answer)), binary_choice({}))
     assert HEADER_LENGTH.lower() not in plain.headers and json.loads(plain.body) == answer
+
+
+def test_json_outputs_that_json_cannot_carry_are_a_422_not_a_500() -> None:
+    """NaN and infinity have no JSON form: a JSON output holding them is refused; as binary data
+    (little-endian float32) they travel as they are."""
+    answer = {"outputs": [{"name": "logits", "datatype": "FP32", "shape": [2], "data": [float("nan"), 1.0]}]}
+    status, message = _status(respond, json.loads(json.dumps(answer)), binary_choice({}))
+    assert status == 422 and "'logits'" in message
+    r = respond(json.loads(json.dumps(answer)), binary_choice({"parameters": {"binary_data_output": True}}))
+    n = int(r.headers[HEADER_LENGTH])
+    assert np.isnan(np.frombuffer(r.body[n:], "<f4")[0])
