@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from deploy.oip_binary import HEADER_LENGTH
 
@@ -246,7 +247,7 @@ def document(schema: dict[str, Any]) -> dict[str, Any]:
     if metrics is not None:
         metrics["responses"]["200"] = {
             "description": "Prometheus metrics in the text exposition format",
-            "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},  # what the route sends
         }
     return schema
 
