@@ -49,8 +49,9 @@ class ProtocolError(CvmError):
 
 def decode_content(raw: bytes, encoding: str | None, limit: int) -> bytes:
     """``raw`` decompressed as its ``Content-Encoding`` says. The limit holds for the decompressed
-    bytes too: the output stops at ``limit + 1`` bytes, so a decompression bomb costs no more
-    memory than a body at the limit (413). An unknown encoding is a 415; corrupt data a 400."""
+    bytes too: decompression stops as soon as the output passes it, so a decompression bomb costs
+    no more memory than a body at the limit (413). An unknown encoding is a 415; corrupt data, a
+    truncated stream or bytes after its end (concatenated gzip members too) a 400."""
     name = (encoding or "identity").strip().lower()
     if name not in ENCODINGS:
         raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r}: send identity, gzip or deflate")
