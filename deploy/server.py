@@ -5,6 +5,8 @@ Endpoints (every error is ``{"error": "..."}`` with its status):
 - ``POST /v1/classify`` - one image as the raw body, or multipart ``file`` parts (several allowed)
 - Open Inference Protocol v2 subset: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
   ``/v2/models/{name}``, ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``
+  (each also under ``/v2/models/{name}/versions/{version}``; binary tensor data and compressed
+  bodies: :mod:`deploy.oip_binary`; ``/openapi.json``: :mod:`deploy.openapi_doc`)
 - ``GET /v1/model``, ``GET /metrics`` (Prometheus), ``POST /v1/admin/reload`` (bearer token)
 
 The :class:`ModelHolder` polls the bundle store's ``CURRENT`` pointer in a background thread,
@@ -47,6 +49,7 @@ from cvm_edge import __version__
 from cvm_edge.errors import CvmError, DataError, ModelLoadError
 from cvm_edge.fsutil import fault_point, read_pointer
 from cvm_edge.preprocess import UnsupportedImageError, normalise
+from deploy import oip_binary, openapi_doc
 from deploy.bundle import checkpoint_dir_name, current_bundle_dir
 from deploy.predictor import Outputs, Predictor, PredictorOptions
 
@@ -431,12 +434,12 @@ def _v2_inputs(predictor: Predictor, body: Any) -> tuple[np.ndarray, str | None,
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise HTTPError(400, f"input 'shape' must be a list of at most {MAX_V2_DIMS} non-negative integers")
-    if not isinstance(data, list):
+    if not isinstance(data, list | np.ndarray):  # an array: FP32 binary tensor data (deploy/oip_binary.py)
         raise HTTPError(400, "input 'data' must be a list (the JSON tensor encoding)")
     rid = body.get("id")
     wanted = V2_OUTPUTS if not body.get("outputs") else _v2_requested_outputs(body["outputs"])
     if dtype == "FP32":
-        x = _fp32_array(data)
+        x = data if isinstance(data, np.ndarray) else _fp32_array(data)
         needed = math.prod(shape)  # exact: np.prod wraps around at 2**63 and lets a huge shape through
         if x.size != needed:
             raise HTTPError(400, f"FP32 data has {x.size} elements but shape {shape} needs {needed}")
@@ -455,6 +458,9 @@ def _v2_inputs(predictor: Predictor, body: Any) -> tuple[np.ndarray, str | None,
             raise HTTPError(400, f"batch size must be 1..{predictor.options.max_batch}")
         images = []
         for i, item in enumerate(data):
+            if isinstance(item, bytes):  # BYTES binary tensor data: the raw image
+                images.append((f"element {i}", item))
+                continue
             if not isinstance(item, str):
                 raise HTTPError(400, f"BYTES element {i} must be a base64 string")
             try:
@@ -563,11 +569,20 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
     app.state.holder = holder
     app.state.metrics = metrics
     _install_error_handlers(app)
+    openapi_doc.install(app)  # request bodies, error schema and statuses the routes really have
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
 
     def check_name(name: str) -> None:
         if name != settings.model_name:
             raise HTTPError(404, f"unknown model {name!r}; this server serves {settings.model_name!r}")
+
+    def check_version(request: Request, predictor: Predictor) -> None:
+        """The ``/versions/{version}`` routes serve only the version being served now."""
+        version = request.path_params.get("version")
+        if version is not None and version != predictor.name:
+            raise HTTPError(
+                404, f"model {settings.model_name!r} has no version {version!r} here; it serves {predictor.name!r}"
+            )
 
     @app.post("/v1/classify")
     async def classify(request: Request, top_k: int = Query(settings.default_top_k, ge=1, le=1000)) -> Response:
@@ -587,7 +602,7 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
 
     @app.get("/v2")
     def server_metadata() -> dict[str, Any]:
-        return {"name": "cvm-edge", "version": __version__, "extensions": []}
+        return {"name": "cvm-edge", "version": __version__, "extensions": [oip_binary.EXTENSION]}
 
     @app.get("/v2/health/live")
     def live() -> dict[str, Any]:
@@ -600,26 +615,36 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
         return JSONResponse({"ready": True})
 
     @app.get("/v2/models/{name}")
-    def model_metadata(name: str) -> dict[str, Any]:
+    @app.get("/v2/models/{name}/versions/{version}")
+    def model_metadata(name: str, request: Request) -> dict[str, Any]:
         check_name(name)
-        return _v2_metadata(settings, holder.require())
+        predictor = holder.require()
+        check_version(request, predictor)
+        return _v2_metadata(settings, predictor)
 
     @app.get("/v2/models/{name}/ready")
-    def model_ready(name: str) -> Response:
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    def model_ready(name: str, request: Request) -> Response:
         check_name(name)
-        ok = holder.current is not None
+        loaded = holder.current
+        if loaded is not None:
+            check_version(request, loaded.predictor)
+        ok = loaded is not None
         body = {"name": name, "ready": ok} if ok else {"name": name, "ready": False, "error": "no model loaded"}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request) -> dict[str, Any]:
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request) -> Response:
         check_name(name)
         raw = await read_body(request, settings.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting deeper than the parser goes
-            raise HTTPError(400, "the body must be JSON (Open Inference Protocol v2 request)") from None
+        # JSON or binary tensor data, maybe compressed (deploy/oip_binary.py); off the event loop
+        body = await run_in_threadpool(
+            oip_binary.parse_request, raw, request.headers, settings.max_body_bytes, settings.predictor.max_batch
+        )
+        choice = oip_binary.binary_choice(body)
         predictor = holder.require()
+        check_version(request, predictor)
 
         def work() -> tuple[Outputs, str | None, list[str]]:
             x, rid, wanted = _v2_inputs(predictor, body)
@@ -631,7 +656,7 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
         if rid is not None:
             answer["id"] = rid
         answer["outputs"] = _v2_outputs(predictor, out, wanted)
-        return answer
+        return oip_binary.respond(answer, choice)
 
     @app.get("/v1/model")
     def model_info() -> dict[str, Any]:
@@ -719,6 +744,10 @@ def serve(settings: ServerSettings) -> None:
         host=settings.host,
         port=settings.port,
         workers=1,
+        # the [serve] extra ships h11 and asyncio; pinned so that httptools or uvloop, when some other
+        # package installs them (kserve's uvicorn[standard]), do not swap the HTTP parser under us
+        http="h11",
+        loop="asyncio",
         access_log=settings.access_log,
         log_level="info",
         timeout_graceful_shutdown=10,
