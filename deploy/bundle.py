@@ -11,6 +11,7 @@ serving side never imports torch.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -117,7 +118,12 @@ class Bundle:
         try:
             data = read_regular(path, limit)
         except OSError as exc:
-            raise ModelLoadError(f"bundle {self.path.name}: cannot read {MODEL_FILE}: {exc.strerror or exc}") from None
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EFBIG:  # longer than the model that was hashed
+                why += " (the manifest's model_bytes), so its sha256 cannot match"
+            raise ModelLoadError(
+                f"bundle {self.path.name}: cannot read {MODEL_FILE}: {why}; refusing to load it"
+            ) from None
         digest = sha256_bytes(data)
         if digest != self.manifest["model_sha256"]:
             raise ModelLoadError(
