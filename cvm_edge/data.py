@@ -96,11 +96,8 @@ def _read_labels_csv(data_dir: Path, root: Path, table: ConceptTable, unknown: l
         if "\x00" in rel or "\x00" in label:
             raise DataError(f"{csv_path}:{line}: a NUL byte in the path or label")
         if not rel:
-            raise DataError(f"{csv_path}:{line}: path {rel!r} is empty or outside the data folder")
-        try:
-            path = _inside(root, data_dir / rel, f"{csv_path}:{line}: path {rel[:200]!r}")
-        except DataError:
-            raise DataError(f"{csv_path}:{line}: path {rel[:200]!r} is empty or outside the data folder") from None
+            raise DataError(f"{csv_path}:{line}: the path is empty")
+        path = _inside(root, data_dir / rel, f"{csv_path}:{line}: path {rel[:200]!r}")
         cls = table.lookup(label)
         if cls is None:
             unknown.append(label)

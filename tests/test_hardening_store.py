@@ -482,25 +482,27 @@ def test_inbox_uploads_cannot_write_outside_their_folder_or_block_later_ones(tmp
     (spool / "inbox" / "link-to-outside").symlink_to(outside, target_is_directory=True)
     (spool / "inbox" / "stray.txt").write_text("not a folder")
     _upload(spool / "inbox" / "ünïcødé 猫")
+    _upload(spool / "inbox" / os.fsdecode(b"raw\xffbytes"))  # not UTF-8
     cfg = InboxConfig(workdir=store, spool=spool, update_args=("--epochs", "3"), cvm=(str(fake),))
     report = run_inbox(cfg)
-    assert len(report.done) == 3 and len(report.failed) == 3, report
+    assert len(report.done) == 4 and len(report.failed) == 3, report
     assert os.listdir(spool / "inbox") == [] and os.listdir(spool / "processing") == []
     names = {(spool / q / j / "name").read_text().strip(): q for q in ("done", "failed") for j in os.listdir(spool / q)}
     assert names == {
         "evil": "done",
         "new\nline": "done",
         "ünïcødé 猫": "done",
+        "raw\\udcffbytes": "done",  # recorded escaped
         "bad-one": "failed",
         "link-to-outside": "failed",
         "stray.txt": "failed",
     }
-    assert (store / "checkpoints" / "LATEST").read_text() == "v000004\n"  # written by updates only
+    assert (store / "checkpoints" / "LATEST").read_text() == "v000005\n"  # written by updates only
     assert (outside / "keep.txt").read_text() == "untouched\n" and os.listdir(outside) == ["keep.txt"]
     failed_logs = "".join((spool / "failed" / j / "cvm-update.log").read_text() for j in os.listdir(spool / "failed"))
     assert "not in the concept table" in failed_logs and "symbolic link" in failed_logs
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert len(calls) == 4 and all(c.startswith("update --workdir") and c.endswith("--epochs 3") for c in calls)
+    assert len(calls) == 5 and all(c.startswith("update --workdir") and c.endswith("--epochs 3") for c in calls)
     assert "new\nline" not in "".join(calls)  # every update gets a path of our choosing
 
 
