@@ -254,6 +254,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cvm_edge.checkpoints import CheckpointStore
+    from cvm_edge.fsutil import MAX_IMAGE_BYTES, read_regular
     from cvm_edge.preprocess import load_pixels
     from cvm_edge.strategy import predict_logits
     from cvm_edge.update import model_from_checkpoint
@@ -265,7 +266,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     pixels = []
     for path in args.images:
         try:
-            pixels.append(load_pixels(Path(path).read_bytes(), ckpt.prep))
+            pixels.append(load_pixels(read_regular(Path(path), MAX_IMAGE_BYTES), ckpt.prep))  # no FIFO, no 2 GB file
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     logits = predict_logits(model, ckpt.prep, np.stack(pixels))

@@ -264,6 +264,11 @@ def test_a_fifo_or_a_huge_sparse_file_in_labels_csv_is_refused_without_blocking(
     assert CheckpointStore(store).latest() == 2
     with FileLock(store / ".lock", "test"):  # the lock was released
         pass
+    try:  # the same rule for `cvm predict IMAGE`
+        proc = _cli("predict", "--workdir", str(store), str(data / "pipe.png"), timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("cvm predict blocked on a FIFO")
+    assert proc.returncode == 2 and "FIFO" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
