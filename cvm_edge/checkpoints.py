@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from cvm_edge.fsutil import (
 )
 from cvm_edge.model import ModelConfig
 from cvm_edge.preprocess import Preprocessing
+from cvm_edge.store_checks import file_digests, read_meta_file, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,7 @@ class CheckpointStore:
             if ckpt.analytic is not None:
                 (tmp / ANALYTIC_FILE).write_bytes(ckpt.analytic.to_bytes())
             fault_point("checkpoint_files_written")
+            meta["files"] = file_digests(tmp)  # sha256 of every file above, checked on every load
             # what the version costs on flash (meta.json aside), for `cvm status` and the update report
             meta["files_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
             # meta.json last: a version directory without it is never considered complete
@@ -197,8 +200,9 @@ class CheckpointStore:
         d = self.path(version)
         if not (d / "meta.json").is_file():
             raise StoreError(f"version {version_name(version)} does not exist in {self.workdir}")
+        meta = self.read_meta(version)  # schema checked: no value of it is used unchecked
+        verify_files(d, meta)  # regular files, sha256 as recorded, before torch or numpy reads one
         try:
-            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
             table = ConceptTable.load(d / "concepts.npz")
             weights = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
             plugin_state = torch.load(d / "plugins.pt", map_location="cpu", weights_only=True)
@@ -212,6 +216,8 @@ class CheckpointStore:
             raise StoreError(f"version {version_name(version)} is unreadable: {exc}") from None
         if meta.get("table_fingerprint") != table.fingerprint:
             raise StoreError(f"version {version_name(version)}: concept table does not match its metadata")
+        if any(i >= len(table) for i in meta["seen"]) or meta["seen_names"] != [table.names[i] for i in meta["seen"]]:
+            raise StoreError(f"{d / 'meta.json'}: seen classes do not match the concept table; refusing to use it")
         return Checkpoint(
             model_config=config,
             prep=Preprocessing.from_dict(meta["preprocessing"]),
@@ -230,14 +236,13 @@ class CheckpointStore:
         )
 
     def read_meta(self, version: int) -> dict[str, Any]:
-        try:
-            meta: dict[str, Any] = json.loads((self.path(version) / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"version {version_name(version)} metadata unreadable: {exc}") from None
-        return meta
+        return read_meta_file(self.path(version) / "meta.json", version)
 
-    def rollback(self, to: int | None = None) -> int:
-        """Point LATEST at ``to`` (default: the current version's parent). Call while holding the lock."""
+    def rollback(self, to: int | None = None, before_move: Callable[[int], None] | None = None) -> int:
+        """Point LATEST at ``to`` (default: the current version's parent). Call while holding the lock.
+
+        ``before_move(to)`` runs after ``to`` has loaded and verified, before LATEST moves: it checks
+        what else must move with it (the bundle), so a failure there leaves every pointer as it was."""
         current = self.latest()
         if to is None:
             parent = self.read_meta(current).get("parent")
@@ -249,5 +254,7 @@ class CheckpointStore:
                 f"version {version_name(to)} does not exist (have: {', '.join(map(version_name, self.versions()))})"
             )
         self.load(to)  # refuse to point at something that does not load
+        if before_move is not None:
+            before_move(to)
         write_pointer(self.latest_pointer, version_name(to))
         return to

@@ -13,6 +13,7 @@ from typing import Any
 
 from cvm_edge import __version__
 from cvm_edge.argtypes import int_at_least, non_negative_float
+from cvm_edge.display import printable
 from cvm_edge.errors import CvmError, UsageError
 
 log = logging.getLogger("cvm")
@@ -220,7 +221,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for v in info["versions"]:
         mark = "*" if v["latest"] else " "
         print(f" {mark} v{v['version']:<4} {v['created_at']}  {v['classes']} classes  parent {v['parent']}")
-    print(f"classes ({len(info['classes'])}): {', '.join(info['classes']) or '(none yet)'}")
+    shown = ", ".join(printable(str(c)) for c in info["classes"])  # a name's ANSI escapes or newlines, escaped
+    print(f"classes ({len(info['classes'])}): {shown or '(none yet)'}")
     for entry in info["history"]:
         print(f"  {describe_update(entry)}")
     if info["history"]:
@@ -236,14 +238,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from cvm_edge.checkpoints import CheckpointStore, parse_version
     from cvm_edge.fsutil import FileLock
-    from deploy.bundle import latest_bundle_of, point_current
+    from deploy.bundle import latest_bundle_of, point_current, verify_bundle
 
     store = CheckpointStore(args.workdir)
+    bundle: str | None = None
+
+    def check_bundle(to: int) -> None:  # before LATEST moves: a bundle that fails its sha256 stops the rollback
+        nonlocal bundle
+        bundle = latest_bundle_of(args.workdir, to)
+        if bundle is not None:
+            verify_bundle(args.workdir, bundle)
+
     with FileLock(store.lock_path, "cvm rollback"):
         before = store.latest()
-        to = store.rollback(parse_version(args.to) if args.to is not None else None)
+        to = store.rollback(parse_version(args.to) if args.to is not None else None, before_move=check_bundle)
         # The server follows the bundle pointer, so a rollback moves it too when that version was exported.
-        bundle = latest_bundle_of(args.workdir, to)
         if bundle is not None:
             point_current(args.workdir, bundle)
     print(f"rolled back {args.workdir}: v{before} -> v{to}")
@@ -258,6 +267,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cvm_edge.checkpoints import CheckpointStore
+    from cvm_edge.fsutil import MAX_IMAGE_BYTES, read_regular
     from cvm_edge.preprocess import load_pixels
     from cvm_edge.strategy import predict_logits
     from cvm_edge.update import model_from_checkpoint
@@ -269,7 +279,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     pixels = []
     for path in args.images:
         try:
-            pixels.append(load_pixels(Path(path).read_bytes(), ckpt.prep))
+            pixels.append(load_pixels(read_regular(Path(path), MAX_IMAGE_BYTES), ckpt.prep))  # no FIFO, no 2 GB file
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     logits = predict_logits(model, ckpt.prep, np.stack(pixels))
@@ -291,8 +301,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps({"model_version": ckpt.version, "results": results}, indent=2))
     else:
         for r in results:
-            preds = ", ".join(f"{q['label']} {q['score']:.3f}" for q in r["predictions"])
-            print(f"{r['image']}: {preds}")
+            preds = ", ".join(f"{printable(q['label'])} {q['score']:.3f}" for q in r["predictions"])
+            print(f"{printable(r['image'])}: {preds}")
     return 0
 
 
@@ -485,8 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+    from cvm_edge.inbox import add_inbox_command
     from deploy.commands import add_deploy_commands  # torch-free: imports happen inside the commands
 
+    add_inbox_command(sub)
     add_deploy_commands(sub)
     return parser
 
@@ -503,10 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UsageError as exc:
-        print(f"cvm: error: {exc}", file=sys.stderr)
+        print(f"cvm: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except CvmError as exc:
-        print(f"cvm: error: {exc}", file=sys.stderr)
+    except CvmError as exc:  # one line: names and paths inside it cannot start another line or colour it
+        print(f"cvm: error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("torch", "timm", "torchvision", "onnx", "sentence_transformers"):

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,11 +31,35 @@ MAX_PROTOTYPES_PER_CLASS = 32
 MAX_DESCRIPTION_CHARS = 500
 
 
-def slugify(name: str) -> str:
-    """The safe folder name of a class: lower case, runs of other characters become one '-'.
+# Longest slug in UTF-8 bytes: a folder name must fit NAME_MAX (255 bytes on every Linux filesystem).
+MAX_SLUG_BYTES = 240
 
-    "T-shirt/top" -> "t-shirt-top", "Ankle boot" -> "ankle-boot".
-    """
+
+def _slug_char(ch: str) -> bool:
+    if ch.isascii():
+        return ch.isalnum()
+    # letters, combining marks (Arabic, Devanagari vowel signs) and digits of every script
+    return unicodedata.category(ch)[0] in "LMN"
+
+
+def slugify(name: str) -> str:
+    """The safe folder name of a class: NFKC-normalised, lower case, letters, marks and digits of
+    any script kept, runs of anything else (``/``, ``.``, spaces, controls) become one '-'.
+
+    "T-shirt/top" -> "t-shirt-top", "Ankle boot" -> "ankle-boot", "Пуловер" -> "пуловер",
+    "猫" -> "猫". The result never holds a path separator, a dot or a control character, so it is
+    always one safe path component (at most ``MAX_SLUG_BYTES`` bytes of UTF-8)."""
+    text = unicodedata.normalize("NFKC", name).lower()
+    slug = "".join(ch if _slug_char(ch) else "-" for ch in text)
+    slug = re.sub(r"-+", "-", slug).strip("-")
+    while len(slug.encode("utf-8")) > MAX_SLUG_BYTES:
+        slug = slug[:-1].rstrip("-")
+    return slug
+
+
+def _ascii_slug(name: str) -> str:
+    """The slug of releases before non-Latin names were accepted ("Café" -> "caf"): data folders
+    named that way by those releases still match."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -173,9 +198,12 @@ class ConceptTable:
         """Row of a class given its exact name or its slug; None when absent."""
         if name_or_slug in self.names:
             return self.names.index(name_or_slug)
-        slugs = [slugify(n) for n in self.names]
-        key = slugify(name_or_slug)
-        return slugs.index(key) if key in slugs else None
+        for slug in (slugify, _ascii_slug):
+            slugs = [slug(n) for n in self.names]
+            key = slug(name_or_slug)
+            if key and key in slugs:
+                return slugs.index(key)
+        return None
 
     def as_float32(self) -> np.ndarray:
         """The table as the model's head takes it: float32 ``[C, D]`` for a single-prototype table

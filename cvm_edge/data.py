@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from cvm_edge.concepts import ConceptTable, slugify
 from cvm_edge.errors import DataError
+from cvm_edge.fsutil import MAX_IMAGE_BYTES, MAX_SMALL_FILE_BYTES, read_regular
 from cvm_edge.preprocess import Preprocessing, load_pixels
 
 log = logging.getLogger(__name__)
@@ -63,42 +66,90 @@ def _unknown_class_error(unknown: Sequence[str], table_hint: str) -> DataError:
     )
 
 
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """``path`` resolved (links followed), refused unless it stays inside ``root``: the one rule for
+    folder mode and ``labels.csv`` alike, so no data folder can make an update read files elsewhere."""
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise DataError(f"{what} leads outside the data folder {root}; refused")
+    return resolved
+
+
+def _read_labels_csv(data_dir: Path, root: Path, table: ConceptTable, unknown: list[str]) -> list[tuple[Path, int]]:
+    csv_path = data_dir / "labels.csv"
+    _inside(root, csv_path, str(csv_path))
+    try:
+        # utf-8-sig: Excel and Windows Notepad save "CSV UTF-8" with a byte-order mark in front of the header
+        text = read_regular(csv_path, MAX_SMALL_FILE_BYTES).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path} is not UTF-8 text (byte {exc.start}); save it as CSV UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {csv_path}: {exc.strerror or exc}") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or not {"path", "label"} <= {f.strip() for f in reader.fieldnames}:
+        raise DataError(f"{csv_path} needs a header with columns path,label")
+    reader.fieldnames = [f.strip() for f in reader.fieldnames]
+    pairs: list[tuple[Path, int]] = []
+    first_seen: dict[Path, tuple[int, str, int]] = {}  # resolved path -> (line, label, row)
+    for line, row in enumerate(reader, start=2):
+        rel, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+        if "\x00" in rel or "\x00" in label:
+            raise DataError(f"{csv_path}:{line}: a NUL byte in the path or label")
+        if not rel:
+            raise DataError(f"{csv_path}:{line}: the path is empty")
+        path = _inside(root, data_dir / rel, f"{csv_path}:{line}: path {rel[:200]!r}")
+        cls = table.lookup(label)
+        if cls is None:
+            unknown.append(label)
+            continue
+        if path in first_seen:
+            seen_line, seen_label, seen_cls = first_seen[path]
+            if seen_cls != cls:
+                raise DataError(
+                    f"{csv_path}:{line}: {rel[:200]!r} is labelled {label!r}, but line {seen_line} labels the same "
+                    f"image {seen_label!r}; an image has one label: fix one of the two rows"
+                )
+            continue  # the same row twice: one image, learned once
+        first_seen[path] = (line, label, cls)
+        pairs.append((path, cls))
+    return pairs
+
+
+def _read_class_folders(data_dir: Path, root: Path, table: ConceptTable, unknown: list[str]) -> list[tuple[Path, int]]:
+    pairs: list[tuple[Path, int]] = []
+    for sub in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        _inside(root, sub, f"class folder {sub}")
+        cls = table.lookup(sub.name)
+        if cls is None:
+            unknown.append(sub.name)
+            continue
+        files: list[Path] = []
+        # followlinks=False: a linked sub-folder is not descended into (as Path.rglob); a linked file
+        # is taken only when it resolves inside the data folder
+        for dirpath, _dirs, names in os.walk(sub, followlinks=False):
+            for name in names:
+                f = Path(dirpath) / name
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(_inside(root, f, f"image {f}"))
+        files = sorted(f for f in files if f.is_file())
+        if not files:
+            raise DataError(f"class folder {sub} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        pairs.extend((f, cls) for f in files)
+    return pairs
+
+
 def list_labelled_files(data_dir: Path, table: ConceptTable, table_hint: str = "TABLE.npz") -> list[tuple[Path, int]]:
-    """(file, table row) pairs from a class-folder tree or a ``labels.csv``."""
+    """(file, table row) pairs from a class-folder tree or a ``labels.csv``. Every file, followed
+    through links, must lie inside ``data_dir``."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist")
     root = data_dir.resolve()
-    pairs: list[tuple[Path, int]] = []
     unknown: list[str] = []
-    csv_path = data_dir / "labels.csv"
-    if csv_path.is_file():
-        with open(csv_path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-                raise DataError(f"{csv_path} needs a header with columns path,label")
-            for line, row in enumerate(reader, start=2):
-                rel, label = (row["path"] or "").strip(), (row["label"] or "").strip()
-                if "\x00" in rel or "\x00" in label:
-                    raise DataError(f"{csv_path}:{line}: a NUL byte in the path or label")
-                path = (data_dir / rel).resolve()
-                if not rel or root not in path.parents:
-                    raise DataError(f"{csv_path}:{line}: path {rel!r} is empty or outside the data folder")
-                cls = table.lookup(label)
-                if cls is None:
-                    unknown.append(label)
-                    continue
-                pairs.append((path, cls))
+    if (data_dir / "labels.csv").exists() or (data_dir / "labels.csv").is_symlink():
+        pairs = _read_labels_csv(data_dir, root, table, unknown)
     else:
-        for sub in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            cls = table.lookup(sub.name)
-            if cls is None:
-                unknown.append(sub.name)
-                continue
-            files = sorted(f for f in sub.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise DataError(f"class folder {sub} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            pairs.extend((f, cls) for f in files)
+        pairs = _read_class_folders(data_dir, root, table, unknown)
     if unknown:
         raise _unknown_class_error(sorted(set(unknown)), table_hint)
     if not pairs:
@@ -112,22 +163,25 @@ def load_image_folder(
     prep: Preprocessing,
     skip_bad: bool = False,
     table_hint: str = "TABLE.npz",
+    progress: bool = True,
 ) -> ImageSet:
     """Decode every image of an update folder. Unreadable files are listed in one error,
-    or skipped with a warning each when ``skip_bad``."""
+    or skipped with a warning each when ``skip_bad``. Only regular files of at most
+    ``MAX_IMAGE_BYTES`` are opened (a FIFO or a huge sparse file is an unreadable image)."""
     pairs = list_labelled_files(data_dir, table, table_hint)
     # One preallocated array instead of a list then np.stack: half the peak memory for big folders.
     pixels = np.empty((len(pairs), prep.image_size, prep.image_size, 3), np.uint8)
     labels: list[int] = []
     bad: list[str] = []
-    for path, cls in tqdm(pairs, desc="reading images", unit="img", leave=False):
+    for path, cls in tqdm(pairs, desc="reading images", unit="img", leave=False, disable=not progress):
         try:
-            pixels[len(labels)] = load_pixels(path.read_bytes(), prep)
+            pixels[len(labels)] = load_pixels(read_regular(path, MAX_IMAGE_BYTES), prep)
             labels.append(cls)
         except (DataError, OSError) as exc:
-            bad.append(f"{path} ({exc})")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            bad.append(f"{path} ({reason})")
             if skip_bad:
-                log.warning("skipping unreadable image %s: %s", path, exc)
+                log.warning("skipping unreadable image %s: %s", path, reason)
     if bad and not skip_bad:
         listed = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise DataError(f"{len(bad)} unreadable image(s): {listed}. Fix or remove them, or pass --skip-bad-images")

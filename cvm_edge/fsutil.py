@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +28,16 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = ".tmp-"
 FAULT_ENV = "CVM_FAULT_AT"
 FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk was full
+
+
+# Upper bounds for files read whole. An image: a 40 MP frame (the decoder's pixel limit) even stored raw
+# is 120 MB. A bundle's model.onnx: protobuf cannot hold more than 2 GiB. Checkpoint files are hashed in
+# chunks, never held whole, so their bound only stops a sparse or runaway file from being read forever.
+MAX_IMAGE_BYTES = 128 << 20
+MAX_MODEL_BYTES = 2 << 30
+MAX_SMALL_FILE_BYTES = 64 << 20  # meta.json, manifest.json, labels.csv, pointer files
+MAX_STORE_FILE_BYTES = 64 << 30
+_CHUNK = 1 << 20
 
 
 class InjectedFault(RuntimeError):
@@ -191,6 +203,86 @@ def clean_stale_tmp(parent: Path) -> list[Path]:
     return removed
 
 
+class UnsafeFileError(OSError):
+    """A path that is not a plain, bounded regular file: a FIFO, a device, a directory, a file over
+    its size limit, or (when links are refused) a symbolic link."""
+
+
+@contextlib.contextmanager
+def open_regular(path: Path, max_bytes: int, follow_symlinks: bool = True) -> Iterator[tuple[int, int]]:
+    """Open ``path`` read-only as a regular file of at most ``max_bytes``; yields (fd, size).
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for a writer, and the
+    fstat of the opened descriptor (not of the name, which may change) refuses FIFOs, devices
+    (``/dev/zero``) and anything too large before one byte is read. ``follow_symlinks=False``
+    adds ``O_NOFOLLOW``."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise UnsafeFileError(errno.ELOOP, "is a symbolic link; refused", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(errno.EINVAL, f"is not a regular file ({_kind(st.st_mode)}); refused", str(path))
+        if st.st_size > max_bytes:
+            raise UnsafeFileError(
+                errno.EFBIG, f"is {st.st_size} bytes, over the limit of {max_bytes}; refused", str(path)
+            )
+        os.set_blocking(fd, True)  # a regular file: ordinary reads from here on
+        yield fd, st.st_size
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def read_regular(path: Path, max_bytes: int, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (see :func:`open_regular`). Reads at most
+    ``max_bytes`` even if the file grows while it is read."""
+    with open_regular(path, max_bytes, follow_symlinks) as (fd, _size):
+        parts: list[bytes] = []
+        left = max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(_CHUNK, left))
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+    data = b"".join(parts)
+    if len(data) > max_bytes:
+        raise UnsafeFileError(errno.EFBIG, f"grew past the limit of {max_bytes} bytes while read; refused", str(path))
+    return data
+
+
+def sha256_regular(path: Path, max_bytes: int = MAX_STORE_FILE_BYTES) -> str:
+    """sha256 hex digest of a regular file, read in chunks (never held whole)."""
+    h = hashlib.sha256()
+    with open_regular(path, max_bytes) as (fd, _size):
+        read = 0
+        while chunk := os.read(fd, _CHUNK):
+            read += len(chunk)
+            if read > max_bytes:
+                raise UnsafeFileError(errno.EFBIG, f"grew past the limit of {max_bytes} bytes; refused", str(path))
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_pointer(path: Path, value: str) -> None:
     """Atomically replace a pointer file (``LATEST``, ``CURRENT``) with ``value``."""
     atomic_write_text(path, value + "\n")
@@ -198,9 +290,12 @@ def write_pointer(path: Path, value: str) -> None:
 
 def read_pointer(path: Path) -> str | None:
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        # a pointer is a few bytes: a FIFO, device or huge file planted in its place is refused, not read
+        value = read_regular(path, 4096).decode("utf-8").strip()
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path} is not a readable pointer file ({getattr(exc, 'strerror', None) or exc})") from None
     return value or None
 
 
@@ -220,7 +315,17 @@ class FileLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # O_NOFOLLOW: a `.lock` planted as a symlink must not make the writer truncate and
+            # overwrite the file it points at (outside the store).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreError(f"{self.path} is a symbolic link; refusing to use it as the lock file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted as .lock
+            os.close(fd)
+            raise StoreError(f"{self.path} is not a regular file; refusing to use it as the lock file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -242,7 +347,9 @@ class FileLock:
 
     def holder(self) -> str | None:
         try:
-            info = json.loads(self.path.read_text(encoding="utf-8"))
+            info = json.loads(read_regular(self.path, 4096, follow_symlinks=False).decode("utf-8"))
+            if not isinstance(info, dict):
+                return None
         except (OSError, ValueError):
             return None
         return f"pid {info.get('pid')} on {info.get('host')}, {info.get('purpose')} since {info.get('since')}"

@@ -18,6 +18,7 @@ from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split, load_image_folder
+from cvm_edge.display import printable
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError, UsageError
 from cvm_edge.evaluate import classes_from_logits, mean_over, trained_classes
 from cvm_edge.fsutil import FileLock, fault_point
@@ -39,8 +40,12 @@ DEFAULT_BUFFER = 500
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> CvmModel:
-    model = build_model(ckpt.model_config, ckpt.table.as_float32())
-    missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
+    try:
+        model = build_model(ckpt.model_config, ckpt.table.as_float32())
+        missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or an unknown backbone: a store edited by hand
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"checkpoint v{ckpt.version} does not build into a model: {first}") from None
     if missing or unexpected:
         raise StoreError(f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
@@ -158,15 +163,20 @@ def update_kind(new_classes: Sequence[int], revisited: Sequence[int]) -> str:
     return DOMAIN_INCREMENTAL if revisited else CLASS_INCREMENTAL
 
 
+def _shown(names: list[str]) -> str:
+    """Class names for a terminal: ANSI escapes and newlines in a name are printed escaped."""
+    return ", ".join(printable(str(n)) for n in names)
+
+
 def describe_update(entry: dict[str, Any]) -> str:
     """One line naming an update's new and revisited classes (history entries from before revisited
     classes were recorded read as class-incremental: their ``new_classes`` were all the classes trained)."""
     kind = entry.get("kind", CLASS_INCREMENTAL)
     parts = []
     if entry.get("new_class_names"):
-        parts.append(f"new {', '.join(entry['new_class_names'])}")
+        parts.append(f"new {_shown(entry['new_class_names'])}")
     if entry.get("revisited_class_names"):
-        parts.append(f"new images of known {', '.join(entry['revisited_class_names'])}")
+        parts.append(f"new images of known {_shown(entry['revisited_class_names'])}")
     return f"update {entry['task']} ({kind}): {'; '.join(parts) or 'no classes'}"
 
 
@@ -183,11 +193,11 @@ class UpdateReport:
             f"in {e['wall_s']:.1f} s"
         ]
         if e["new_classes"]:
-            lines.append(f"  new classes ({', '.join(e['new_class_names'])}): {pct(e['new_accuracy'])}")
+            lines.append(f"  new classes ({_shown(e['new_class_names'])}): {pct(e['new_accuracy'])}")
         rev = e.get("revisited")
         if rev:
             lines.append(
-                f"  known classes with new images ({', '.join(e['revisited_class_names'])}): on this update's held-out "
+                f"  known classes with new images ({_shown(e['revisited_class_names'])}): on this update's held-out "
                 f"images {pct(rev['new_data_before'])} -> {pct(rev['new_data_after'])}, on their earlier held-out "
                 f"images {pct(rev['earlier_data_before'])} -> {pct(rev['earlier_data_after'])}"
             )
@@ -197,7 +207,10 @@ class UpdateReport:
         )
         sim = e.get("similarity") or {}
         if sim.get("at_risk"):  # task similarity (cvm_edge.similarity)
-            risky = ", ".join(f"{r['class']} ({r['cosine']:.2f} to {r['nearest_new']})" for r in sim["at_risk"][:3])
+            risky = ", ".join(
+                f"{printable(r['class'])} ({r['cosine']:.2f} to {printable(r['nearest_new'])})"
+                for r in sim["at_risk"][:3]
+            )
             lines.append(f"  old classes most at risk: {risky}; scaling factor {sim['factor']:g}")
         if self.version is not None:
             size = f" ({e['store_mb']:.1f} MB)" if "store_mb" in e else ""
@@ -295,7 +308,12 @@ def run_update(
         prev = store.load()
         table = _load_table_for_update(prev.table, opts.concepts)
         data = load_image_folder(
-            opts.data_dir, table, prev.prep, skip_bad=opts.skip_bad_images, table_hint=str(opts.concepts or "TABLE.npz")
+            opts.data_dir,
+            table,
+            prev.prep,
+            skip_bad=opts.skip_bad_images,
+            table_hint=str(opts.concepts or "TABLE.npz"),
+            progress=opts.progress,
         )
         train, val = holdout_split(data, opts.holdout, opts.seed)
         trained_classes = data.classes

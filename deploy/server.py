@@ -691,9 +691,12 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
         token = settings.admin_token
         if not token:
             raise HTTPError(404, f"the admin endpoint is disabled (set {ADMIN_TOKEN_ENV} to enable it)")
+        # The token is UTF-8 on both sides: HTTP hands header bytes over as latin-1 text, so encoding
+        # it back as latin-1 gives the bytes the client sent, compared with the token's UTF-8 bytes.
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        sent = value.strip().encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, token.encode("utf-8", "surrogateescape")):
             raise HTTPError(401, "a valid 'Authorization: Bearer <token>' header is required")
         before = holder.current.predictor.name if holder.current else None
         await run_in_threadpool(holder.check, True)

@@ -31,7 +31,7 @@ from test_deploy_helpers import (
 from bench.reliability.common import running_server
 from conftest import run_cli
 from cvm_edge.fsutil import write_pointer
-from deploy.bundle import current_bundle_dir
+from deploy.bundle import current_bundle_dir, seal_bundle
 from deploy.predictor import Predictor, PredictorOptions
 
 CLASSES = ["T-shirt/top", "Trouser"]
@@ -400,6 +400,7 @@ def test_tampered_bundle_is_refused_and_the_old_model_keeps_serving(
 
     manifest["model_sha256"] = hashlib.sha256(b"not an onnx model").hexdigest()
     (broken / "manifest.json").write_text(json.dumps(manifest))
+    seal_bundle(broken)  # the manifest's own sha256 (manifest.sha256) follows the edit
     try:
         for name, expect in (("v000090", "sha256"), ("v000091", "onnxruntime cannot load it")):
             write_pointer(root / "CURRENT", name)

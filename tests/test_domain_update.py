@@ -174,6 +174,11 @@ def test_store_written_before_buffer_tags_takes_a_domain_update(
     path.chmod(0o644)
     with open(path, "wb") as fh:
         np.savez(fh, **members)
+    meta_path = path.parent / "meta.json"  # such a version also predates the files' sha256 in its meta.json
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]
+    meta_path.chmod(0o644)
+    meta_path.write_text(json.dumps(meta))
     assert (
         update_store(store, _folder(sample, tmp_path / "dark", [0, 1], 40, 40, dark=True), "--epochs", "1", "--force")
         == 0

@@ -22,7 +22,7 @@ from conftest import run_cli
 from cvm_edge.checkpoints import CheckpointStore, parse_version
 from cvm_edge.errors import StoreError
 from cvm_edge.fsutil import write_pointer
-from deploy.bundle import current_bundle_dir
+from deploy.bundle import current_bundle_dir, seal_bundle
 from deploy.server import ServerSettings, create_app
 
 TOKEN = "s3cret-admin-token-for-tests"
@@ -258,6 +258,10 @@ def test_checkpoints_load_weights_only(store_copy: Path, tmp_path: Path, member:
     marker = tmp_path / f"pwned-{member}"
     version_dir = store_copy / "checkpoints" / "v000002"
     torch.save({"weights": _Exploit(marker)}, version_dir / member)
+    # record the new file's sha256 too, so what refuses it is weights_only (the hash check is tested elsewhere)
+    meta = json.loads((version_dir / "meta.json").read_text())
+    meta["files"][member] = hashlib.sha256((version_dir / member).read_bytes()).hexdigest()
+    (version_dir / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="unreadable"):
         CheckpointStore(store_copy).load()
     image = tmp_path / "x.png"
@@ -283,6 +287,7 @@ def _tamper(root: Path, source: str, name: str, how: str) -> None:
     manifest = json.loads((root / name / "manifest.json").read_text())
     manifest["name"] = name
     (root / name / "manifest.json").write_text(json.dumps(manifest))
+    seal_bundle(root / name)  # the manifest itself stays sealed: what is refused is model.onnx
 
 
 def test_tampered_bundles_are_refused_while_the_old_model_serves(store_copy: Path) -> None:
