@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any

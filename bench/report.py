@@ -52,13 +52,14 @@ def load_results(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 
 def group_key(r: dict[str, Any]) -> tuple[Any, ...]:
     hp = r["hyperparameters"]
+    model = hp.get("model", {})  # frozen-feature runs (bench.frozen) have no trained model config
     return (
         r["protocol"],
         r["method"] + r.get("tag", ""),
         r["buffer"],
-        hp["epochs"],
-        hp["model"]["train_backbone"],
-        hp["model"]["image_size"],
+        hp.get("epochs", "closed form" if hp.get("learner") == "analytic" else "-"),
+        model.get("train_backbone", "none"),
+        model.get("image_size", r.get("image_size")),
         r["device"].split(":")[0],
         step_kind(hp),
     )
@@ -102,7 +103,7 @@ def render_table(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: 
             f"| {method} | {buffer or '-'} | {epochs} | {tb} | {size} | {steps} | {','.join(str(r['seed']) for r in g)} "
             f"| {_ms([r['final_avg_acc'] for r in g])} | {_ms([r['forgetting'] for r in g])} "
             f"| {_ms([r['avg_incremental_acc'] for r in g])} | {_ms([r['bwt'] for r in g])} "
-            f"| {'' if lit is None else f'{lit:.2f}'} | {statistics.mean(r['images_per_s'] for r in g):.0f} "
+            f"| {'' if lit is None else f'{lit:.2f}'} | {_img_s(g)} "
             f"| {mem:.0f} ({mem_kind}) | {statistics.mean(r['wall_s'] for r in g) / 60:.1f} | {_stored_mb(g)} |"
         )
     return lines
@@ -344,16 +345,18 @@ def render_updates(root: Path) -> list[str]:
     if not files:
         return []
     lines = [
-        "| train_backbone | image size | images | epochs | buffer | export | wall s | img/s | peak RSS MB | new-class acc % "
-        "| command | commit | machine | date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| learner | train_backbone | image size | images | epochs | buffer | export | wall s | img/s | peak RSS MB "
+        "| new-class acc % | version MB | command | commit | machine | date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in files:
         r = json.loads(f.read_text())
         lines.append(
-            f"| {r['train_backbone']} | {r['image_size']} | {r['n_images']} | {r['epochs']} | {r['buffer']} "
+            f"| {r.get('learner', 'gradient')} | {r['train_backbone']} | {r['image_size']} | {r['n_images']} "
+            f"| {'-' if r.get('learner') == 'analytic' else r['epochs']} | {'-' if r.get('learner') == 'analytic' else r['buffer']} "
             f"| {'yes' if r.get('export') else 'no'} | {r['wall_s']:.1f} | {r['images_per_s']:.1f} "
-            f"| {r['peak_rss_mb']:.0f} | {r['new_accuracy']:.1f} | `{r['command']}` | {str(r['git_commit'])[:12]} "
+            f"| {r['peak_rss_mb']:.0f} | {r['new_accuracy']:.1f} | {r.get('store_mb') or '-'} | `{r['command']}` "
+            f"| {str(r['git_commit'])[:12]} "
             f"| {r['machine']} | {str(r['date'])[:10]} |"
         )
     return lines
@@ -395,7 +398,9 @@ def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str, plo
     for i, k in enumerate(keys):
         m = mean_matrix(groups[k])
         curve = [np.nanmean(m[r, : r + 1]) for r in range(len(m))]
-        style = "-" if "concepts" in str(groups[k][0]["hyperparameters"]["model"]["head"]) else "--"
+        style = (
+            "-" if "concepts" in str(groups[k][0]["hyperparameters"].get("model", {}).get("head", "concepts")) else "--"
+        )
         ax.plot(range(1, len(curve) + 1), curve, style, marker="o", color=colors(i % 20), label=label(k))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("mean accuracy on seen tasks (%)")
@@ -534,6 +539,56 @@ is a seeded permutation (the paper uses the natural order).
 """
 
 
+def _img_s(g: Sequence[dict[str, Any]]) -> str:
+    vals = [r["images_per_s"] for r in g if "images_per_s" in r]
+    return f"{statistics.mean(vals):.0f}" if vals else "-"
+
+
+FROZEN_ORDER = ("ncm", "ranpac", "cvm-analytic", "cvm-analytic-whitened", "joint-probe", "cvm-er-distill", "cvm-derpp")
+
+
+def render_frozen(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str) -> list[str]:
+    """The analytic learner beside the training-free baselines, the joint probe and the gradient CVM
+    methods on the same frozen backbone, by image size (issue 17)."""
+    rows = []
+    for key, g in groups.items():
+        base = g[0]["method"]
+        if key[0] != protocol or key[4] != "none" or base not in FROZEN_ORDER:
+            continue
+        if base in ("cvm-er-distill", "cvm-derpp") and not key[1].endswith(f"-none-{key[5]}"):
+            continue
+        rows.append((key[5], FROZEN_ORDER.index(base), key, g))
+    if not any(g[0].get("hyperparameters", {}).get("learner") for *_, g in rows):
+        return []
+    lines = [
+        "Frozen backbone: the analytic learner beside nearest class mean, RanPAC's one-hot ridge, the joint "
+        "linear probe and the gradient CVM methods (buffer 200) on the same features (issue 17). Open set: "
+        "two seeded classes no task trains; unknown AUROC of the best seen-class score, seen vs never-seen; "
+        "zero-shot top-1 of the never-seen classes among all classes.",
+        "",
+        "| size | method | seeds | final acc % | forgetting | closes NCM-probe gap | stored MB | unknown AUROC | zero-shot top-1 % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_size: dict[Any, dict[str, float]] = defaultdict(dict)
+    for size, _, _key, g in rows:
+        by_size[size][g[0]["method"]] = statistics.mean(r["final_avg_acc"] for r in g)
+    for size, _, _key, g in sorted(rows, key=lambda x: (x[0], x[1])):
+        ref = by_size[size]
+        gap = ""
+        if "ncm" in ref and "joint-probe" in ref and ref["joint-probe"] > ref["ncm"]:
+            mine = statistics.mean(r["final_avg_acc"] for r in g)
+            gap = f"{100 * (mine - ref['ncm']) / (ref['joint-probe'] - ref['ncm']):.0f} %"
+        opens = [r.get("open_set") or {} for r in g]
+        auroc = [o["unknown_auroc"] for o in opens if o.get("unknown_auroc") is not None]
+        zs = [o["zero_shot_top1"] for o in opens if o.get("zero_shot_top1") is not None]
+        lines.append(
+            f"| {size} | {g[0]['method']} | {','.join(str(r['seed']) for r in g)} | {_ms([r['final_avg_acc'] for r in g])} "
+            f"| {_ms([r['forgetting'] for r in g])} | {gap} | {_stored_mb(g)} "
+            f"| {f'{statistics.mean(auroc):.3f}' if auroc else '-'} | {_ms(zs) if zs else '-'} |"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.report", description=__doc__.splitlines()[0] if __doc__ else None
@@ -562,6 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             tasks = f"Tasks: {len(sample['tasks'])} of {len(sample['tasks'][0])} classes"
         lines += [f"## {protocol}", "", f"{tasks}; data: {', '.join(sample['datasets'])}.", ""]
         lines += render_table(groups, protocol)
+        frozen = render_frozen(groups, protocol)
+        if frozen:
+            lines += ["", *frozen]
         if domains:
             lines += ["", *render_domains(groups, protocol)]
         versus = render_versus(groups, protocol)

@@ -73,6 +73,7 @@ def one(
     per_class: int | None,
     export: bool = True,
     device: str = "cpu",
+    learner: str = "gradient",
 ) -> dict[str, object]:
     import torch
 
@@ -100,6 +101,7 @@ def one(
                 train_backbone=train_backbone,
                 pretrained="offline",
                 buffer_size=buffer,
+                learner=learner,
             ),
         )
         run_update(store, UpdateOptions(data_dir=old_dir, epochs=1, progress=False, force=True, device=device))
@@ -116,6 +118,8 @@ def one(
         child_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
         e = update_status(store)["history"][-1]
         return {
+            "learner": learner,
+            "store_mb": e.get("store_mb"),
             "train_backbone": train_backbone,
             "image_size": image_size,
             "n_images": n_new,
@@ -124,8 +128,8 @@ def one(
             "buffer": buffer,
             "export": export,
             "device": device,
-            "plugins": e["plugins"],
-            "steps": e["steps"],
+            "plugins": e.get("plugins", []),
+            "steps": e.get("steps", 0),
             "wall_s": round(wall, 2),
             "update_wall_s": round(float(e["wall_s"]), 2),
             "images_per_s": round(n_new / wall, 2),
@@ -164,8 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=None, help="new images per class (default: all, ~950)")
     ap.add_argument("--no-export", action="store_true", help="time `cvm update --no-export` (no bundle)")
     ap.add_argument("--device", default="cpu", help="torch device of the update (cpu, cuda)")
+    ap.add_argument(
+        "--learner",
+        default="gradient",
+        choices=("gradient", "analytic"),
+        help="analytic: closed form (frozen backbone)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.learner == "analytic" and args.train_backbone != "none":
+        ap.error("the analytic learner needs --train-backbone none")
     logging.basicConfig(level=logging.WARNING)
     if args.all:
         rc = 0
@@ -186,11 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.per_class,
         not args.no_export,
         args.device,
+        args.learner,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     size_tag = f"-n{rec['n_images']}" if args.per_class else ""
     export_tag = ("-noexport" if args.no_export else "") + ("" if args.device == "cpu" else f"-{args.device}")
-    path = args.out / f"lite0-{args.train_backbone}-{args.image_size}-e{args.epochs}{size_tag}{export_tag}.json"
+    stem = "lite0-analytic" if args.learner == "analytic" else f"lite0-{args.train_backbone}"
+    epochs_tag = "" if args.learner == "analytic" else f"-e{args.epochs}"
+    path = args.out / f"{stem}-{args.image_size}{epochs_tag}{size_tag}{export_tag}.json"
     atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
     print(
         f"update train_backbone={args.train_backbone} {args.image_size}px: {rec['wall_s']:.1f}s "
