@@ -20,7 +20,7 @@ from cvm_edge.analytic import HeldOut, LambdaChoice, RidgePath, RidgeStats, choo
 from cvm_edge.analytic import projection_digest as digest_of
 from cvm_edge.augment import to_input
 from cvm_edge.backbones import feature_dim
-from cvm_edge.model import AnalyticMapper, ConceptHead, CvmModel
+from cvm_edge.model import MAX_LOGIT_SCALE, AnalyticMapper, ConceptHead, CvmModel
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import eval_batch_for
 
@@ -136,6 +136,37 @@ def predict_rows(model: CvmModel, features: np.ndarray, seen: Sequence[int]) -> 
     mapper = analytic_mapper(model)
     out = mapper(torch.from_numpy(np.asarray(features, np.float32)).to(mapper.projection.device))
     return rows_from_outputs(model, out.cpu().numpy(), seen)
+
+
+# Share of known held-out images that the unknown threshold may flag: the threshold is this quantile of
+# their best class scores, so about 95 % of images of learned classes pass.
+UNKNOWN_QUANTILE = 0.05
+
+
+@torch.no_grad()
+def best_scores(model: CvmModel, features: np.ndarray, seen: Sequence[int]) -> np.ndarray:
+    """Each image's best class score among ``seen``, in the head's own units (cosine; the raw one-hot
+    ridge score for RidgeHead): logits divided by the logit scale."""
+    if not len(features):
+        return np.zeros(0)
+    mapper = analytic_mapper(model)
+    f = torch.from_numpy(np.asarray(features, np.float32)).to(mapper.projection.device)
+    logits = model.head.logits_from_embedding(model.head.embed(f))
+    return (logits / logit_scale(model))[:, list(seen)].max(dim=1).values.double().cpu().numpy()
+
+
+def logit_scale(model: CvmModel) -> float:
+    """The multiplier between an analytic head's class scores and its logits."""
+    raw = getattr(model.head, "logit_scale", None)
+    if not isinstance(raw, torch.Tensor):
+        raise TypeError("this head has no logit scale")
+    return float(raw.detach().clamp(max=MAX_LOGIT_SCALE).exp())
+
+
+def unknown_threshold(model: CvmModel, state: AnalyticState, seen: Sequence[int]) -> float | None:
+    """The :data:`UNKNOWN_QUANTILE` of the held-out images' best scores (None without held-out images)."""
+    scores = best_scores(model, state.held_out.features.astype(np.float32), seen)
+    return round(float(np.quantile(scores, UNKNOWN_QUANTILE)), 6) if len(scores) else None
 
 
 @dataclasses.dataclass(frozen=True)

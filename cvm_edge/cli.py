@@ -266,6 +266,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from cvm_edge.analytic_learner import logit_scale
     from cvm_edge.checkpoints import CheckpointStore
     from cvm_edge.fsutil import MAX_IMAGE_BYTES, read_regular
     from cvm_edge.preprocess import load_pixels
@@ -287,22 +288,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     sub = logits[:, seen]
     probs = np.exp(sub - sub.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
+    # Analytic stores calibrate an unknown threshold on their held-out images (the best class score,
+    # logits / logit scale, of ~95 % of known images is above it): below it the image is flagged.
+    threshold = ckpt.history[-1].get("unknown_threshold") if ckpt.history else None
+    best = sub.max(axis=1) / logit_scale(model) if threshold is not None else sub.max(axis=1)
     k = min(args.top_k, len(seen))
     results: list[dict[str, Any]] = []
-    for path, p in zip(args.images, probs, strict=True):
+    for path, p, b in zip(args.images, probs, best, strict=True):
         top = np.argsort(-p)[:k]
-        results.append(
-            {
-                "image": str(path),
-                "predictions": [{"label": ckpt.table.names[seen[i]], "score": round(float(p[i]), 6)} for i in top],
-            }
-        )
+        result: dict[str, Any] = {
+            "image": str(path),
+            "predictions": [{"label": ckpt.table.names[seen[i]], "score": round(float(p[i]), 6)} for i in top],
+        }
+        if threshold is not None:
+            result.update(unknown=bool(b < threshold), best_score=round(float(b), 6), unknown_threshold=threshold)
+        results.append(result)
     if args.json:
         print(json.dumps({"model_version": ckpt.version, "results": results}, indent=2))
     else:
         for r in results:
             preds = ", ".join(f"{printable(q['label'])} {q['score']:.3f}" for q in r["predictions"])
-            print(f"{printable(r['image'])}: {preds}")
+            flag = (
+                f" [unknown: best score {r['best_score']:.3f} < {r['unknown_threshold']:.3f}]"
+                if r.get("unknown")
+                else ""
+            )
+            print(f"{printable(r['image'])}: {preds}{flag}")
     return 0
 
 

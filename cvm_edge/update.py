@@ -557,6 +557,8 @@ def _learn_analytic(
             "lambda_scores": learned.choice.scores,
             "images_seen": len(train),
             "analytic_bytes": learned.state.nbytes,
+            # best class score below this: `cvm predict` (and the bundle manifest) flag the image unknown
+            "unknown_threshold": al.unknown_threshold(model, learned.state, seen),
         },
     )
 

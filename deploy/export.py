@@ -477,7 +477,17 @@ def build_manifest(
         "parity": parity,
         **({"routing": routing} if routing else {}),
         **experts_manifest(ckpt),
+        **unknown_manifest(ckpt),
     }
+
+
+def unknown_manifest(ckpt: Checkpoint) -> dict[str, Any]:
+    """``{"unknown": {...}}`` for an analytic store: the threshold on the best class score
+    (max logit / logit_scale) under which an image is of no learned class; else nothing."""
+    threshold = ckpt.history[-1].get("unknown_threshold") if ckpt.history else None
+    if threshold is None:
+        return {}
+    return {"unknown": {"threshold": float(threshold), "score": "max over classes of logits / logit_scale"}}
 
 
 def experts_manifest(ckpt: Checkpoint) -> dict[str, Any]:
