@@ -180,12 +180,15 @@ def run_corpus(url: str, rss: Callable[[], int], requests: Sequence[Request], co
     }
 
 
-def run_bombs(url: str, rss: Callable[[], int], concurrency: int = 64) -> dict[str, Any]:
+def run_bombs(url: str, rss: Callable[[], int], concurrency: int = 64, near_budget: int = 8) -> dict[str, Any]:
     """``concurrency`` clients at once, each a v2 request of four 6300 x 6300 WebP bombs (the issue's
-    attack), then the same number of raw bomb bodies; the server's baseline and peak RSS."""
+    attack), then as many raw bomb bodies, and ``near_budget`` bombs the server does decode; the
+    server's baseline and peak RSS."""
     bomb = webp_bomb(6300, 6300)
     requests: list[Request] = [("bomb v2", V2, _v2_bytes([bomb] * 4), "application/json")] * concurrency
     requests += [("bomb raw", CLASSIFY, bomb, "image/webp")] * concurrency
+    # just under the decode budget (18.5 MP, about 300 MB each): decoded, one at a time
+    requests += [("near-budget bomb", CLASSIFY, webp_bomb(4300, 4300), "image/webp")] * near_budget
     baseline = rss()
     figures = run_corpus(url, rss, requests, concurrency)
     return {"concurrent_clients": concurrency, "baseline_rss_mb": round(baseline / 2**20, 1), **figures}
@@ -194,14 +197,28 @@ def run_bombs(url: str, rss: Callable[[], int], concurrency: int = 64) -> dict[s
 def run_health_under_decode(
     url: str, images: Sequence[bytes], clients: int = 40, duration_s: float = 10.0, probe_every_s: float = 0.05
 ) -> dict[str, Any]:
-    """``clients`` clients post slow-to-decode ``images`` in a loop for ``duration_s``, while one more
-    asks ``/v2/health/live`` every ``probe_every_s``: its latency percentiles and any failure."""
+    """``clients`` clients post slow-to-decode ``images`` in a loop for ``duration_s``, while a probe
+    in a thread of its own (so that the load's event loop does not delay it) asks
+    ``/v2/health/live`` every ``probe_every_s``: its latency percentiles and any failure."""
+    latencies: list[float] = []
+    failures = 0
+    stop = time.monotonic() + duration_s
 
-    async def run() -> dict[str, Any]:
-        stop = time.monotonic() + duration_s
+    def probe() -> None:
+        nonlocal failures
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                try:
+                    ok = c.get("/v2/health/live").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - t0)
+                failures += not ok
+                time.sleep(probe_every_s)
+
+    async def load() -> collections.Counter[str]:
         statuses: collections.Counter[str] = collections.Counter()
-        latencies: list[float] = []
-        health_failures = 0
 
         async def loader(c: httpx.AsyncClient, k: int) -> None:
             i = k
@@ -213,38 +230,29 @@ def run_health_under_decode(
                     statuses[type(exc).__name__] += 1
                 i += 1
 
-        async def prober() -> None:
-            nonlocal health_failures
-            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-                while time.monotonic() < stop:
-                    t0 = time.perf_counter()
-                    try:
-                        ok = (await c.get("/v2/health/live")).status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    latencies.append(time.perf_counter() - t0)
-                    health_failures += not ok
-                    await asyncio.sleep(probe_every_s)
-
         limits = httpx.Limits(max_connections=clients)
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
-            await asyncio.gather(prober(), *(loader(c, k) for k in range(clients)))
-        ms = np.asarray(latencies) * 1000
-        return {
-            "clients": clients,
-            "duration_s": duration_s,
-            "image_requests": dict(sorted(statuses.items())),
-            "health_probes": len(latencies),
-            "health_failures": health_failures,
-            "health_p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "health_p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "health_max_ms": round(float(ms.max()), 1),
-        }
+            await asyncio.gather(*(loader(c, k) for k in range(clients)))
+        return statuses
 
-    return asyncio.run(run())
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    statuses = asyncio.run(load())
+    prober.join()
+    ms = np.asarray(latencies) * 1000
+    return {
+        "clients": clients,
+        "duration_s": duration_s,
+        "image_requests": dict(sorted(statuses.items())),
+        "health_probes": len(latencies),
+        "health_failures": failures,
+        "health_p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "health_p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "health_max_ms": round(float(ms.max()), 1),
+    }
 
 
 def hard_images() -> list[bytes]:
     """Images that take the server long to decode yet are accepted: BMP RLE at the slow-decode bound,
-    a 6000 x 6000 grey PNG, a 4000 x 4000 lossless WebP, a 3 x 20,000 strip."""
-    return [bmp_rle(512, 512), png_strip(6000, 6000), webp_bomb(4000, 4000), png_strip(3, 20_000)]
+    a 6000 x 6000 grey PNG, a 4000 x 4000 lossless WebP, a 60 x 5,000 strip."""
+    return [bmp_rle(512, 512), png_strip(6000, 6000), webp_bomb(4000, 4000), png_strip(60, 5000)]
