@@ -256,3 +256,50 @@ def hard_images() -> list[bytes]:
     """Images that take the server long to decode yet are accepted: BMP RLE at the slow-decode bound,
     a 6000 x 6000 grey PNG, a 4000 x 4000 lossless WebP, a 60 x 5,000 strip."""
     return [bmp_rle(512, 512), png_strip(6000, 6000), webp_bomb(4000, 4000), png_strip(60, 5000)]
+
+
+def run_reload_storm(
+    url: str, rss: Callable[[], int], token: str, image: bytes, duration_s: float = 15.0, clients: int = 16
+) -> dict[str, Any]:
+    """``clients`` clients classify in a loop while forced admin reloads follow each other for
+    ``duration_s``; then 3 s idle. RSS before, at its peak, and idle after (replaced models must be
+    freed and their heap returned)."""
+    stop = time.monotonic() + duration_s
+    statuses: collections.Counter[str] = collections.Counter()
+    reloads = 0
+
+    def storm() -> None:
+        nonlocal reloads
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while time.monotonic() < stop:
+                r = c.post("/v1/admin/reload", headers={"Authorization": f"Bearer {token}"})
+                statuses[f"reload {r.status_code}"] += 1
+                reloads += r.status_code == 200
+
+    async def load() -> None:
+        async def loader(c: httpx.AsyncClient) -> None:
+            while time.monotonic() < stop:
+                try:
+                    statuses[str((await c.post(CLASSIFY, content=image)).status_code)] += 1
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            await asyncio.gather(*(loader(c) for _ in range(clients)))
+
+    baseline = rss()
+    with RssSampler(rss) as sampler:
+        reloader = threading.Thread(target=storm, daemon=True)
+        reloader.start()
+        asyncio.run(load())
+        reloader.join()
+    time.sleep(3.0)
+    return {
+        "clients": clients,
+        "duration_s": duration_s,
+        "forced_reloads": reloads,
+        "statuses": dict(sorted(statuses.items())),
+        "baseline_rss_mb": round(baseline / 2**20, 1),
+        "peak_rss_mb": round(sampler.peak / 2**20, 1),
+        "idle_rss_mb": round(rss() / 2**20, 1),
+    }
