@@ -172,7 +172,7 @@ def add_deploy_commands(sub: Any) -> None:
         help="estimated memory of all images being decoded at once; a larger image is refused (413)",
     )
     s.add_argument(
-        "--worker-threads", type=int_at_least(0), default=0, help="decode + inference threads (0: min(4, CPUs))"
+        "--worker-threads", type=int_at_least(0), default=0, help="decode + inference threads (0: min(8, 2 x CPUs))"
     )
     s.add_argument(
         "--request-timeout",

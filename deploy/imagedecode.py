@@ -4,7 +4,7 @@ Every limit is checked on the header (Pillow's ``Image.open`` reads the declared
 codec, and allocates no pixels) before any image of a request is decoded:
 
 - each image: the pixel limit, an aspect-ratio limit, and a smaller pixel limit for images that
-  Pillow decodes in Python (BMP RLE: about 0.5 us a pixel holding the GIL);
+  Pillow decodes in Python (BMP RLE: about 0.5 us a pixel holding the GIL; one decoded at a time);
 - each request: the declared pixels of all its images together;
 - all requests: the estimated decode memory of the images being decoded at once shares one budget
   (:class:`MemoryBudget`); an image whose estimate alone is over the budget is refused.
@@ -14,6 +14,7 @@ The decode itself is the training-side preprocessing (``cvm_edge.preprocess``), 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
@@ -112,6 +113,9 @@ class ImageDecoder:
     def __init__(self, limits: DecodeLimits) -> None:
         self.limits = limits
         self.budget = MemoryBudget(limits.memory_bytes)
+        # Python-decoded images hold the GIL for their whole decode: one at a time, so that the
+        # event loop (health, metrics) competes with at most one such thread for it.
+        self.python_decodes = threading.Semaphore(1)
 
     def probe(self, data: bytes, prep: Preprocessing) -> tuple[Image.Image, int]:
         """The opened image and its estimated decode cost; every per-image limit checked."""
@@ -154,7 +158,8 @@ class ImageDecoder:
             )
         pixels = []
         for i, name, img, cost in probed:
-            with _labelled(i, name, len(images)), self.budget.reserve(cost):
+            slow = self.python_decodes if _is_python_decoded(img) else contextlib.nullcontext()
+            with _labelled(i, name, len(images)), self.budget.reserve(cost), slow:
                 pixels.append(_decode(img, prep))
         return np.stack(pixels)
 
