@@ -698,11 +698,8 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
         def work() -> tuple[int, bytes]:  # parsing 10 MB of JSON is work too: not on the event loop
             try:
                 body = json.loads(raw)
-            except (
-                ValueError,
-                UnicodeDecodeError,
-                RecursionError,
-            ):  # RecursionError: nesting deeper than the parser goes
+            # RecursionError: nesting deeper than the parser goes
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise HTTPError(400, "the body must be JSON (Open Inference Protocol v2 request)") from None
             x, rid, wanted = _v2_inputs(predictor, decoder, body)
             out = _finite(predictor.run(x))
