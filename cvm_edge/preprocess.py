@@ -17,6 +17,9 @@ from cvm_edge.errors import DataError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # decompression-bomb guard: a 40 MP frame is beyond any camera we target
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# The largest intermediate image of a resize (resize_crop): 4 MP is 16 MB of RGB, beyond what any
+# normal image needs (a 10:1 panorama at 224 px resizes to 2240 x 224 = 0.5 MP).
+MAX_RESIZE_PIXELS = 4_000_000
 DRAFT_GAP = 2  # a drafted JPEG keeps at least this many times the resized size (Pillow's thumbnail rule)
 _INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -67,6 +70,42 @@ class Preprocessing:
         )
 
 
+def probe_image(data: bytes, formats: Sequence[str] = SUPPORTED_FORMATS) -> Image.Image:
+    """Open encoded image bytes without decoding them: Pillow reads the header only, so the
+    declared size, mode and codec can be checked before any pixel buffer exists."""
+    if not data:
+        raise DataError("empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=list(formats))
+    except UnidentifiedImageError:
+        raise UnsupportedImageError(f"not a supported image ({', '.join(formats)})") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageTooLargeError("image dimensions are too large") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken headers
+        raise DataError(f"cannot decode image: {exc}") from None
+
+
+def check_pixels(img: Image.Image, max_pixels: int) -> None:
+    """413 when the declared size is empty or over ``max_pixels`` (header only, nothing decoded)."""
+    w, h = img.size
+    if w <= 0 or h <= 0 or w * h > max_pixels:
+        raise ImageTooLargeError(f"image is {w}x{h}, over the limit of {max_pixels} pixels")
+
+
+def decode_probed(img: Image.Image, prep: Preprocessing | None = None) -> Image.Image:
+    """Decode an image from :func:`probe_image` into RGB (drafting a large JPEG first, see
+    :func:`open_image`)."""
+    try:
+        if prep is not None:
+            draft_jpeg(img, prep)
+        img.load()
+        return _to_rgb(img)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces here
+        raise DataError(f"cannot decode image: {exc}") from None
+
+
 def open_image(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -78,28 +117,9 @@ def open_image(
     With ``prep`` (and ``prep.jpeg_draft``), a JPEG much larger than the model's input is decoded at
     a reduced scale (:func:`draft_jpeg`): several times faster, and it keeps at least ``DRAFT_GAP``
     times the pixels the resize needs."""
-    if not data:
-        raise DataError("empty image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(formats))
-    except UnidentifiedImageError:
-        raise UnsupportedImageError(f"not a supported image ({', '.join(formats)})") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise ImageTooLargeError("image dimensions are too large") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for broken headers
-        raise DataError(f"cannot decode image: {exc}") from None
-    w, h = img.size
-    if w <= 0 or h <= 0 or w * h > max_pixels:
-        raise ImageTooLargeError(f"image is {w}x{h}, over the limit of {max_pixels} pixels")
-    try:
-        if prep is not None:
-            draft_jpeg(img, prep)
-        img.load()
-        return _to_rgb(img)
-    except Exception as exc:  # noqa: BLE001 - truncated/corrupt data surfaces here
-        raise DataError(f"cannot decode image: {exc}") from None
+    img = probe_image(data, formats)
+    check_pixels(img, max_pixels)
+    return decode_probed(img, prep)
 
 
 def resized_size(w: int, h: int, prep: Preprocessing) -> tuple[int, int]:
@@ -135,13 +155,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_crop(img: Image.Image, prep: Preprocessing) -> np.ndarray:
-    """RGB image -> uint8 HWC array of ``image_size`` x ``image_size`` (one resize, one crop)."""
+    """RGB image -> uint8 HWC array of ``image_size`` x ``image_size`` (one resize, one crop).
+
+    When the resized image would be larger than ``MAX_RESIZE_PIXELS`` (an extreme aspect ratio:
+    a 1 x 200,000 strip resizes to 32 x 6.4 M), the crop is computed first, in source coordinates,
+    and only that box is resized: same geometry, bounded memory. Images below the bound keep the
+    resize-then-crop they were trained with, bit for bit."""
     size = prep.image_size
     w, h = img.size
     nw, nh = resized_size(w, h, prep)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    if nw * nh > MAX_RESIZE_PIXELS:
+        sx, sy = w / nw, h / nh  # source pixels per resized pixel
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return np.asarray(img.resize((size, size), _INTERPOLATION[prep.interpolation], box=box), dtype=np.uint8)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), _INTERPOLATION[prep.interpolation])
-    left, top = (nw - size) // 2, (nh - size) // 2
     if (nw, nh) != (size, size):
         img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)

@@ -27,6 +27,20 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
+def _positive_float(text: str) -> float:
+    v = _non_negative_float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return v
+
+
+def _at_least_one(text: str) -> float:
+    v = _non_negative_float(text)
+    if not 1 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return v
+
+
 def _providers(text: str) -> tuple[str, ...]:
     names = tuple(p.strip().lower() for p in text.split(",") if p.strip())
     bad = [p for p in names if p not in PROVIDERS]
@@ -80,6 +94,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
         access_log=not args.no_access_log,
+        max_request_pixels=args.max_request_pixels,
+        max_aspect_ratio=args.max_aspect_ratio,
+        decode_memory_bytes=args.decode_memory_mb << 20,
+        worker_threads=args.worker_threads,
+        request_timeout_s=args.request_timeout,
+        max_connections=args.max_connections,
     )
     serve(settings)
     return 0
@@ -143,6 +163,36 @@ def add_deploy_commands(sub: Any) -> None:
     s.add_argument("--max-pixels", type=int_at_least(1), default=40_000_000, help="decoded image pixel limit")
     s.add_argument("--max-files", type=int_at_least(1), default=32, help="files per multipart request")
     s.add_argument("--max-batch", type=int_at_least(1), default=64, help="images per inference request")
+    s.add_argument(
+        "--max-request-pixels",
+        type=int_at_least(1),
+        default=120_000_000,
+        help="declared pixels of all images of a request",
+    )
+    s.add_argument(
+        "--max-aspect-ratio", type=_at_least_one, default=100.0, help="longest / shortest image side (default 100)"
+    )
+    s.add_argument(
+        "--decode-memory-mb",
+        type=int_at_least(1),
+        default=320,
+        help="estimated memory of all images being decoded at once; a larger image is refused (413)",
+    )
+    s.add_argument(
+        "--worker-threads", type=int_at_least(0), default=0, help="decode + inference threads (0: min(8, 2 x CPUs))"
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds a client has to send its request headers, and then its body (408 after)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int_at_least(1),
+        default=512,
+        help="open connections; more are closed at once (keep it under the open-file limit)",
+    )
     s.add_argument("--model-name", default="cvm", help="model name in the v2 endpoints")
     s.add_argument("--trt-cache", type=Path, default=None, help="TensorRT engine/timing cache directory")
     s.add_argument("--trt-fp16", action="store_true", help="let TensorRT build fp16 kernels")

@@ -17,8 +17,10 @@ fails to load is refused and the old one keeps serving. No torch.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import collections
 import ctypes
 import ctypes.util
 import dataclasses
@@ -27,14 +29,17 @@ import hmac
 import json
 import logging
 import math
+import os
 import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +49,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from cvm_edge import __version__
 from cvm_edge.errors import CvmError, DataError, ModelLoadError
@@ -51,6 +57,7 @@ from cvm_edge.fsutil import fault_point, read_pointer
 from cvm_edge.preprocess import UnsupportedImageError, normalise
 from deploy import oip_binary, openapi_doc
 from deploy.bundle import checkpoint_dir_name, current_bundle_dir
+from deploy.imagedecode import DecodeLimits, ImageDecoder
 from deploy.predictor import Outputs, Predictor, PredictorOptions
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,8 @@ RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/
 V2_OUTPUTS = ("logits", "probabilities", "embedding", "label")
 MAX_POINTER_CHASES = 3
 MAX_V2_DIMS = 8  # [B, 3, H, W] needs 4; anything far longer is garbage
+CLIENT_GONE = 499  # nginx's status for "the client closed the connection"; never sent, only counted
+T = TypeVar("T")
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
@@ -79,12 +88,33 @@ class ServerSettings:
     model_name: str = "cvm"
     admin_token: str | None = None
     access_log: bool = True
+    max_request_pixels: int = DecodeLimits.max_request_pixels
+    max_aspect_ratio: float = DecodeLimits.max_aspect_ratio
+    decode_memory_bytes: int = DecodeLimits.memory_bytes
+    worker_threads: int = 0  # decode + inference threads; 0: min(8, 2 x CPUs)
+    request_timeout_s: float = 30.0  # to receive a request's headers, and (separately) its body
+    max_connections: int = 512  # open connections; more are closed at once (keep under LimitNOFILE)
 
     def __post_init__(self) -> None:
         if (self.workdir is None) == (self.bundle is None):
             raise ValueError("give exactly one of workdir and bundle")
         if self.poll_interval_s < 0 or self.max_body_bytes < 1 or self.max_files < 1:
             raise ValueError("poll interval, body limit and file limit must be positive")
+        if self.worker_threads < 0 or not self.request_timeout_s > 0 or self.max_connections < 1:
+            raise ValueError("worker threads must be >= 0; request timeout and connection limit positive")
+        self.decode_limits()  # validates them
+
+    @property
+    def threads(self) -> int:
+        return self.worker_threads or min(8, 2 * (os.cpu_count() or 1))
+
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(
+            max_pixels=self.max_pixels,
+            max_request_pixels=self.max_request_pixels,
+            max_aspect_ratio=self.max_aspect_ratio,
+            memory_bytes=self.decode_memory_bytes,
+        )
 
     @property
     def max_pixels(self) -> int:
@@ -97,6 +127,12 @@ class HTTPError(CvmError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.http_status = status
+
+
+class ClientGone(CvmError):
+    """The client closed the connection before its request body was complete."""
+
+    http_status = CLIENT_GONE
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -123,6 +159,9 @@ class Metrics:
         self.model_version = Gauge("cvm_model_version", "Checkpoint version of the model being served", registry=r)
         self.model_info = Gauge("cvm_model_info", "The bundle being served", ["bundle", "precision"], registry=r)
         self.reloads = Counter("cvm_model_reloads", "Bundle loads after start-up", ["result"], registry=r)
+        self.disconnects = Counter(
+            "cvm_client_disconnects", "Requests whose client hung up before the body was complete", registry=r
+        )
         for result in ("success", "failure"):
             self.reloads.labels(result=result)  # exported as 0 from the start
 
@@ -173,6 +212,20 @@ def release_free_memory() -> bool:
         return False
     trim.argtypes = [ctypes.c_size_t]
     return bool(trim(0))
+
+
+def use_mmap_for_large_buffers(threshold: int = 4 << 20, trim: int = 32 << 20) -> bool:
+    """``mallopt(M_MMAP_THRESHOLD, 4 MiB)``: decoded images (Pillow allocates them in 16 MB blocks)
+    get their own mappings, returned to the OS when freed. With glibc's default sliding threshold
+    they end up in per-thread heaps that keep the peak of every decode thread. Fixing the threshold
+    also fixes the trim threshold, at 128 kB: a request's own buffers would then be handed back and
+    faulted in again on every request, so it is raised to 32 MiB (glibc only; elsewhere a no-op)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(-3, threshold)) and bool(mallopt(-1, trim))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +307,8 @@ class ModelHolder:
                 return False
             previous = self.current
             self.current = Loaded(predictor, _now())  # the swap: one reference
-            if previous is not None:
-                self._retired.append(weakref.ref(previous.predictor))
+            if previous is not None:  # freed when its last request ends: then trim (below)
+                self._retired.append(weakref.ref(previous.predictor, self._on_retired_freed))
             self._failed = None
             self.last_error = None
             self.metrics.set_model(predictor)
@@ -316,6 +369,11 @@ class ModelHolder:
                 log.exception("bundle poll failed")
             self.release_retired()
 
+    def _on_retired_freed(self, _: weakref.ref[Predictor]) -> None:
+        # Runs in whichever thread dropped the last reference, as soon as it did: a server that
+        # only reloads through the admin endpoint (or serves one fixed bundle) trims too.
+        self.release_retired()
+
     def release_retired(self) -> bool:
         """Once every replaced model is gone (its last request finished), hand the memory it
         freed back to the OS. Without this, glibc keeps the freed heap of each old onnxruntime
@@ -350,8 +408,10 @@ class ModelHolder:
 
 
 # ----- request bodies ----------------------------------------------------------------------------
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float = 30.0) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes and with 408 when it
+    has not arrived within ``timeout_s`` (a slow client would hold its socket forever). A client
+    that hangs up mid-body raises :class:`ClientGone`."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -361,11 +421,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise HTTPError(413, f"request body of {size} bytes is over the limit of {limit} bytes")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise HTTPError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise HTTPError(413, f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise ClientGone(f"the client closed the connection after {total} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -377,7 +443,7 @@ async def _one_chunk(data: bytes) -> AsyncGenerator[bytes, None]:
 async def read_images(request: Request, settings: ServerSettings) -> list[tuple[str | None, bytes]]:
     """The images of a classify request: the raw body, or each multipart ``file`` part in order."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.request_timeout_s)
     if ctype == "multipart/form-data":
         parser = MultiPartParser(
             request.headers, _one_chunk(body), max_files=settings.max_files, max_fields=settings.max_files
@@ -407,20 +473,18 @@ async def read_images(request: Request, settings: ServerSettings) -> list[tuple[
     return [(None, body)]
 
 
-def _decode_all(predictor: Predictor, images: list[tuple[str | None, bytes]]) -> np.ndarray:
-    pixels = []
-    for i, (filename, data) in enumerate(images):
-        try:
-            pixels.append(predictor.pixels(data))
-        except CvmError as exc:
-            if len(images) > 1:
-                exc.args = (f"file {i + 1} ({filename or 'unnamed'}): {exc}",)
-            raise
-    return np.stack(pixels)
+def _finite(out: Outputs) -> Outputs:
+    """Refuse outputs that overflowed (finite inputs near float32 max give inf/NaN logits): a 200
+    with ``null`` scores is an answer no client can use."""
+    if not (np.isfinite(out.logits).all() and np.isfinite(out.embedding).all()):
+        raise HTTPError(
+            422, "the model's outputs are not finite (overflow) for this input; inputs this large are outside its range"
+        )
+    return out
 
 
 # ----- Open Inference Protocol v2 --------------------------------------------------------------
-def _v2_inputs(predictor: Predictor, body: Any) -> tuple[np.ndarray, str | None, list[str]]:
+def _v2_inputs(predictor: Predictor, decoder: ImageDecoder, body: Any) -> tuple[np.ndarray, str | None, list[str]]:
     """The model input of a v2 infer request: float32 NCHW, the request id, the outputs wanted."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1:
         raise HTTPError(400, "the request needs 'inputs': a list with one tensor")
@@ -467,7 +531,7 @@ def _v2_inputs(predictor: Predictor, body: Any) -> tuple[np.ndarray, str | None,
                 images.append((f"element {i}", base64.b64decode(item, validate=True)))
             except (binascii.Error, ValueError):
                 raise HTTPError(422, f"BYTES element {i} is not valid base64") from None
-        pixels = _decode_all(predictor, [(n, b) for n, b in images])
+        pixels = decoder.decode_all(images, predictor.prep)
         return normalise(pixels, predictor.prep), None if rid is None else str(rid), list(wanted)
     raise HTTPError(
         400, f"input datatype must be FP32 (a [B, 3, H, W] tensor) or BYTES (encoded images), not {dtype!r}"
@@ -493,7 +557,10 @@ def _v2_requested_outputs(outputs: Any) -> list[str]:
     names = [str(o["name"]) for o in outputs]
     unknown = [n for n in names if n not in V2_OUTPUTS]
     if unknown:
-        raise HTTPError(400, f"unknown output(s) {', '.join(unknown)}; this model has {', '.join(V2_OUTPUTS)}")
+        raise HTTPError(400, f"unknown output(s) {', '.join(unknown)[:200]}; this model has {', '.join(V2_OUTPUTS)}")
+    repeated = sorted(n for n, c in collections.Counter(names).items() if c > 1)
+    if repeated:  # each copy would be serialised again: a small request, a huge answer
+        raise HTTPError(400, f"output(s) {', '.join(repeated)} requested more than once")
     return names
 
 
@@ -555,6 +622,13 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
     """The FastAPI app for ``settings``; everything it uses hangs off the app (no module state)."""
     metrics = Metrics() if holder is None else holder.metrics
     holder = holder or ModelHolder(settings, metrics)
+    decoder = ImageDecoder(settings.decode_limits())
+    # Decoding and inference run in this bounded pool, never in the event loop nor in the pool
+    # that serves sync endpoints: health and metrics answer however many images are queued.
+    pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="cvm-work")
+
+    async def run_work(fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -563,11 +637,13 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
             yield
         finally:
             holder.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="cvm-edge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.holder = holder
     app.state.metrics = metrics
+    app.state.decoder = decoder
     _install_error_handlers(app)
     openapi_doc.install(app)  # request bodies, error schema and statuses the routes really have
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
@@ -589,7 +665,7 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
         t0 = time.perf_counter()
         images = await read_images(request, settings)
         predictor = holder.require()  # one reference for the whole request
-        out = await run_in_threadpool(lambda: predictor.run_pixels(_decode_all(predictor, images)))
+        out = await run_work(lambda: _finite(predictor.run_pixels(decoder.decode_all(images, predictor.prep))))
         metrics.images.inc(len(images))
         preds = predictor.top_k(out, top_k)
         result: dict[str, Any] = {"model_version": predictor.name}
@@ -600,23 +676,25 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
         result["latency_ms"] = round(1000 * (time.perf_counter() - t0), 3)
         return JSONResponse(result)  # plain JSON types already: skips FastAPI's response encoding
 
+    # The health, metadata and metrics endpoints are coroutines: they run on the event loop and take
+    # no lock, so they never wait for a thread (decoding and inference hold those).
     @app.get("/v2")
-    def server_metadata() -> dict[str, Any]:
+    async def server_metadata() -> dict[str, Any]:
         return {"name": "cvm-edge", "version": __version__, "extensions": [oip_binary.EXTENSION]}
 
     @app.get("/v2/health/live")
-    def live() -> dict[str, Any]:
+    async def live() -> dict[str, Any]:
         return {"live": True}
 
     @app.get("/v2/health/ready")
-    def ready() -> Response:
+    async def ready() -> Response:
         if holder.current is None:
             return JSONResponse({"ready": False, "error": "no model loaded"}, status_code=503)
         return JSONResponse({"ready": True})
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
-    def model_metadata(name: str, request: Request) -> dict[str, Any]:
+    async def model_metadata(name: str, request: Request) -> dict[str, Any]:
         check_name(name)
         predictor = holder.require()
         check_version(request, predictor)
@@ -624,7 +702,7 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
-    def model_ready(name: str, request: Request) -> Response:
+    async def model_ready(name: str, request: Request) -> Response:
         check_name(name)
         loaded = holder.current
         if loaded is not None:
@@ -637,26 +715,25 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request) -> Response:
         check_name(name)
-        raw = await read_body(request, settings.max_body_bytes)
-        # JSON or binary tensor data, maybe compressed (deploy/oip_binary.py); off the event loop
-        body = await run_in_threadpool(
-            oip_binary.parse_request, raw, request.headers, settings.max_body_bytes, settings.predictor.max_batch
-        )
-        choice = oip_binary.binary_choice(body)
+        raw = await read_body(request, settings.max_body_bytes, settings.request_timeout_s)
         predictor = holder.require()
         check_version(request, predictor)
 
-        def work() -> tuple[Outputs, str | None, list[str]]:
-            x, rid, wanted = _v2_inputs(predictor, body)
-            return predictor.run(x), rid, wanted
+        def work() -> tuple[int, Response]:  # parsing 10 MB of JSON is work too: not on the event loop
+            # JSON or binary tensor data, maybe compressed (deploy/oip_binary.py)
+            body = oip_binary.parse_request(raw, request.headers, settings.max_body_bytes, settings.predictor.max_batch)
+            choice = oip_binary.binary_choice(body)
+            x, rid, wanted = _v2_inputs(predictor, decoder, body)
+            out = _finite(predictor.run(x))
+            answer: dict[str, Any] = {"model_name": name, "model_version": predictor.name}
+            if rid is not None:
+                answer["id"] = rid
+            answer["outputs"] = _v2_outputs(predictor, out, wanted)
+            return len(out.logits), oip_binary.respond(answer, choice)
 
-        out, rid, wanted = await run_in_threadpool(work)
-        metrics.images.inc(len(out.logits))
-        answer: dict[str, Any] = {"model_name": name, "model_version": predictor.name}
-        if rid is not None:
-            answer["id"] = rid
-        answer["outputs"] = _v2_outputs(predictor, out, wanted)
-        return oip_binary.respond(answer, choice)
+        n, response = await run_work(work)
+        metrics.images.inc(n)
+        return response
 
     @app.get("/v1/model")
     def model_info() -> dict[str, Any]:
@@ -683,7 +760,7 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
         }
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/admin/reload")
@@ -707,8 +784,11 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def cvm_error(_: Request, exc: Exception) -> Response:
+    async def cvm_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "http_status", 500)
+        if status == CLIENT_GONE:  # nobody to answer: count it, log one line, no traceback
+            request.app.state.metrics.disconnects.inc()
+            log.info("client disconnected: %s", exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if status >= 500:
             log.error("request failed: %s", exc)
@@ -740,17 +820,21 @@ def serve(settings: ServerSettings) -> None:
     """Run the server in this process until SIGINT/SIGTERM."""
     import uvicorn
 
+    from deploy.httpproto import protocol_class
+
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the server is reachable from other machines", settings.host)
+    use_mmap_for_large_buffers()
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         workers=1,
-        # the [serve] extra ships h11 and asyncio; pinned so that httptools or uvloop, when some other
-        # package installs them (kserve's uvicorn[standard]), do not swap the HTTP parser under us
-        http="h11",
+        # our h11 protocol subclass (deploy/httpproto.py) and asyncio: pinned so that httptools or uvloop,
+        # when some other package installs them (kserve's uvicorn[standard]), do not swap them under us
+        http=protocol_class(settings.request_timeout_s, settings.max_connections),
         loop="asyncio",
+        timeout_keep_alive=5,
         access_log=settings.access_log,
         log_level="info",
         timeout_graceful_shutdown=10,

@@ -1,4 +1,4 @@
-"""``python -m bench.reliability {kill,disk-full,load,fuzz} [--workdir W] [--out FILE]``: the
+"""``python -m bench.reliability {kill,disk-full,load,fuzz,hostile} [--workdir W] [--out FILE]``: the
 reliability runs outside pytest, on a given store or on a fresh small one. Prints the figures as
 JSON; ``--out`` also merges them into a results file (e.g. bench/results/reliability.json)."""
 
@@ -109,19 +109,37 @@ def cmd_fuzz(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         return {"seed": args.seed, **report.figures(), "server_alive": s.alive()}
 
 
+def cmd_hostile(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from bench.reliability.hostile import corpus, hard_images, run_bombs, run_corpus, run_health_under_decode
+    from deploy.bundle import current_bundle_dir, load_bundle
+
+    wd, data = _store(args, tmp)
+    _first_update(wd, data)
+    size = load_bundle(current_bundle_dir(wd)).prep.image_size  # type: ignore[arg-type]
+    with running_server(["--workdir", str(wd)], tmp / "server.log") as s:
+        return {
+            "corpus": run_corpus(s.url, s.rss_bytes, corpus(size)),
+            "bombs": run_bombs(s.url, s.rss_bytes, concurrency=64),
+            "health_under_decode": run_health_under_decode(s.url, hard_images(), clients=40, duration_s=args.seconds),
+            "server_alive": s.alive(),
+        }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.reliability", description=__doc__)
-    ap.add_argument("run", choices=("kill", "disk-full", "load", "fuzz"))
+    ap.add_argument("run", choices=("kill", "disk-full", "load", "fuzz", "hostile"))
     ap.add_argument("--workdir", type=Path, default=None, help="a store (default: a fresh small one in a temp dir)")
     ap.add_argument("--data", type=Path, default=None, help="update folder (default: 2 Fashion-MNIST classes)")
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--random", type=int, default=3, help="kill: random-time kills besides the fault points")
-    ap.add_argument("--seconds", type=float, default=60.0, help="load: duration")
+    ap.add_argument("--seconds", type=float, default=60.0, help="load, hostile (health under decode): duration")
     ap.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
     ap.add_argument("--publishes", type=int, default=5, help="load: bundles published during the run")
     ap.add_argument("--out", type=Path, default=None, help="merge the figures into this JSON file")
     args = ap.parse_args()
-    run = {"kill": cmd_kill, "disk-full": cmd_disk_full, "load": cmd_load, "fuzz": cmd_fuzz}[args.run]
+    run = {"kill": cmd_kill, "disk-full": cmd_disk_full, "load": cmd_load, "fuzz": cmd_fuzz, "hostile": cmd_hostile}[
+        args.run
+    ]
     with tempfile.TemporaryDirectory(prefix="cvm-reliability-") as tmp:
         figures = run(args, Path(tmp))
     print(json.dumps(figures, indent=2))
