@@ -218,6 +218,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(
         f"workdir {info['workdir']}: latest v{info['latest']}, backbone {m['backbone']} ({m['pretrained']}), head {m['head']}"
     )
+    if m.get("learner") == "analytic":
+        print(
+            f"analytic learner: projection {m['analytic_dim']}, seed {m['analytic_seed']}, targets {m['analytic_targets']}"
+        )
     for v in info["versions"]:
         mark = "*" if v["latest"] else " "
         print(f" {mark} v{v['version']:<4} {v['created_at']}  {v['classes']} classes  parent {v['parent']}")

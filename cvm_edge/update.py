@@ -366,31 +366,14 @@ def run_update(
             "forced": False,
             "similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling),
         }
-        # Two gates: against the previous version, and against each old class's accuracy when it
-        # was learned (the accuracy matrix's diagonal), so that several small steps cannot add up
-        # to more than --max-forgetting.
-        learned_acc = accuracy_when_learned(prev.history, old_classes)
-        old_learned = mean_over(learned_acc, old_classes)
-        drop = _points(old_before, old_after)
-        drop_cumulative = _points(old_learned, old_after)
-        entry.update(
-            old_accuracy_when_learned=old_learned,
-            forgetting_since_previous=round(drop, 3),
-            forgetting_since_learned=round(drop_cumulative, 3),
-        )
-        if max(drop, drop_cumulative) > opts.max_forgetting:
-            since, ref, ref_acc = (
-                ("the previous version", acc_before, old_before)
-                if drop >= drop_cumulative
-                else ("when they were learned", learned_acc, old_learned)
-            )
-            worst = max(drop, drop_cumulative)
+        gate = forgetting_gate(prev.history, old_classes, acc_before, acc_earlier)
+        entry.update(gate.figures())
+        worst = max(gate.since_previous, gate.since_learned)
+        if worst > opts.max_forgetting:
             if not opts.force:
                 raise ForgettingGateError(
-                    f"old-class accuracy on earlier held-out images would fall by {worst:.1f} points since {since} "
-                    f"({100 * ref_acc:.1f}% -> {100 * old_after:.1f}%), over --max-forgetting "  # type: ignore[operator]
-                    f"{opts.max_forgetting:g}; nothing was published.{_worst_drops(ref, acc_earlier, table.names)} "
-                    "Train with replay/distill, or pass --force"
+                    f"{gate.describe()}, over --max-forgetting {opts.max_forgetting:g}; nothing was published."
+                    f"{_worst_drops(gate.reference, acc_earlier, table.names)} Train with replay/distill, or pass --force"
                 )
             entry["forced"] = True
             log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", worst)
@@ -421,6 +404,68 @@ def run_update(
             del ckpt, prev, train, val, scorer, model, learned
             publish_hook(version, parity)
     return UpdateReport(version=version, entry=entry)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgettingGate:
+    """Old-class accuracy on earlier held-out images: before this update, when each class was last
+    learned (the accuracy matrix's diagonal), and after; the falls since each, in points."""
+
+    before: float | None
+    learned: float | None
+    after: float | None
+    acc_before: dict[int, float]
+    acc_learned: dict[int, float]
+
+    @property
+    def since_previous(self) -> float:
+        return _points(self.before, self.after)
+
+    @property
+    def since_learned(self) -> float:
+        return _points(self.learned, self.after)
+
+    @property
+    def reference(self) -> dict[int, float]:
+        return self.acc_before if self.since_previous >= self.since_learned else self.acc_learned
+
+    def figures(self) -> dict[str, float | None]:
+        return {
+            "old_accuracy_when_learned": self.learned,
+            "forgetting_since_previous": round(self.since_previous, 3),
+            "forgetting_since_learned": round(self.since_learned, 3),
+        }
+
+    def describe(self) -> str:
+        since, ref = (
+            ("the previous version", self.before)
+            if self.since_previous >= self.since_learned
+            else ("when they were learned", self.learned)
+        )
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        worst = max(self.since_previous, self.since_learned)
+        return (
+            f"old-class accuracy on earlier held-out images would fall by {worst:.1f} points since {since} "
+            f"({pct(ref)} -> {pct(self.after)})"
+        )
+
+
+def forgetting_gate(
+    history: Sequence[dict[str, Any]],
+    old_classes: Sequence[int],
+    acc_before: dict[int, float],
+    acc_after: dict[int, float],
+) -> ForgettingGate:
+    """Both gates' figures: a single step's fall, and the fall since each old class was learned, so
+    that several small steps cannot add up to more than --max-forgetting."""
+    learned = accuracy_when_learned(history, old_classes)
+    return ForgettingGate(
+        mean_over(acc_before, old_classes),
+        mean_over(learned, old_classes),
+        mean_over(acc_after, old_classes),
+        acc_before,
+        learned,
+    )
 
 
 def _points(before: float | None, after: float | None) -> float:

@@ -194,13 +194,33 @@ def test_analytic_update_stores_no_images_and_exports_with_parity(
     # standalone export of an image-less store needs images to check parity on
     assert run_cli("-q", "export", "--workdir", str(w), "--precision", "fp16") == 2
     assert "--images DIR" in capsys.readouterr().err
-    assert run_cli("-q", "export", "--workdir", str(w), "--precision", "int8", "--images", str(data)) == 0
-    int8 = json.loads((w / "bundles" / "v000002-int8" / "manifest.json").read_text())
-    assert int8["parity"]["passed"] and int8["parity"]["calibration"]["source"] == "images handed to the export"
-    # predict through the analytic model
+    assert run_cli("-q", "export", "--workdir", str(w), "--precision", "fp16", "--images", str(data)) == 0
+    capsys.readouterr()
+    fp16 = json.loads((w / "bundles" / "v000002-fp16" / "manifest.json").read_text())
+    assert fp16["parity"]["passed"] and fp16["parity"]["images"]["given"] == 80
+    # int8 calibrates on the handed-in images: it passes its gate, or is refused naming the gate
+    code = run_cli("-q", "export", "--workdir", str(w), "--precision", "int8", "--images", str(data))
+    err = capsys.readouterr().err
+    if code == 0:
+        int8 = json.loads((w / "bundles" / "v000002-int8" / "manifest.json").read_text())
+        assert int8["parity"]["calibration"]["source"] == "images handed to the export"
+    else:
+        assert code == 1 and "int8 parity gate failed" in err
+    # predict through the analytic model, with the unknown flag calibrated on the held-out features
     img = next((data / "trouser").glob("*.png"))
     assert run_cli("predict", "--workdir", str(w), str(img), "--json") == 0
-    assert json.loads(capsys.readouterr().out)["results"][0]["predictions"][0]["label"] == "Trouser"
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["predictions"][0]["label"] == "Trouser" and result["unknown"] is False
+    assert result["best_score"] >= result["unknown_threshold"] == entry["unknown_threshold"]
+    assert fp16["unknown"]["threshold"] == entry["unknown_threshold"]
+    # real images of classes the store never learned (bags, sneakers) score lower: many are flagged
+    seen_imgs = sorted((data / "t-shirt-top").glob("*.png"))[:10] + sorted((data / "trouser").glob("*.png"))[:10]
+    unseen = class_folders([7, 8], per_class=10, name="unseen")
+    unseen_imgs = sorted(unseen.rglob("*.png"))
+    assert run_cli("predict", "--workdir", str(w), *map(str, seen_imgs + unseen_imgs), "--json") == 0
+    flags = [r["unknown"] for r in json.loads(capsys.readouterr().out)["results"]]
+    seen_flagged, unseen_flagged = sum(flags[: len(seen_imgs)]), sum(flags[len(seen_imgs) :])
+    assert seen_flagged <= 4 and unseen_flagged >= 10, (seen_flagged, unseen_flagged)
 
 
 @needs_lite0
@@ -237,6 +257,22 @@ def test_refused_analytic_update_leaves_the_store_bit_identical(
     )
     assert code == 1
     assert _digest_tree(w) == before
+
+
+def test_small_steps_cannot_add_up_past_the_forgetting_gate() -> None:
+    """Three updates of 4 points each: every step passes a 10-point gate against the previous version,
+    the third fails against the accuracy the class had when it was learned."""
+    from cvm_edge.update import forgetting_gate
+
+    history = [{"trained_classes": [0], "per_class_accuracy": {"0": 0.90}}]
+    now = 0.90
+    for _ in range(3):
+        gate = forgetting_gate(history, [0], {0: now}, {0: now - 0.04})
+        assert round(gate.since_previous, 6) == 4.0
+        history.append({"trained_classes": [1], "per_class_accuracy": {"0": now - 0.04, "1": 0.9}})
+        now -= 0.04
+    assert round(gate.since_learned, 6) == 12.0 and "since when they were learned (90.0% -> 78.0%)" in gate.describe()
+    assert gate.figures()["forgetting_since_learned"] == 12.0
 
 
 def test_forgetting_gate_compares_with_accuracy_when_learned() -> None:
