@@ -169,7 +169,7 @@ class ParityImages:
 
 # An analytic store keeps no images: its parity check and int8 calibration use images handed in
 # (the update's own, or `cvm export --images DIR`), at most this many.
-MAX_GIVEN_IMAGES = 512
+MAX_GIVEN_IMAGES = 256
 
 
 def parity_images(ckpt: Checkpoint, minimum: int, given: ImageSet | None = None) -> ParityImages:
