@@ -4,8 +4,8 @@ The product's buffer (:class:`cvm_edge.buffer.ReplayBuffer`) is rebalanced per c
 each update, with logits recorded by the model after it: what a device that learns update by
 update can keep on disk. Buzzega et al. (2020) instead offer every stream sample to a reservoir
 (Vitter's algorithm R) the moment it is trained on, with the logits the model gave it then, and
-replay from that reservoir from the first step on, so the current task's samples are replayed
-too. These plugins do exactly that for the harness: ``der-reservoir`` (DER++: ``derpp``,
+replay from that reservoir from the second step on (the first finds it empty), so the current
+task's samples are replayed too. These plugins do exactly that for the harness: ``der-reservoir`` (DER++: ``derpp``,
 ``derpp-reservoir``, ``cvm-derpp-reservoir``) and ``replay-reservoir`` (ER: ``er``), as Mammoth's
 ``models/derpp.py`` / ``models/er.py`` with ``utils/buffer.py`` do.
 
