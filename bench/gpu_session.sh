@@ -92,7 +92,8 @@ wait)
     sleep $((end - SECONDS < 60 ? end - SECONDS : 60))  # never past the deadline: the call's limit is set by it
     echo "--- $(date -u +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader | tr '\n' ' ')"
     for f in "$GRIDS"/*/*.log; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -c ' task ' "$f") tasks"; done
-    pgrep -f bench.grid >/dev/null || { echo "all grids finished"; break; }
+    # Mammoth's runs (bench/mammoth_grid.sh) are grids too, for this wait
+    pgrep -f "bench.grid|bench.mammoth_side" >/dev/null || { echo "all grids finished"; break; }
   done
   collect
   ;;

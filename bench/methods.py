@@ -12,8 +12,14 @@ Literature hyper-parameters are those reported for Seq-CIFAR-10 by Buzzega et al
 | ER | lr 0.1 (buffers 200 and 500) | lr 0.1 |
 | DER++ | 200: lr 0.03, alpha 0.1, beta 0.5; 500: lr 0.03, alpha 0.2, beta 0.5 | the same |
 
-Our buffer differs from the paper's reservoir: it is rebalanced per class at the end of each task,
-and DER's logits are recorded then (by the model after the task), not while the stream passes.
+``er`` and ``derpp`` follow Mammoth (the DER authors' framework, aimagelab/mammoth at e75a491; issue
+20): reservoir buffer filled while the stream passes (``bench.reservoir``), DER++'s logits those of
+the training pass at insertion, replay from the second step, cross-entropy over all 10 outputs,
+DER++'s two replay draws in two forward passes, CIFAR-10 input statistics with black crop padding
+and PyTorch's default initialisation (``bench.mammoth``). ``er-balanced`` and ``derpp-balanced``
+are the previous ``er`` / ``derpp``: the product's buffer, rebalanced per class at the end of each
+task with DER's logits recorded then (by the model after the task, in eval mode), cross-entropy
+over the seen classes, the product's input (mean = std = 0.5) and timm's initialisation.
 
 CVM variants use the product's own defaults (concept head with a 2-layer mapper, Adam lr 1e-3,
 asymmetric cross-entropy, 3 epochs of class-balanced head tuning after each task).
@@ -32,7 +38,7 @@ over its own task's classes averaged (``cvm_edge.routing``; ``routed_combine="lo
 issue's plain mean of logits). The result JSON records the bytes fusion stores (``stored_bytes``), to set
 against the buffer's at equal memory.
 
-``derpp-allce`` trains DER++'s cross-entropies over all 10 outputs, as mammoth does (ours: over the
+``derpp-allce`` (a variant of ``derpp-balanced``, as ``derpp-reservoir``) trains DER++'s cross-entropies over all 10 outputs, as mammoth does (ours: over the
 classes seen so far), so the unseen classes' logits are pushed down before they are stored and
 matched by the MSE term. ``derpp-reservoir`` and ``cvm-derpp-reservoir`` replace our buffer by the paper's (``bench.reservoir``:
 reservoir sampling while the stream passes, logits recorded at insertion, replay from the first step).
@@ -86,10 +92,14 @@ class Method:
     # "gradient": trained by the product's Strategy; "ncm", "analytic", "probe": on frozen backbone
     # features (bench.frozen; analytic is the product's closed-form learner).
     learner: str = "gradient"
+    # Mammoth's input and initialisation (bench.mammoth): CIFAR-10 statistics with black crop
+    # padding, PyTorch's default layer initialisation; else the product's (0.5 / 0.5, timm's init).
+    input_norm: str = "half"
+    init: str = "timm"
 
     @property
     def uses_buffer(self) -> bool:
-        return any(p in ("replay", "der", "der-reservoir") for p in self.plugins)
+        return any(p in ("replay", "der", "der-reservoir", "replay-reservoir") for p in self.plugins)
 
     def resolved(self, buffer: int) -> dict[str, Any]:
         """Hyper-parameters for one buffer size: optimizer fields plus plugin options."""
@@ -125,8 +135,34 @@ DISTILL_EMBEDDING: dict[str, Any] = {"distill_target": "embedding", "distill_wei
 # No buffer, so no class-balanced head tuning (it runs on the buffer).
 FUSION: dict[str, Any] = {**CVM, "balance_epochs": 0}
 
+# Mammoth's er / derpp (aimagelab/mammoth at e75a491, read side by side; bench/README.md): reservoir
+# buffer during the stream with logits of the training pass, cross-entropy over every output,
+# DER++'s two replay draws in two forward passes, CIFAR-10 input statistics with black crop
+# padding, PyTorch's default initialisation.
+MAMMOTH: dict[str, Any] = {"loss": "ce-all", "input_norm": "cifar10", "init": "torch"}
+
 # The methods others are variants of (dataclasses.replace below names what each variant changes).
-DERPP = Method("derpp", "linear", ("der",), lr=0.03, options=DERPP_BY_BUFFER, description="DER++")
+# DERPP_BALANCED is DER++ on the product's buffer (class-balanced, rebuilt at the end of each task
+# with the post-task model's eval-mode logits, no replay during the first task), cross-entropy over
+# the seen classes, the product's input and timm's init: `derpp` up to e615bfe.
+DERPP_BALANCED = Method(
+    "derpp-balanced",
+    "linear",
+    ("der",),
+    lr=0.03,
+    options=DERPP_BY_BUFFER,
+    description="DER++ on the product's class-balanced buffer (our derpp before it followed Mammoth)",
+)
+DERPP = Method(
+    "derpp",
+    "linear",
+    ("der-reservoir",),
+    lr=0.03,
+    options=DERPP_BY_BUFFER,
+    base_options={"der_passes": 2},
+    **MAMMOTH,
+    description="DER++ as Mammoth: reservoir buffer, logits at insertion, CE over all outputs, two replay passes",
+)
 CVM_ER_DISTILL = Method(
     "cvm-er-distill",
     "concepts",
@@ -188,8 +224,23 @@ METHODS: dict[str, Method] = {
         *FROZEN_METHODS,
         Method("finetune", "linear", (), lr=0.1, description="fine-tuning, no protection (lower bound)"),
         Method("joint", "linear", (), lr=0.1, joint=True, description="all tasks' data at once (upper bound)"),
-        Method("er", "linear", ("replay",), lr=0.1, description="experience replay"),
+        Method(
+            "er",
+            "linear",
+            ("replay-reservoir",),
+            lr=0.1,
+            **MAMMOTH,
+            description="experience replay as Mammoth: reservoir buffer from the second step, CE over all outputs",
+        ),
+        Method(
+            "er-balanced",
+            "linear",
+            ("replay",),
+            lr=0.1,
+            description="experience replay on the product's class-balanced buffer (our er before it followed Mammoth)",
+        ),
         DERPP,
+        DERPP_BALANCED,
         Method(
             "lwf",
             "linear",
@@ -246,13 +297,13 @@ METHODS: dict[str, Method] = {
         ),
         CVM_DERPP,
         dataclasses.replace(
-            DERPP,
+            DERPP_BALANCED,
             name="derpp-allce",
             loss="ce-all",
             description="DER++ with cross-entropy over all 10 outputs (stream and buffer), as mammoth trains it",
         ),
         dataclasses.replace(
-            DERPP,
+            DERPP_BALANCED,
             name="derpp-reservoir",
             plugins=("der-reservoir",),
             description="DER++ with the paper's buffer: reservoir sampling during the stream, logits at insertion",

@@ -1,21 +1,28 @@
-"""DER++ with the paper's buffer: reservoir sampling during the stream (benchmark-only plugin).
+"""DER++ and ER with the paper's buffer: reservoir sampling during the stream (benchmark-only plugins).
 
 The product's buffer (:class:`cvm_edge.buffer.ReplayBuffer`) is rebalanced per class at the end of
 each update, with logits recorded by the model after it: what a device that learns update by
 update can keep on disk. Buzzega et al. (2020) instead offer every stream sample to a reservoir
 (Vitter's algorithm R) the moment it is trained on, with the logits the model gave it then, and
-replay from that reservoir from the first step on, so the current task's samples are replayed
-too. This plugin does exactly that for the harness (``derpp-reservoir``, ``cvm-derpp-reservoir``),
-to measure how much of the gap to the paper's DER++ the buffer policy explains.
+replay from that reservoir from the second step on (the first finds it empty), so the current
+task's samples are replayed too. These plugins do exactly that for the harness: ``der-reservoir`` (DER++: ``derpp``,
+``derpp-reservoir``, ``cvm-derpp-reservoir``) and ``replay-reservoir`` (ER: ``er``), as Mammoth's
+``models/derpp.py`` / ``models/er.py`` with ``utils/buffer.py`` do.
 
 All of it runs on the training device without a host round trip, so the step still captures as
-one CUDA graph: draws are ``floor(u * filled)``; the reservoir has one spare row that takes the
-writes algorithm R discards (a fixed-shape ``index_copy_`` instead of a data-dependent mask); an
-empty reservoir's replay terms are multiplied by 0. Draws are with replacement (the paper's are
-without), and the reservoir lives in memory for one benchmark run only.
+one CUDA graph: a draw takes the ``min(n, capacity)`` filled rows with the smallest random keys
+(without replacement, as Mammoth's ``np.random.choice(..., replace=False)``; unfilled rows sort
+last); the reservoir has one spare row that takes the writes algorithm R discards (a fixed-shape
+``index_copy_`` instead of a data-dependent mask); an empty reservoir's DER++ terms are multiplied
+by 0, and ER adds no rows until something was offered (a host count: no replay at the very first
+step, as Mammoth's ``buffer.is_empty()``). Mammoth draws fewer rows while fewer are filled; with
+the stream batch as large as the replay batch that never happens after the first step. The
+reservoir lives in memory for one benchmark run only.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -24,23 +31,22 @@ from cvm_edge.plugins.der import replay_ce
 from cvm_edge.strategy import Batch, Context, Output, Plugin, prepare_inputs
 
 
-class ReservoirDerPlugin(Plugin):
-    name = "der-reservoir"
+class ReservoirPlugin(Plugin):
+    """The reservoir itself: storage on the device, algorithm R, draws without replacement."""
+
+    name = "reservoir"
     keeps_configured_loss = True  # the concept head keeps ACE, as with the product buffer
 
-    def __init__(self, capacity: int, alpha: float = 0.1, beta: float = 0.5) -> None:
+    def __init__(self, capacity: int) -> None:
         if capacity <= 0:
-            raise ValueError("der-reservoir needs a buffer of at least one sample")
-        if alpha < 0 or beta < 0:
-            raise ValueError("der alpha and beta must be >= 0")
+            raise ValueError(f"{self.name} needs a buffer of at least one sample")
         self.capacity = capacity
-        self.alpha = alpha
-        self.beta = beta
         # Allocated at the first experience (shapes from its data and model), kept across experiences.
         self.inputs = torch.zeros(0)
         self.labels = torch.zeros(0)
         self.logits = torch.zeros(0)
         self.seen_count = torch.zeros(0)  # stream samples offered so far (a device scalar)
+        self.offered = 0  # the same on the host; only read as "anything yet?" (see the module doc)
 
     def __len__(self) -> int:
         """Filled rows (as ``len`` of a ReplayBuffer)."""
@@ -56,7 +62,7 @@ class ReservoirDerPlugin(Plugin):
 
     def before_experience(self, ctx: Context) -> None:
         if ctx.cached:
-            raise ValueError("der-reservoir stores raw images: it cannot train with a frozen (cached) backbone")
+            raise ValueError(f"{self.name} stores raw images: it cannot train with a frozen (cached) backbone")
         if self.inputs.numel():
             return
         rows = self.capacity + 1  # + the spare row for discarded writes
@@ -66,24 +72,13 @@ class ReservoirDerPlugin(Plugin):
         self.logits = torch.zeros((rows, ctx.model.table_rows), dtype=torch.float32, device=ctx.device)
         self.seen_count = torch.zeros((), dtype=torch.long, device=ctx.device)
 
-    def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
-        total = self._replay_loss(ctx) if ctx.config.replay_batch_size > 0 else None
-        self._offer(ctx, batch, out)
-        return total
-
-    def _replay_loss(self, ctx: Context) -> torch.Tensor:
-        n = ctx.config.replay_batch_size
+    def _draw(self, ctx: Context, n: int) -> torch.Tensor:
+        """``min(n, capacity)`` distinct filled rows, uniformly (fixed shape, no host sync)."""
         filled = torch.clamp(self.seen_count, max=self.capacity)
-        u = torch.rand(2 * n, generator=ctx.gen, device=ctx.device)
-        # floor(u * filled) < filled; the clamp guards float rounding at u -> 1
-        idx = torch.minimum((u * filled.clamp(min=1)).long(), filled.clamp(min=1) - 1)
-        x = prepare_inputs(ctx, self.inputs.index_select(0, idx))
-        labels = self.labels.index_select(0, idx)
-        _, logits = ctx.forward_head(ctx.model, x, ctx.experts_for(labels))
-        logits = logits.float()
-        mse = F.mse_loss(logits[:n], self.logits.index_select(0, idx[:n]))
-        ce = replay_ce(ctx, logits[n:], labels[n:])
-        return (self.alpha * mse + self.beta * ce) * (filled > 0).float()
+        keys = torch.rand(self.capacity + 1, generator=ctx.gen, device=ctx.device)
+        rows = torch.arange(self.capacity + 1, device=ctx.device)
+        keys = keys + 2.0 * (rows >= filled).float()  # unfilled rows (and the spare) sort last
+        return torch.topk(keys, min(n, self.capacity), largest=False).indices
 
     def _offer(self, ctx: Context, batch: Batch, out: Output) -> None:
         """Algorithm R for each stream sample of the batch: the k-th sample (0-based) fills row k
@@ -104,3 +99,76 @@ class ReservoirDerPlugin(Plugin):
         self.labels.index_copy_(0, target, batch.labels)
         self.logits.index_copy_(0, target, out.logits.detach().float())
         self.seen_count.add_(b)
+        self.offered += b
+
+
+class ReservoirDerPlugin(ReservoirPlugin):
+    """DER++ on the reservoir: ``alpha * MSE`` to the logits recorded at insertion (the training
+    forward pass: augmented input, train mode) on one draw, ``beta * CE`` on another. ``passes=2``
+    runs the two draws through the model separately, as Mammoth (each its own BatchNorm batch);
+    ``passes=1`` in one pass of both (``derpp-reservoir``, as first measured)."""
+
+    name = "der-reservoir"
+
+    def __init__(self, capacity: int, alpha: float = 0.1, beta: float = 0.5, passes: int = 1) -> None:
+        if alpha < 0 or beta < 0:
+            raise ValueError("der alpha and beta must be >= 0")
+        if passes not in (1, 2):
+            raise ValueError("der passes must be 1 or 2")
+        super().__init__(capacity)
+        self.alpha = alpha
+        self.beta = beta
+        self.passes = passes
+
+    def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
+        total = self._replay_loss(ctx) if ctx.config.replay_batch_size > 0 else None
+        self._offer(ctx, batch, out)
+        return total
+
+    def _forward(self, ctx: Context, idx: torch.Tensor) -> torch.Tensor:
+        x = prepare_inputs(ctx, self.inputs.index_select(0, idx))
+        _, logits = ctx.forward_head(ctx.model, x, ctx.experts_for(self.labels.index_select(0, idx)))
+        return logits.float()
+
+    def _replay_loss(self, ctx: Context) -> torch.Tensor:
+        n = ctx.config.replay_batch_size
+        filled = torch.clamp(self.seen_count, max=self.capacity)
+        idx_mse, idx_ce = self._draw(ctx, n), self._draw(ctx, n)
+        if self.passes == 2:
+            out_mse, out_ce = self._forward(ctx, idx_mse), self._forward(ctx, idx_ce)
+        else:
+            both = self._forward(ctx, torch.cat([idx_mse, idx_ce]))
+            out_mse, out_ce = both[: len(idx_mse)], both[len(idx_mse) :]
+        mse = F.mse_loss(out_mse, self.logits.index_select(0, idx_mse))
+        ce = replay_ce(ctx, out_ce, self.labels.index_select(0, idx_ce))
+        return (self.alpha * mse + self.beta * ce) * (filled > 0).float()
+
+
+class ReservoirReplayPlugin(ReservoirPlugin):
+    """ER on the reservoir: each stream batch is joined by a draw from it, trained in one forward
+    pass with the stream (as Mammoth's ``er``); the stream part is offered after its loss."""
+
+    name = "replay-reservoir"
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._stream_rows = 0
+
+    def extend_batch(self, ctx: Context, batch: Batch) -> Batch:
+        self._stream_rows = len(batch.labels)
+        n = ctx.config.replay_batch_size
+        if self.offered == 0 or n <= 0:
+            return batch
+        idx = self._draw(ctx, n)
+        return dataclasses.replace(
+            batch,
+            inputs=torch.cat([batch.inputs, self.inputs.index_select(0, idx)]),
+            labels=torch.cat([batch.labels, self.labels.index_select(0, idx)]),
+            from_buffer=torch.cat([batch.from_buffer, torch.ones(len(idx), dtype=torch.bool, device=ctx.device)]),
+        )
+
+    def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
+        b = self._stream_rows
+        stream = Batch(inputs=batch.inputs[:b], labels=batch.labels[:b], from_buffer=batch.from_buffer[:b])
+        self._offer(ctx, stream, dataclasses.replace(out, logits=out.logits[:b]))
+        return None

@@ -27,10 +27,11 @@ import torch
 from bench import provenance
 from bench.datasets import REPO, Split, data_root
 from bench.domains import apply_domain
+from bench.mammoth import preprocessing, reset_to_torch_defaults
 from bench.methods import METHODS, Method
 from bench.metrics import forgetting_per_task, summarise
 from bench.protocols import PROTOCOLS, Protocol, Scenario, build_scenario
-from bench.reservoir import ReservoirDerPlugin
+from bench.reservoir import ReservoirDerPlugin, ReservoirPlugin, ReservoirReplayPlugin
 from bench.tables import concept_vectors, dummy_vectors
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
@@ -112,7 +113,7 @@ def _model(spec: RunSpec, scenario: Scenario) -> tuple[CvmModel, Preprocessing, 
     else:
         table = dummy_vectors(len(scenario.class_names))
     backbone = None
-    prep = Preprocessing(image_size=spec.size)
+    prep = preprocessing(spec.size, spec.method.input_norm)
     if pretrained != "none":
         from cvm_edge.pretrained import load_pretrained_backbone
 
@@ -125,7 +126,12 @@ def _model(spec: RunSpec, scenario: Scenario) -> tuple[CvmModel, Preprocessing, 
         pretrained=pretrained,
         **spec.method.model_options,
     )
-    return build_model(config, table, pretrained_backbone=backbone), prep, config, table_fp
+    model = build_model(config, table, pretrained_backbone=backbone)
+    if spec.method.init == "torch":
+        if pretrained != "none":
+            raise ValueError(f"{spec.method.name} re-initialises its model: it cannot start from pretrained weights")
+        reset_to_torch_defaults(model)
+    return model, prep, config, table_fp
 
 
 def _similarity_factors(plugins: Sequence[Plugin]) -> dict[str, float]:
@@ -220,7 +226,7 @@ def _accuracy_row(
 
 
 def stored_bytes(
-    buffer: ReplayBuffer | ReservoirDerPlugin, fusion: FusionPlugin | None, experts: ExpertMixture | None = None
+    buffer: ReplayBuffer | ReservoirPlugin, fusion: FusionPlugin | None, experts: ExpertMixture | None = None
 ) -> dict[str, Any]:
     """What a method keeps between tasks besides the shared model, in bytes (equal-memory
     comparisons): buffer images, fusion deltas and masks, per-task experts."""
@@ -231,11 +237,14 @@ def stored_bytes(
 
 
 def make_run_plugins(spec: RunSpec, hp: dict[str, Any]) -> list[Plugin]:
-    """The product's plugins of a method, or the benchmark-only reservoir DER++ (bench.reservoir)."""
-    if "der-reservoir" in spec.method.plugins:
-        if spec.method.plugins != ("der-reservoir",):
-            raise ValueError("der-reservoir runs alone")
-        return [ReservoirDerPlugin(spec.buffer, hp["der_alpha"], hp["der_beta"])]
+    """The product's plugins of a method, or a benchmark-only reservoir DER++ / ER (bench.reservoir)."""
+    plugins = spec.method.plugins
+    if "der-reservoir" in plugins or "replay-reservoir" in plugins:
+        if len(plugins) != 1:
+            raise ValueError(f"{plugins[0]} runs alone")
+        if plugins == ("replay-reservoir",):
+            return [ReservoirReplayPlugin(spec.buffer)]
+        return [ReservoirDerPlugin(spec.buffer, hp["der_alpha"], hp["der_beta"], hp.get("der_passes", 1))]
     return make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
 
 
@@ -252,6 +261,7 @@ def train_config(spec: RunSpec, hp: dict[str, Any], epochs: int) -> TrainConfig:
         weight_decay=hp["weight_decay"],
         augment=True,
         crop_pad=max(1, spec.size // 8),
+        crop_pad_black=spec.method.input_norm == "cifar10",
         seed=spec.seed,
         device=spec.device,
         progress=False,
@@ -288,7 +298,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     epochs = spec.epochs or spec.protocol.epochs
     plugins = make_run_plugins(spec, hp)
     fusion = next((p for p in plugins if isinstance(p, FusionPlugin)), None)
-    reservoir = next((p for p in plugins if isinstance(p, ReservoirDerPlugin)), None)
+    reservoir = next((p for p in plugins if isinstance(p, ReservoirPlugin)), None)
     base_cfg = train_config(spec, hp, epochs)
     tasks = [tuple(sorted({c for t in scenario.tasks for c in t}))] if spec.method.joint else list(scenario.tasks)
     test_sets = _test_sets(scenario)
@@ -320,7 +330,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         dt_train = time.perf_counter() - t0
         buffer = result.buffer
         # what the method replays from: the product's buffer, or the reservoir it keeps instead
-        replay: ReplayBuffer | ReservoirDerPlugin = buffer if reservoir is None else reservoir
+        replay: ReplayBuffer | ReservoirPlugin = buffer if reservoir is None else reservoir
         t0 = time.perf_counter()
         scored, own = _scored_models(model, spec.method, fusion)
         # Class-incremental: only the tasks learned so far. Domain-incremental: every domain, also
@@ -419,7 +429,10 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             "batch_size": base_cfg.batch_size,
             "replay_batch_size": base_cfg.replay_batch_size,
             "crop_pad": base_cfg.crop_pad,
-            "augment": "random crop (zero pad) + horizontal flip, on the training device",
+            "augment": "random crop ({} pad) + horizontal flip, on the training device".format(
+                "black" if base_cfg.crop_pad_black else "zero (normalised)"
+            ),
+            "init": spec.method.init,
             "channels_last": spec.channels_last,
             "amp_bf16": spec.amp_bf16,
             "compile_mode": spec.compile_mode,

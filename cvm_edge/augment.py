@@ -29,8 +29,20 @@ def to_input(pixels: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
-def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop after ``pad`` pixels of zero padding, and a random horizontal flip.
+def black_fill(prep: Preprocessing, device: torch.device) -> torch.Tensor:
+    """A black pixel in the normalised input, ``[1, 3, 1, 1]``: the ``fill`` that pads as torchvision's
+    RandomCrop does before normalising."""
+    mean, std = _channel_constants(tuple(prep.mean), tuple(prep.std), device)
+    return -mean / std
+
+
+def random_crop_flip(
+    x: torch.Tensor, pad: int, generator: torch.Generator, fill: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample random crop after ``pad`` pixels of padding, and a random horizontal flip.
+
+    The padding is 0 in the normalised input (the normalisation's mean colour), or ``fill``, one
+    value per channel (``[1, C, 1, 1]``): e.g. black pixels, as torchvision pads before normalising.
 
     Random numbers come from ``generator``, which lives on the batch's device: drawing them there
     keeps a GPU training step free of host round-trips (a seed repeats its crops on one device type).
@@ -38,7 +50,7 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
     n, c, h, w = x.shape
     dev = x.device
     if pad > 0:
-        padded = F.pad(x, (pad, pad, pad, pad))
+        padded = F.pad(x, (pad, pad, pad, pad)) if fill is None else F.pad(x - fill, (pad, pad, pad, pad)) + fill
         oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
         ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev)
         rows = (oy.view(n, 1) + torch.arange(h, device=dev).view(1, h)).view(n, 1, h, 1)

@@ -2,7 +2,8 @@
 
 ``resnet18_cifar`` is the reduced ResNet-18 of the continual-learning literature (Buzzega et al.
 2020): 3x3 stride-1 stem, no max-pool, 64 base filters, about 11M parameters. ``resnet10_cifar_slim``
-is a 16-filter, one-block-per-stage sibling small enough for tests and the CPU demo.
+is a 16-filter, one-block-per-stage sibling small enough for tests and the CPU demo;
+``resnet18_cifar_w16`` the 16-filter ResNet-18 (CPU probes beside Mammoth's ``--num_filters 16``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def _cifar_resnet(layers: tuple[int, ...], channels: tuple[int, ...], **kwargs: 
 @register_model
 def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet:
     return _cifar_resnet((2, 2, 2, 2), (64, 128, 256, 512), **kwargs)
+
+
+@register_model
+def resnet18_cifar_w16(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """resnet18_cifar's layout with 16 base filters: Mammoth's ``resnet18`` at ``--num_filters 16``
+    (CPU probes beside Mammoth, issue 20)."""
+    return _cifar_resnet((2, 2, 2, 2), (16, 32, 64, 128), **kwargs)
 
 
 @register_model

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cvm_edge.augment import random_crop_flip, to_input
+from cvm_edge.augment import black_fill, random_crop_flip, to_input
 from cvm_edge.backbones import feature_dim
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
@@ -47,6 +47,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     augment: bool = True
     crop_pad: int = 4
+    # Pad the random crop with black pixels (as torchvision pads before normalising: Mammoth's
+    # baselines) instead of 0 in the normalised input (the mean colour).
+    crop_pad_black: bool = False
     seed: int = 0
     device: str = "cpu"
     # Inference batch size; None picks one from the image size (see ``eval_batch_for``).
@@ -185,7 +188,8 @@ def prepare_inputs(ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
         return inputs
     x = to_input(inputs, ctx.prep)
     if ctx.config.augment:
-        x = random_crop_flip(x, ctx.config.crop_pad, ctx.gen)
+        fill = black_fill(ctx.prep, x.device) if ctx.config.crop_pad_black else None
+        x = random_crop_flip(x, ctx.config.crop_pad, ctx.gen, fill)
     if ctx.config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
