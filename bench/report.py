@@ -354,6 +354,8 @@ def render_zoo(root: Path) -> list[str]:
             int8_cell = (
                 f"passed (agreement {int8['top1_agreement']:.3f}, drop {int8['val_accuracy_drop_points']:.1f} pts)"
             )
+            if int8.get("percentile_error"):
+                int8_cell += " with `--calibration minmax` (percentile: a range too small to histogram)"
         else:
             int8_cell = _gate_cell(int8)
         failed = [f"{k} gate" for k, g in gates.items() if k != "int8" and not g.get("passed")]
@@ -376,6 +378,9 @@ def render_zoo(root: Path) -> list[str]:
         f"Command `{d['command']}`, commit {d['git_commit'][:12]}, {m['cpu']}, {m['cpu_count']} cores "
         f"(load average at start {m.get('load_average_at_start', 'n/a')}), {d['date'][:10]}.",
     ]
+    for r in d["backbones"]:  # rows measured by an earlier run than the file's latest
+        if r.get("git_commit", d["git_commit"]) != d["git_commit"] or r.get("date", d["date"]) != d["date"]:
+            lines.append(f"Row {r['backbone']}: `{r['command']}`, commit {r['git_commit'][:12]}, {r['date'][:10]}.")
     return lines
 
 

@@ -112,10 +112,14 @@ def chain(name: str, table: Path, data: Path, image_size: int, work: Path) -> di
         return {"steps": steps, "passed": False}
     gates: dict[str, Any] = {}
     for precision in ("fp32", "fp16", "int8"):
+        refused = None
         if precision != "fp32":
             code, _, err = cli("export", "--workdir", str(wd), "--precision", precision)
+            if code and "--calibration minmax" in err:  # what a user does next when percentile cannot calibrate
+                refused = err
+                code, _, err = cli("export", "--workdir", str(wd), "--precision", precision, "--calibration", "minmax")
             if code:
-                gates[precision] = {"passed": False, "exit": code, "error": err}
+                gates[precision] = {"passed": False, "exit": code, "error": err, "percentile_error": refused}
                 continue
         bundle = latest_bundle_of(wd, 2, precision)
         assert bundle is not None
@@ -125,6 +129,7 @@ def chain(name: str, table: Path, data: Path, image_size: int, work: Path) -> di
             "passed": bool(p["passed"]),
             "bundle": bundle,
             **{k: p[k] for k in manifest["parity"]["gates"]},
+            **({"calibration": p["calibration"]["method"], "percentile_error": refused} if refused else {}),
         }
     steps["gates"] = gates
     image = next((data / "trouser").iterdir())
@@ -197,7 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {r["backbone"]: r for r in previous.get("backbones", [])}
+    # Each row names the run that measured it (rows of an older file inherit that file's provenance).
+    rows = {
+        r["backbone"]: {**{k: previous[k] for k in ("command", "git_commit", "date")}, **r}
+        for r in previous.get("backbones", [])
+    }
     # Taken once, before any store is built: the commit and the load at the start of this run.
     origin = provenance("python -m bench.zoo", sys.argv[1:] if argv is None else argv)
     with contextlib.ExitStack() as stack:
@@ -206,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, data = prepare(work, args.per_class)
         for name in args.models:
             log.info("%s: init -> update -> export fp32/fp16/int8 -> predict -> serve, then latency", name)
-            row = run_backbone(name, table, data, args, work)
+            row = {k: origin[k] for k in ("command", "git_commit", "date")}
+            row.update(run_backbone(name, table, data, args, work))
             rows[name] = row
             log.info("%s: %s in %.0f s", name, "passed" if row["passed"] else "FAILED", row["seconds"])
             result = {
