@@ -372,7 +372,8 @@ def render_zoo(root: Path) -> list[str]:
         "chain = fp32 and fp16 gates passed and the served top class equals `cvm predict`'s. GFLOPs: one image "
         f"through the backbone at {st['image_size']} px (torch FlopCounterMode, multiply-add = 2). Latency: bare "
         f"onnxruntime, batch 1, p50 of {st['queries']} runs after {st['warmup']} warm-up, on a shared machine "
-        "(read as a ranking). The int8 gate is on a barely trained random-init model: a near-tie between two "
+        "(read as a ranking; with the load average above 2, the 2-thread runs shared their cores with other "
+        "jobs and came out slower than 1 thread, which an idle 2-core CPU would not show). The int8 gate is on a barely trained random-init model: a near-tie between two "
         "classes flips easily, so a refusal here says little about a trained model, which the gate checks again "
         "at every export.",
         f"Command `{d['command']}`, commit {d['git_commit'][:12]}, {m['cpu']}, {m['cpu_count']} cores "
