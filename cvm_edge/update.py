@@ -14,6 +14,7 @@ import torch
 
 from cvm_edge.analytic import DEFAULT_DIM
 from cvm_edge.analytic_learner import AnalyticState
+from cvm_edge.backbones import check_image_size
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
@@ -114,6 +115,7 @@ def init_store(workdir: Path, opts: InitOptions) -> int:
         except ValueError as exc:  # e.g. experts on a linear head: the options are wrong, not the program
             raise UsageError(str(exc)) from None
         model = build_model(config, table.as_float32(), pretrained_backbone=backbone)
+        check_image_size(model.backbone, timm_name, opts.image_size)  # a wrong size fails here, before any write
         ckpt = Checkpoint(
             model_config=config,
             prep=prep,

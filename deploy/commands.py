@@ -57,7 +57,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         from cvm_edge.errors import CvmError
 
         raise CvmError(f"`cvm export` needs the [train] extra; {exc.name!r} is not installed here") from None
+    from cvm_edge.errors import UsageError
 
+    triton, triton_out = None, None
+    if args.format == "triton":
+        if args.out is None:
+            raise UsageError("--format triton needs --out DIR (the Triton model repository)")
+        from deploy.triton import TritonOptions
+
+        triton = TritonOptions(max_batch_size=args.max_batch_size, max_queue_delay_us=args.queue_delay_us)
+        triton_out = Path(args.out)
+    elif args.out is not None:
+        raise UsageError("--out is for --format triton; a bundle is published under <workdir>/bundles/")
     opts = ExportOptions(
         precision=args.precision,
         opset=args.opset,
@@ -68,6 +79,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     version = parse_version(args.version) if args.version is not None else None
     result = export_locked(args.workdir, version, opts, images_dir=args.images)
     print(result.summary())
+    if triton is not None and triton_out is not None:
+        from deploy.triton import write_repository
+
+        model_dir = write_repository(result.path, triton_out, triton)
+        print(f"wrote Triton model {triton.model_name!r} from bundle {result.name} to {model_dir}")
     return 0
 
 
@@ -111,7 +127,8 @@ def add_deploy_commands(sub: Any) -> None:
         "export",
         help="export a checkpoint to an ONNX bundle, check parity against torch, publish it",
         description="Writes <workdir>/bundles/<name>/ (model.onnx, concepts.npz, manifest.json) and moves "
-        "<workdir>/bundles/CURRENT to it, only when the parity gate of the precision passes.",
+        "<workdir>/bundles/CURRENT to it, only when the parity gate of the precision passes. "
+        "--format triton then writes that bundle as OUT/cvm/{config.pbtxt,labels.txt,manifest.json,1/model.onnx}.",
     )
     e.add_argument("--workdir", type=Path, required=True, help="store directory")
     e.add_argument("--version", default=None, help="checkpoint version (default: the latest)")
@@ -137,6 +154,20 @@ def add_deploy_commands(sub: Any) -> None:
         default=None,
         help="labelled images (class folders or labels.csv) to check parity and calibrate int8 on, for stores that "
         "keep none (the analytic learner)",
+    )
+    e.add_argument(
+        "--format",
+        choices=("bundle", "triton"),
+        default="bundle",
+        help="triton: also write the published bundle as a Triton model repository OUT/cvm/ (default bundle)",
+    )
+    e.add_argument("--out", type=Path, default=None, help="--format triton: the model repository folder")
+    e.add_argument("--max-batch-size", type=int_at_least(1), default=64, help="--format triton: max_batch_size")
+    e.add_argument(
+        "--queue-delay-us",
+        type=int_at_least(0),
+        default=1000,
+        help="--format triton: dynamic batching max_queue_delay_microseconds (default 1000)",
     )
     e.set_defaults(func=cmd_export)
 

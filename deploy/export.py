@@ -367,17 +367,27 @@ def to_int8(fp32: bytes, calibration: Inputs, method: str, work: Path) -> bytes:
         "entropy": CalibrationMethod.Entropy,
     }
     with quiet_stdout():
-        quantize_static(
-            str(pre),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
-            nodes_to_exclude=_head_nodes(onnx.load(str(pre))),
-        )
+        try:
+            quantize_static(
+                str(pre),
+                str(out),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                nodes_to_exclude=_head_nodes(onnx.load(str(pre))),
+            )
+        except ValueError as exc:
+            if "bins" not in str(exc):
+                raise
+            # numpy cannot histogram an activation whose range is denormal-small (seen on random-init
+            # GhostNet, LCNet and EfficientViT); minmax calibration builds no histogram.
+            raise ExportGateError(
+                f"int8 calibration by {method} failed: an activation's range on the calibration images is too "
+                f"small to histogram ({exc}); `--calibration minmax` needs no histogram; nothing was published"
+            ) from None
     return out.read_bytes()
 
 
