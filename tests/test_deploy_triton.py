@@ -18,9 +18,25 @@ from cvm_edge.errors import UsageError
 from deploy.bundle import load_bundle, sha256_bytes
 from deploy.triton import TritonOptions, config_pbtxt, write_repository
 
-model_config_pb2 = pytest.importorskip(
-    "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] (the [dev] extra) brings Triton's schema"
-)
+
+def _load_model_config_pb2():  # type: ignore[no-untyped-def]
+    """Triton's ``model_config_pb2`` from the tritonclient package, loaded as a file: importing
+    ``tritonclient.grpc`` registers its service protos (package ``inference``), which kserve's own
+    v2 protos, imported by tests/test_deploy_clients.py in the same process, already define."""
+    import importlib.util
+
+    tritonclient = pytest.importorskip("tritonclient", reason="tritonclient (the [dev] extra) brings Triton's schema")
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    if not path.is_file():
+        pytest.skip("tritonclient[grpc] is not installed", allow_module_level=True)
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_config_pb2 = _load_model_config_pb2()
 
 
 @pytest.fixture(scope="module")
