@@ -397,11 +397,7 @@ def run_update(
             # The export loads the saved version itself: drop this update's images, features and
             # models first, so a device's peak memory is that of the bigger step, not of both.
             # An analytic store keeps no images, so its export checks parity on this update's.
-            parity = (
-                None
-                if ckpt.val.pixels.size or len(ckpt.buffer)
-                else ImageSet.concat([val, train], prev.prep.image_size)
-            )
+            parity = None if ckpt.val.pixels.size or len(ckpt.buffer) else parity_sample(val, train)
             learned.release()
             del ckpt, prev, train, val, scorer, model, learned
             publish_hook(version, parity)
@@ -468,6 +464,19 @@ def forgetting_gate(
         acc_before,
         learned,
     )
+
+
+# Images an analytic update hands its export for the parity check and int8 calibration (deploy.export
+# uses at most 256): a seeded sample, held-out images first, so the full set is not copied at 224 px.
+PARITY_SAMPLE = 256
+
+
+def parity_sample(val: ImageSet, train: ImageSet, n: int = PARITY_SAMPLE) -> ImageSet:
+    """Up to ``n`` of this update's images, all of ``val`` first (labels known), then seeded training ones."""
+    rng = np.random.default_rng(0)
+    v = val.subset(np.sort(rng.permutation(len(val))[:n]))
+    t = train.subset(np.sort(rng.permutation(len(train))[: max(0, n - len(v))]))
+    return ImageSet(np.concatenate([v.pixels, t.pixels]), np.concatenate([v.labels, t.labels]))
 
 
 def _points(before: float | None, after: float | None) -> float:
