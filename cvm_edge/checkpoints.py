@@ -11,7 +11,9 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,11 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import StoreError
 from cvm_edge.fsutil import (
+    TMP_PREFIX,
     InjectedFault,
     clean_stale_tmp,
     fault_point,
+    fsync_dir,
     make_tmp_dir,
     publish_dir,
     read_pointer,
@@ -35,6 +39,7 @@ from cvm_edge.fsutil import (
     write_error,
     write_pointer,
 )
+from cvm_edge.image_codec import decode_images, encode_images
 from cvm_edge.model import ModelConfig
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.store_checks import file_digests, read_meta_file, verify_files
@@ -42,7 +47,12 @@ from cvm_edge.store_checks import file_digests, read_meta_file, verify_files
 log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"^v(\d{6})$")
+# A bundle's name starts with the version it was exported from (deploy.bundle.NAME_RE; that module is
+# the serving side's and is not imported here).
+BUNDLE_VERSION_RE = re.compile(r"^v(\d{6})(?:-(?:fp16|int8))?(?:\.\d+)?$")
 FORMAT = 1
+# How many of the newest versions a store keeps (``cvm init/update --keep-versions``; 0 keeps all).
+DEFAULT_KEEP_VERSIONS = 5
 
 
 def version_name(version: int) -> str:
@@ -74,6 +84,7 @@ class Checkpoint:
     # Analytic stores (ModelConfig.learner == "analytic"): ridge sums and held-out features
     # (cvm_edge.analytic_learner); their buffer and val hold no images.
     analytic: AnalyticState | None = None
+    keep_versions: int = DEFAULT_KEEP_VERSIONS  # a store setting, recorded in every version's meta.json
     version: int = 0
     parent: int | None = None
     created_at: str = ""
@@ -84,14 +95,18 @@ class Checkpoint:
 
 
 def _save_imageset(path: Path, data: ImageSet) -> None:
+    """Held-out images as lossless PNG bytes (bit-identical on load), not decoded pixels."""
     buf = io.BytesIO()
-    np.savez(buf, pixels=data.pixels, labels=data.labels)
+    arrays: dict[str, Any] = {**encode_images(data.pixels), "labels": data.labels}  # Any: numpy's stub
+    np.savez(buf, **arrays)
     path.write_bytes(buf.getvalue())
 
 
 def _load_imageset(path: Path) -> ImageSet:
     with np.load(path, allow_pickle=False) as z:
-        return ImageSet(z["pixels"], z["labels"])
+        if "pixels" in z.files:  # written before images were stored encoded
+            return ImageSet(z["pixels"], z["labels"])
+        return ImageSet(decode_images(z["png"], z["png_offsets"], z["image_shape"]), z["labels"])
 
 
 class CheckpointStore:
@@ -157,6 +172,7 @@ class CheckpointStore:
             "seen_names": ckpt.seen_names,
             "plugins": list(ckpt.plugins),
             "history": list(ckpt.history),
+            "keep_versions": ckpt.keep_versions,
         }
         name = version_name(version)
         try:
@@ -230,6 +246,7 @@ class CheckpointStore:
             plugin_state=plugin_state,
             plugins=tuple(meta.get("plugins", ())),
             analytic=analytic,
+            keep_versions=int(meta.get("keep_versions", DEFAULT_KEEP_VERSIONS)),  # stores from before: the default
             version=version,
             parent=meta.get("parent"),
             created_at=meta.get("created_at", ""),
@@ -237,6 +254,54 @@ class CheckpointStore:
 
     def read_meta(self, version: int) -> dict[str, Any]:
         return read_meta_file(self.path(version) / "meta.json", version)
+
+    def keep_setting(self) -> int:
+        """The store's --keep-versions, as the current version records it."""
+        return int(self.read_meta(self.latest()).get("keep_versions", DEFAULT_KEEP_VERSIONS))
+
+    def serving_version(self) -> int | None:
+        """The checkpoint version of the bundle ``bundles/CURRENT`` names (None: no bundle published)."""
+        m = BUNDLE_VERSION_RE.match(read_pointer(self.workdir / "bundles" / "CURRENT") or "")
+        return int(m.group(1)) if m else None
+
+    def kept_versions(self, keep: int) -> list[int]:
+        """The versions :meth:`prune` keeps: the newest ``keep`` (all when 0), the one LATEST names and the
+        one the serving bundle was exported from."""
+        versions = self.versions()
+        kept = set(versions if keep <= 0 else versions[-keep:]) | {self.latest()}
+        serving = self.serving_version()
+        if serving is not None:
+            kept.add(serving)
+        return sorted(v for v in kept if v in versions)
+
+    def prune(self, keep: int) -> list[int]:
+        """Remove the versions :meth:`kept_versions` does not keep, and their bundles (never the serving
+        one). Call while holding the lock, after a publish. Returns the versions removed.
+
+        Each version is first renamed to a temp name (atomic; :meth:`versions` no longer lists it and
+        :meth:`clean_stale` removes what a crash leaves), then deleted: at every instant the store holds
+        whole versions only, and LATEST and CURRENT name ones that are kept."""
+        kept = set(self.kept_versions(keep))
+        doomed = [v for v in self.versions() if v not in kept]
+        bundles = self.workdir / "bundles"
+        serving_bundle = read_pointer(bundles / "CURRENT")
+        for v in doomed:
+            self._retire(self.path(v))
+            if bundles.is_dir():
+                for entry in sorted(bundles.iterdir()):
+                    m = BUNDLE_VERSION_RE.match(entry.name)
+                    if m and int(m.group(1)) == v and entry.name != serving_bundle and entry.is_dir():
+                        self._retire(entry)
+            log.info("pruned checkpoint %s (keeping the newest %d)", version_name(v), keep)
+        return doomed
+
+    @staticmethod
+    def _retire(path: Path) -> None:
+        tmp = path.parent / f"{TMP_PREFIX}pruned-{path.name}.{os.getpid()}.{time.monotonic_ns()}"
+        os.rename(path, tmp)
+        fsync_dir(path.parent)
+        fault_point("prune_renamed")  # a crash here leaves a temp dir that clean_stale removes
+        remove_tmp_dir(tmp)
 
     def rollback(self, to: int | None = None, before_move: Callable[[int], None] | None = None) -> int:
         """Point LATEST at ``to`` (default: the current version's parent). Call while holding the lock.
@@ -250,9 +315,14 @@ class CheckpointStore:
                 raise StoreError(f"{version_name(current)} has no earlier version to roll back to")
             to = int(parent)
         if to not in self.versions():
-            raise StoreError(
-                f"version {version_name(to)} does not exist (have: {', '.join(map(version_name, self.versions()))})"
-            )
+            have = ", ".join(map(version_name, self.versions()))
+            if to < max(self.versions(), default=0):
+                keep = self.keep_setting()
+                raise StoreError(
+                    f"version {version_name(to)} is no longer kept: the store keeps the newest {keep} versions "
+                    f"(--keep-versions; plus the current one and the one the serving bundle came from). Kept: {have}"
+                )
+            raise StoreError(f"version {version_name(to)} does not exist (have: {have})")
         self.load(to)  # refuse to point at something that does not load
         if before_move is not None:
             before_move(to)
