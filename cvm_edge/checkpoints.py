@@ -36,6 +36,7 @@ from cvm_edge.fsutil import (
     publish_dir,
     read_pointer,
     remove_tmp_dir,
+    sha256_regular,
     write_error,
     write_pointer,
 )
@@ -51,6 +52,9 @@ VERSION_RE = re.compile(r"^v(\d{6})$")
 # the serving side's and is not imported here).
 BUNDLE_VERSION_RE = re.compile(r"^v(\d{6})(?:-(?:fp16|int8))?(?:\.\d+)?$")
 FORMAT = 1
+# A frozen backbone's weights (train_backbone "none"): the same in every version, so they are kept in their own
+# file, which a new version hard-links from its parent instead of copying (see CheckpointStore._share_unchanged).
+BACKBONE_FILE = "backbone.pt"
 # How many of the newest versions a store keeps (``cvm init/update --keep-versions``; 0 keeps all).
 DEFAULT_KEEP_VERSIONS = 5
 
@@ -155,6 +159,7 @@ class CheckpointStore:
         versions = self.versions()
         version = (versions[-1] if versions else 0) + 1
         parent = read_pointer(self.latest_pointer)
+        parent_version = parse_version(parent) if parent else None
         try:
             tmp = make_tmp_dir(self.root, version_name(version))
         except OSError as exc:
@@ -163,7 +168,7 @@ class CheckpointStore:
         meta = {
             "format": FORMAT,
             "version": version,
-            "parent": parse_version(parent) if parent else None,
+            "parent": parent_version,
             "created_at": created,
             "model": ckpt.model_config.to_dict(),
             "preprocessing": ckpt.prep.to_dict(),
@@ -176,7 +181,11 @@ class CheckpointStore:
         }
         name = version_name(version)
         try:
-            torch.save(ckpt.weights, tmp / "model.pt")
+            frozen = ckpt.model_config.train_backbone == "none"
+            backbone = {k: v for k, v in ckpt.weights.items() if frozen and k.startswith("backbone.")}
+            torch.save({k: v for k, v in ckpt.weights.items() if k not in backbone}, tmp / "model.pt")
+            if backbone:
+                torch.save(backbone, tmp / BACKBONE_FILE)
             torch.save(ckpt.plugin_state, tmp / "plugins.pt")
             (tmp / "concepts.npz").write_bytes(ckpt.table.to_bytes())
             (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
@@ -184,7 +193,10 @@ class CheckpointStore:
             if ckpt.analytic is not None:
                 (tmp / ANALYTIC_FILE).write_bytes(ckpt.analytic.to_bytes())
             fault_point("checkpoint_files_written")
-            meta["files"] = file_digests(tmp)  # sha256 of every file above, checked on every load
+            files = file_digests(tmp)  # sha256 of every file above, checked on every load
+            meta["files"] = files
+            if parent_version is not None and BACKBONE_FILE in files:
+                self._share_unchanged(tmp / BACKBONE_FILE, self.path(parent_version) / BACKBONE_FILE)
             # what the version costs on flash (meta.json aside), for `cvm status` and the update report
             meta["files_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
             # meta.json last: a version directory without it is never considered complete
@@ -207,6 +219,21 @@ class CheckpointStore:
         log.info("published checkpoint %s", name)
         return version
 
+    @staticmethod
+    def _share_unchanged(new: Path, old: Path) -> None:
+        """Replace ``new`` by a hard link to ``old`` when their bytes are equal: an unchanged frozen backbone
+        then takes flash once, not once per kept version. Each version still holds the whole file (pruning
+        one removes only its name) and its sha256 is checked on load; where the file system has no hard
+        links (FAT), the copy stays. Nothing rewrites a published file in place, so the sharing is safe."""
+        try:
+            if old.stat().st_size != new.stat().st_size or sha256_regular(old) != sha256_regular(new):
+                return
+            link = new.with_name(f"{TMP_PREFIX}link-{new.name}")
+            os.link(old, link)
+            os.replace(link, new)
+        except OSError as exc:
+            log.debug("keeping a copy of %s (%s)", new.name, exc)
+
     def version_bytes(self, version: int) -> int:
         """Bytes the version's files take on disk."""
         return sum(f.stat().st_size for f in self.path(version).iterdir() if f.is_file())
@@ -221,6 +248,8 @@ class CheckpointStore:
         try:
             table = ConceptTable.load(d / "concepts.npz")
             weights = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+            if BACKBONE_FILE in meta.get("files", {}):  # verified above like every recorded file
+                weights.update(torch.load(d / BACKBONE_FILE, map_location="cpu", weights_only=True))
             plugin_state = torch.load(d / "plugins.pt", map_location="cpu", weights_only=True)
             buffer = ReplayBuffer.load(d / "buffer.npz")
             val = _load_imageset(d / "val.npz")

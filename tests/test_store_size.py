@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import init_store, run_cli, update_store
 from cvm_edge import checkpoints
 from cvm_edge.buffer import ReplayBuffer
-from cvm_edge.checkpoints import BUNDLE_VERSION_RE, CheckpointStore, _load_imageset, _save_imageset
+from cvm_edge.checkpoints import BACKBONE_FILE, BUNDLE_VERSION_RE, CheckpointStore, _load_imageset, _save_imageset
 from cvm_edge.data import ImageSet
+from cvm_edge.errors import StoreError
 from cvm_edge.fsutil import TMP_PREFIX, write_pointer
 from cvm_edge.image_codec import decode_images, encode_images
 from deploy.bundle import NAME_RE
@@ -175,3 +177,25 @@ def test_a_store_with_raw_pixel_files_still_loads(small_store: Path, monkeypatch
     loaded = store.load(v)
     assert np.array_equal(loaded.val.pixels, pixels) and np.array_equal(loaded.buffer.pixels, pixels)
     assert loaded.keep_versions == 3
+
+
+def test_a_frozen_backbone_takes_flash_once_and_each_version_stays_whole(fashion_table: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "frozen"
+    init_store(wd, fashion_table, "--buffer-size", "20", "--train-backbone", "none", "--keep-versions", "2")
+    store = CheckpointStore(wd)
+    _versions_up_to(store, 3)
+    files = [store.path(v) / BACKBONE_FILE for v in (1, 2, 3)]
+    assert len({f.stat().st_ino for f in files}) == 1 and files[0].stat().st_nlink == 3  # one copy on disk
+    assert not [k for k in torch.load(store.path(3) / "model.pt", weights_only=True) if k.startswith("backbone.")]
+    whole = store.load(1).weights
+    assert store.prune(2) == [1]  # removing a version removes its name only
+    for v in (2, 3):
+        weights = store.load(v).weights
+        assert weights.keys() == whole.keys() and all(torch.equal(weights[k], whole[k]) for k in whole)
+    data = bytearray(files[2].read_bytes())
+    data[len(data) // 2] ^= 0x01
+    files[2].unlink()  # a damaged copy (written anew, as a bad block reads): refused by its sha256
+    files[2].write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"backbone\.pt: sha256 .* does not match"):
+        store.load(3)
+    store.load(2)
