@@ -1,8 +1,8 @@
 """Class-balanced, seeded replay buffer bounded by a sample count and a byte budget.
 
-It stores uint8 pixels at the model's input size with their table-row labels, the experience
+It holds uint8 pixels at the model's input size with their table-row labels, the experience
 (task index) each entry came from and, for DER-style distillation, the logits the model gave them
-when they were inserted. Updates return a new buffer; nothing is mutated in place.
+when they were inserted (on disk the images are PNG: see ``to_bytes``). Updates return a new buffer; nothing is mutated in place.
 
 A class's quota is split evenly over the experiences that brought images of it, so a class
 revisited under a new domain (camera, lighting, season) keeps images of every domain seen
@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import StoreError
 from cvm_edge.fsutil import atomic_write_bytes
+from cvm_edge.image_codec import decode_images, encode_images
 
 
 def _quotas(counts: dict[int, int], capacity: int) -> dict[int, int]:
@@ -142,15 +144,16 @@ class ReplayBuffer:
         return buffer, sel
 
     def to_bytes(self) -> bytes:
+        """The buffer as an ``.npz``; its images as lossless PNG (cvm_edge.image_codec), not raw pixels."""
         buf = io.BytesIO()
-        np.savez(
-            buf,
-            pixels=self.pixels,
-            labels=self.labels,
-            logits=self.logits,
-            tasks=self.tasks,
-            limits=np.array([self.capacity, self.max_bytes], np.int64),
-        )
+        arrays: dict[str, Any] = {  # Any: numpy's stub types every keyword as allow_pickle's bool
+            **encode_images(self.pixels),
+            "labels": self.labels,
+            "logits": self.logits,
+            "tasks": self.tasks,
+            "limits": np.array([self.capacity, self.max_bytes], np.int64),
+        }
+        np.savez(buf, **arrays)
         return buf.getvalue()
 
     def save(self, path: Path) -> None:
@@ -164,7 +167,11 @@ class ReplayBuffer:
                 labels = z["labels"]
                 # Files from before entries were tagged: all entries count as one earlier experience.
                 tasks = z["tasks"] if "tasks" in z.files else np.full(len(labels), -1, np.int32)
-                return cls(cap, max_bytes, z["pixels"], labels, z["logits"], tasks.astype(np.int32))
+                # Files from before images were stored encoded hold the decoded pixels.
+                pixels = (
+                    z["pixels"] if "pixels" in z.files else decode_images(z["png"], z["png_offsets"], z["image_shape"])
+                )
+                return cls(cap, max_bytes, pixels, labels, z["logits"], tasks.astype(np.int32))
         except (OSError, KeyError, ValueError) as exc:
             raise StoreError(f"cannot read replay buffer {path}: {exc}") from None
 

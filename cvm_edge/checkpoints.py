@@ -11,7 +11,9 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,16 +27,20 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import StoreError
 from cvm_edge.fsutil import (
+    TMP_PREFIX,
     InjectedFault,
     clean_stale_tmp,
     fault_point,
+    fsync_dir,
     make_tmp_dir,
     publish_dir,
     read_pointer,
     remove_tmp_dir,
+    sha256_regular,
     write_error,
     write_pointer,
 )
+from cvm_edge.image_codec import decode_images, encode_images
 from cvm_edge.model import ModelConfig
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.store_checks import file_digests, read_meta_file, verify_files
@@ -42,7 +48,15 @@ from cvm_edge.store_checks import file_digests, read_meta_file, verify_files
 log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"^v(\d{6})$")
+# A bundle's name starts with the version it was exported from (deploy.bundle.NAME_RE; that module is
+# the serving side's and is not imported here).
+BUNDLE_VERSION_RE = re.compile(r"^v(\d{6})(?:-(?:fp16|int8))?(?:\.\d+)?$")
 FORMAT = 1
+# A frozen backbone's weights (train_backbone "none"): the same in every version, so they are kept in their own
+# file, which a new version hard-links from its parent instead of copying (see CheckpointStore._share_unchanged).
+BACKBONE_FILE = "backbone.pt"
+# How many of the newest versions a store keeps (``cvm init/update --keep-versions``; 0 keeps all).
+DEFAULT_KEEP_VERSIONS = 5
 
 
 def version_name(version: int) -> str:
@@ -74,6 +88,7 @@ class Checkpoint:
     # Analytic stores (ModelConfig.learner == "analytic"): ridge sums and held-out features
     # (cvm_edge.analytic_learner); their buffer and val hold no images.
     analytic: AnalyticState | None = None
+    keep_versions: int = DEFAULT_KEEP_VERSIONS  # a store setting, recorded in every version's meta.json
     version: int = 0
     parent: int | None = None
     created_at: str = ""
@@ -84,14 +99,18 @@ class Checkpoint:
 
 
 def _save_imageset(path: Path, data: ImageSet) -> None:
+    """Held-out images as lossless PNG bytes (bit-identical on load), not decoded pixels."""
     buf = io.BytesIO()
-    np.savez(buf, pixels=data.pixels, labels=data.labels)
+    arrays: dict[str, Any] = {**encode_images(data.pixels), "labels": data.labels}  # Any: numpy's stub
+    np.savez(buf, **arrays)
     path.write_bytes(buf.getvalue())
 
 
 def _load_imageset(path: Path) -> ImageSet:
     with np.load(path, allow_pickle=False) as z:
-        return ImageSet(z["pixels"], z["labels"])
+        if "pixels" in z.files:  # written before images were stored encoded
+            return ImageSet(z["pixels"], z["labels"])
+        return ImageSet(decode_images(z["png"], z["png_offsets"], z["image_shape"]), z["labels"])
 
 
 class CheckpointStore:
@@ -140,6 +159,7 @@ class CheckpointStore:
         versions = self.versions()
         version = (versions[-1] if versions else 0) + 1
         parent = read_pointer(self.latest_pointer)
+        parent_version = parse_version(parent) if parent else None
         try:
             tmp = make_tmp_dir(self.root, version_name(version))
         except OSError as exc:
@@ -148,7 +168,7 @@ class CheckpointStore:
         meta = {
             "format": FORMAT,
             "version": version,
-            "parent": parse_version(parent) if parent else None,
+            "parent": parent_version,
             "created_at": created,
             "model": ckpt.model_config.to_dict(),
             "preprocessing": ckpt.prep.to_dict(),
@@ -157,10 +177,15 @@ class CheckpointStore:
             "seen_names": ckpt.seen_names,
             "plugins": list(ckpt.plugins),
             "history": list(ckpt.history),
+            "keep_versions": ckpt.keep_versions,
         }
         name = version_name(version)
         try:
-            torch.save(ckpt.weights, tmp / "model.pt")
+            frozen = ckpt.model_config.train_backbone == "none"
+            backbone = {k: v for k, v in ckpt.weights.items() if frozen and k.startswith("backbone.")}
+            torch.save({k: v for k, v in ckpt.weights.items() if k not in backbone}, tmp / "model.pt")
+            if backbone:
+                torch.save(backbone, tmp / BACKBONE_FILE)
             torch.save(ckpt.plugin_state, tmp / "plugins.pt")
             (tmp / "concepts.npz").write_bytes(ckpt.table.to_bytes())
             (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
@@ -168,7 +193,10 @@ class CheckpointStore:
             if ckpt.analytic is not None:
                 (tmp / ANALYTIC_FILE).write_bytes(ckpt.analytic.to_bytes())
             fault_point("checkpoint_files_written")
-            meta["files"] = file_digests(tmp)  # sha256 of every file above, checked on every load
+            files = file_digests(tmp)  # sha256 of every file above, checked on every load
+            meta["files"] = files
+            if parent_version is not None and BACKBONE_FILE in files:
+                self._share_unchanged(tmp / BACKBONE_FILE, self.path(parent_version) / BACKBONE_FILE)
             # what the version costs on flash (meta.json aside), for `cvm status` and the update report
             meta["files_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
             # meta.json last: a version directory without it is never considered complete
@@ -191,6 +219,21 @@ class CheckpointStore:
         log.info("published checkpoint %s", name)
         return version
 
+    @staticmethod
+    def _share_unchanged(new: Path, old: Path) -> None:
+        """Replace ``new`` by a hard link to ``old`` when their bytes are equal: an unchanged frozen backbone
+        then takes flash once, not once per kept version. Each version still holds the whole file (pruning
+        one removes only its name) and its sha256 is checked on load; where the file system has no hard
+        links (FAT), the copy stays. Nothing rewrites a published file in place, so the sharing is safe."""
+        try:
+            if old.stat().st_size != new.stat().st_size or sha256_regular(old) != sha256_regular(new):
+                return
+            link = new.with_name(f"{TMP_PREFIX}link-{new.name}")
+            os.link(old, link)
+            os.replace(link, new)
+        except OSError as exc:
+            log.debug("keeping a copy of %s (%s)", new.name, exc)
+
     def version_bytes(self, version: int) -> int:
         """Bytes the version's files take on disk."""
         return sum(f.stat().st_size for f in self.path(version).iterdir() if f.is_file())
@@ -205,6 +248,8 @@ class CheckpointStore:
         try:
             table = ConceptTable.load(d / "concepts.npz")
             weights = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+            if BACKBONE_FILE in meta.get("files", {}):  # verified above like every recorded file
+                weights.update(torch.load(d / BACKBONE_FILE, map_location="cpu", weights_only=True))
             plugin_state = torch.load(d / "plugins.pt", map_location="cpu", weights_only=True)
             buffer = ReplayBuffer.load(d / "buffer.npz")
             val = _load_imageset(d / "val.npz")
@@ -230,6 +275,7 @@ class CheckpointStore:
             plugin_state=plugin_state,
             plugins=tuple(meta.get("plugins", ())),
             analytic=analytic,
+            keep_versions=int(meta.get("keep_versions", DEFAULT_KEEP_VERSIONS)),  # stores from before: the default
             version=version,
             parent=meta.get("parent"),
             created_at=meta.get("created_at", ""),
@@ -237,6 +283,54 @@ class CheckpointStore:
 
     def read_meta(self, version: int) -> dict[str, Any]:
         return read_meta_file(self.path(version) / "meta.json", version)
+
+    def keep_setting(self) -> int:
+        """The store's --keep-versions, as the current version records it."""
+        return int(self.read_meta(self.latest()).get("keep_versions", DEFAULT_KEEP_VERSIONS))
+
+    def serving_version(self) -> int | None:
+        """The checkpoint version of the bundle ``bundles/CURRENT`` names (None: no bundle published)."""
+        m = BUNDLE_VERSION_RE.match(read_pointer(self.workdir / "bundles" / "CURRENT") or "")
+        return int(m.group(1)) if m else None
+
+    def kept_versions(self, keep: int) -> list[int]:
+        """The versions :meth:`prune` keeps: the newest ``keep`` (all when 0), the one LATEST names and the
+        one the serving bundle was exported from."""
+        versions = self.versions()
+        kept = set(versions if keep <= 0 else versions[-keep:]) | {self.latest()}
+        serving = self.serving_version()
+        if serving is not None:
+            kept.add(serving)
+        return sorted(v for v in kept if v in versions)
+
+    def prune(self, keep: int) -> list[int]:
+        """Remove the versions :meth:`kept_versions` does not keep, and their bundles (never the serving
+        one). Call while holding the lock, after a publish. Returns the versions removed.
+
+        Each version is first renamed to a temp name (atomic; :meth:`versions` no longer lists it and
+        :meth:`clean_stale` removes what a crash leaves), then deleted: at every instant the store holds
+        whole versions only, and LATEST and CURRENT name ones that are kept."""
+        kept = set(self.kept_versions(keep))
+        doomed = [v for v in self.versions() if v not in kept]
+        bundles = self.workdir / "bundles"
+        serving_bundle = read_pointer(bundles / "CURRENT")
+        for v in doomed:
+            self._retire(self.path(v))
+            if bundles.is_dir():
+                for entry in sorted(bundles.iterdir()):
+                    m = BUNDLE_VERSION_RE.match(entry.name)
+                    if m and int(m.group(1)) == v and entry.name != serving_bundle and entry.is_dir():
+                        self._retire(entry)
+            log.info("pruned checkpoint %s (keeping the newest %d)", version_name(v), keep)
+        return doomed
+
+    @staticmethod
+    def _retire(path: Path) -> None:
+        tmp = path.parent / f"{TMP_PREFIX}pruned-{path.name}.{os.getpid()}.{time.monotonic_ns()}"
+        os.rename(path, tmp)
+        fsync_dir(path.parent)
+        fault_point("prune_renamed")  # a crash here leaves a temp dir that clean_stale removes
+        remove_tmp_dir(tmp)
 
     def rollback(self, to: int | None = None, before_move: Callable[[int], None] | None = None) -> int:
         """Point LATEST at ``to`` (default: the current version's parent). Call while holding the lock.
@@ -250,9 +344,14 @@ class CheckpointStore:
                 raise StoreError(f"{version_name(current)} has no earlier version to roll back to")
             to = int(parent)
         if to not in self.versions():
-            raise StoreError(
-                f"version {version_name(to)} does not exist (have: {', '.join(map(version_name, self.versions()))})"
-            )
+            have = ", ".join(map(version_name, self.versions()))
+            if to < max(self.versions(), default=0):
+                keep = self.keep_setting()
+                raise StoreError(
+                    f"version {version_name(to)} is no longer kept: the store keeps the newest {keep} versions "
+                    f"(--keep-versions; plus the current one and the one the serving bundle came from). Kept: {have}"
+                )
+            raise StoreError(f"version {version_name(to)} does not exist (have: {have})")
         self.load(to)  # refuse to point at something that does not load
         if before_move is not None:
             before_move(to)

@@ -144,6 +144,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         learner=learner,
         analytic_dim=args.analytic_dim,
         analytic_targets=args.targets,
+        keep_versions=args.keep_versions,
     )
     version = init_store(args.workdir, opts)
     print(
@@ -182,6 +183,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         loss=args.loss,
         balance_epochs=args.balance_epochs,
+        keep_versions=args.keep_versions,
     )
     exported: list[str] = []
 
@@ -222,9 +224,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"analytic learner: projection {m['analytic_dim']}, seed {m['analytic_seed']}, targets {m['analytic_targets']}"
         )
+    keep = info["keep_versions"]
+    print(
+        f"keeps the newest {keep or 'all'} versions (--keep-versions), the current one and the serving bundle's; "
+        f"kept now: {', '.join(f'v{v}' for v in info['kept_versions'])}"
+    )
     for v in info["versions"]:
         mark = "*" if v["latest"] else " "
-        print(f" {mark} v{v['version']:<4} {v['created_at']}  {v['classes']} classes  parent {v['parent']}")
+        serving = "  serving" if v["serving"] else ""
+        print(
+            f" {mark} v{v['version']:<4} {v['created_at']}  {v['classes']} classes  parent {v['parent']}  "
+            f"{v['bytes'] / 1e6:.1f} MB{serving}"
+        )
     shown = ", ".join(printable(str(c)) for c in info["classes"])  # a name's ANSI escapes or newlines, escaped
     print(f"classes ({len(info['classes'])}): {shown or '(none yet)'}")
     for entry in info["history"]:
@@ -406,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--buffer-size", type=_non_negative_int, default=500, help="replay buffer capacity (images)")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument(
+        "--keep-versions",
+        type=_non_negative_int,
+        default=5,
+        help="keep the newest N versions (and their bundles) after each update; older ones are removed, never the "
+        "current one nor the serving bundle's (default 5; 0 keeps all)",
+    )
+    i.add_argument(
         "--prototype-temperature",
         type=_positive_float,
         default=0.1,
@@ -490,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     u.add_argument("--no-progress", action="store_true", help="no progress bars")
     u.add_argument("--no-export", action="store_true", help="do not export and publish an fp32 bundle afterwards")
+    u.add_argument(
+        "--keep-versions",
+        type=_non_negative_int,
+        default=None,
+        help="change the store's setting: keep the newest N versions after this update (0: all; default: keep it)",
+    )
     u.set_defaults(func=cmd_update)
 
     s = sub.add_parser("status", help="versions, classes and metrics history")

@@ -119,6 +119,8 @@ def check_meta(meta: Any, where: str, version: int) -> dict[str, Any]:
         raise c.fail("seen_names", f"has {len(names)} entries for {len(seen)} seen classes")
     if "plugins" in meta:
         c.str_list(meta, "plugins", limit=32)
+    if "keep_versions" in meta:
+        c.int_in(meta, "keep_versions", 0, 999_999)
     _check_history(c, meta.get("history"))
     if "files" in meta:
         files = meta["files"]

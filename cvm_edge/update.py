@@ -16,7 +16,7 @@ from cvm_edge.analytic import DEFAULT_DIM
 from cvm_edge.analytic_learner import AnalyticState
 from cvm_edge.backbones import check_image_size
 from cvm_edge.buffer import ReplayBuffer
-from cvm_edge.checkpoints import Checkpoint, CheckpointStore, version_name
+from cvm_edge.checkpoints import DEFAULT_KEEP_VERSIONS, Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split, load_image_folder
 from cvm_edge.display import printable
@@ -72,6 +72,7 @@ class InitOptions:
     learner: str = "gradient"  # gradient | analytic (closed form, frozen backbone: cvm_edge.analytic)
     analytic_dim: int = DEFAULT_DIM
     analytic_targets: str = "whitened"
+    keep_versions: int = DEFAULT_KEEP_VERSIONS  # newest versions the store keeps after each publish; 0: all
 
 
 def resolve_backbone(opts: InitOptions) -> tuple[torch.nn.Module | None, Preprocessing, str]:
@@ -127,6 +128,7 @@ def init_store(workdir: Path, opts: InitOptions) -> int:
             history=(),
             plugin_state={},
             analytic=AnalyticState.empty(model) if config.analytic else None,
+            keep_versions=opts.keep_versions,
         )
         return store.save(ckpt)
 
@@ -152,6 +154,7 @@ class UpdateOptions:
     progress: bool = True
     loss: str = "ace"
     balance_epochs: int = 3
+    keep_versions: int | None = None  # None keeps the store's setting; else it becomes the setting
     channels_last: bool = True  # NHWC: about 2-3x faster CPU training and inference for Lite0 (bench/update.py)
 
 
@@ -186,6 +189,7 @@ def describe_update(entry: dict[str, Any]) -> str:
 class UpdateReport:
     version: int | None  # None when nothing was published
     entry: dict[str, Any]
+    pruned: tuple[int, ...] = ()  # versions removed after the publish (--keep-versions)
 
     def summary(self) -> str:
         e = self.entry
@@ -217,6 +221,8 @@ class UpdateReport:
         if self.version is not None:
             size = f" ({e['store_mb']:.1f} MB)" if "store_mb" in e else ""
             lines.append(f"  published {version_name(self.version)}{size}")
+        if self.pruned:
+            lines.append(f"  removed older versions {', '.join(map(version_name, self.pruned))} (--keep-versions)")
         return "\n".join(lines)
 
 
@@ -388,8 +394,10 @@ def run_update(
             seen=tuple(seen),
             history=(*prev.history, entry),
             plugins=tuple(opts.plugins) if not prev.model_config.analytic else (),
+            keep_versions=prev.keep_versions if opts.keep_versions is None else opts.keep_versions,
             **learned.checkpoint,
         )
+        keep = ckpt.keep_versions
         version = store.save(ckpt)
         entry["version"] = version
         entry["store_mb"] = round(store.version_bytes(version) / 1e6, 3)
@@ -401,7 +409,18 @@ def run_update(
             learned.release()
             del ckpt, prev, train, val, scorer, model, learned
             publish_hook(version, parity)
-    return UpdateReport(version=version, entry=entry)
+        # Only after LATEST (and, when exporting, CURRENT) moved: what is removed is never what is served.
+        pruned = _prune(store, keep)
+    return UpdateReport(version=version, entry=entry, pruned=tuple(pruned))
+
+
+def _prune(store: CheckpointStore, keep: int) -> list[int]:
+    """Remove versions beyond the newest ``keep``; a failure here costs disk space, not the update."""
+    try:
+        return store.prune(keep)
+    except (OSError, StoreError) as exc:
+        log.warning("published, but older versions could not be removed (%s); the next update retries", exc)
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -659,6 +678,8 @@ def _worst_drops(before: dict[int, float], after: dict[int, float], names: Seque
 def status(workdir: Path) -> dict[str, Any]:
     store = CheckpointStore(workdir)
     latest = store.latest()
+    keep = store.keep_setting()
+    serving = store.serving_version()
     versions = []
     for v in store.versions():
         meta = store.read_meta(v)
@@ -669,10 +690,14 @@ def status(workdir: Path) -> dict[str, Any]:
                 "created_at": meta.get("created_at"),
                 "classes": len(meta.get("seen", [])),
                 "latest": v == latest,
+                "serving": v == serving,
+                "bytes": store.version_bytes(v),
             }
         )
     meta = store.read_meta(latest)
     return {
+        "keep_versions": keep,
+        "kept_versions": store.kept_versions(keep),
         "workdir": str(workdir),
         "latest": latest,
         "versions": versions,
