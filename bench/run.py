@@ -473,13 +473,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
         "date": provenance.utc_now(),
         "data_root": str(data_root()) if not spec.use_demo else "cvm_edge/demo_data (embedded sample)",
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{spec.run_name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
-    record["path"] = str(path)
-    return record
+    return _write(record, out_dir, spec.run_name)
 
 
 def _write(record: dict[str, Any], out_dir: Path, name: str) -> dict[str, Any]:

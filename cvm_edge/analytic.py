@@ -133,7 +133,9 @@ class RidgeStats:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.to_arrays().values()))
+        """Bytes of :meth:`to_arrays` (G's upper triangle in float64, the sums, the counts), counted
+        without building them."""
+        return self.dim * (self.dim + 1) // 2 * 8 + self.class_sums.nbytes + self.counts.nbytes
 
 
 def whiten_table(table: np.ndarray, shrink: float = WHITEN_SHRINK) -> np.ndarray:

@@ -111,10 +111,6 @@ def lifted(model: CvmModel, features: np.ndarray) -> np.ndarray:
     return h.double().cpu().numpy()
 
 
-def _targets_kind(model: CvmModel) -> str:
-    return model.config.analytic_targets
-
-
 @torch.no_grad()
 def rows_from_outputs(model: CvmModel, outputs: np.ndarray, seen: Sequence[int]) -> np.ndarray:
     """Predicted table rows (among ``seen``) of ridge outputs ``h @ W``: the nearest concept row by
@@ -193,7 +189,7 @@ def learn(
         raise ValueError(f"the rebuilt random projection ({digest}) is not the store's ({state.projection_digest})")
     stats = state.stats.grown(model.table_rows).add(lifted(model, train_features), train_labels)
     held_out = state.held_out.added(val_features, val_labels, task)
-    targets = class_targets(table, _targets_kind(model))
+    targets = class_targets(table, model.config.analytic_targets)
     path = RidgePath.of(stats, targets)
     # Held-out images of classes that this solve knows (every held-out image's class is seen).
     choice = choose_lambda(

@@ -272,7 +272,6 @@ class RidgeHead(nn.Module):
         super().__init__()
         self.mapper = AnalyticMapper(feat_dim, dim, rows, seed)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=False)
-        self.experts = None
 
     def embed(self, f: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         return self.mapper(f)

@@ -290,7 +290,6 @@ class _Learned:
     pred_after: np.ndarray
     checkpoint: dict[str, Any]
     entry: dict[str, Any]
-    release: Callable[[], None] = lambda: None  # drops big references before the export
 
 
 def _load_table_for_update(current: ConceptTable, path: Path | None) -> ConceptTable:
@@ -369,7 +368,7 @@ def run_update(
             "n_train": len(train),
             "n_val": len(val),
             **learned.entry,
-            "images_per_s": learned.entry.get("images_seen", len(train)) / max(1e-9, time.perf_counter() - t0),
+            "images_per_s": learned.entry["images_seen"] / max(1e-9, time.perf_counter() - t0),
             "wall_s": time.perf_counter() - t0,
             "forced": False,
             "similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling),
@@ -406,7 +405,6 @@ def run_update(
             # models first, so a device's peak memory is that of the bigger step, not of both.
             # An analytic store keeps no images, so its export checks parity on this update's.
             parity = None if ckpt.val.pixels.size or len(ckpt.buffer) else parity_sample(val, train)
-            learned.release()
             del ckpt, prev, train, val, scorer, model, learned
             publish_hook(version, parity)
         # Only after LATEST (and, when exporting, CURRENT) moved: what is removed is never what is served.
@@ -613,11 +611,7 @@ def _learn_analytic(
     all_labels = np.concatenate([state.held_out.labels, val.labels])
     predict = lambda keep: al.predict_rows(model, all_f[keep], seen)  # noqa: E731 - the model's weight at call time
     scorer = _ValidationScorer(all_labels, len(state.held_out), predict)
-    pred_before = (
-        scorer.predict(scorer.rows(old_classes, revisited))
-        if old_classes
-        else scorer.predict(np.zeros(len(all_labels), bool))
-    )
+    pred_before = scorer.predict(scorer.rows(old_classes, revisited))
     learned = al.learn(model, table.as_float32(), state, train_f, train.labels, val_f, val.labels, seen, task)
     pred_after = scorer.predict(np.ones(len(all_labels), bool))
     return _Learned(
