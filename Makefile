@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-EXTRAS := train,embed,serve,offline,dev
+EXTRAS := train,embed,serve,fleet,offline,dev
 
 .PHONY: demo test lint reliability bench-smoke install constraints clean
 

@@ -45,6 +45,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from python_multipart.exceptions import FormParserError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -452,6 +453,9 @@ async def read_images(request: Request, settings: ServerSettings) -> list[tuple[
             form = await parser.parse()
         except MultiPartException as exc:
             raise HTTPError(400, f"bad multipart body: {exc.message}") from None
+        except FormParserError as exc:
+            # Starlette before 1.4 lets python-multipart's own parse errors through unwrapped.
+            raise HTTPError(400, f"bad multipart body: {exc}") from None
         try:
             files = []
             for value in form.getlist("file"):
