@@ -12,7 +12,9 @@
 set -u
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CVM_BENCH_DATA=$PWD/.devdata/data CVM_BENCH_CACHE=/tmp/cvm-cache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-COMMIT=e75a491 MM=/tmp/mammoth RES=/tmp/cvm-results/cifar10-5
+COMMIT=e75a491
+# Mammoth's copy, its converted data and where the result JSONs land (overridable for the tests)
+MM=${CVM_MAMMOTH:-/tmp/mammoth} MMDATA=${CVM_MAMMOTH_DATA:-/tmp/mm-data} RES=${CVM_MAMMOTH_RESULTS:-/tmp/cvm-results/cifar10-5}
 
 if [ "${1:-}" = one ]; then  # one run: Mammoth, then its logs as our result JSON
   epochs=$2 s=$3 b=$4 m=$5 gpu=$6
@@ -28,9 +30,9 @@ if [ "${1:-}" = one ]; then  # one run: Mammoth, then its logs as our result JSO
   args="$args --seed $s --device $gpu --num_workers 2 --non_verbose 1 --results_path $out"
   t0=$(date +%s)
   # shellcheck disable=SC2086 # $args is a list of words
-  python3 -m bench.mammoth_side run --mammoth "$MM" --data "/tmp/mm-data/s$s" -- $args || exit 1
+  python3 -m bench.mammoth_side run --mammoth "$MM" --data "$MMDATA/s$s" -- $args || exit 1
   exec python3 -m bench.mammoth_side collect --seed "$s" --buffer "$b" --epochs "$epochs" --commit "$COMMIT" \
-    --logs "/tmp/mm-data/s$s/$out/class-il/seq-cifar10/$m/logs.pyd" --args "$args" --tag "$tag" \
+    --logs "$MMDATA/s$s/$out/class-il/seq-cifar10/$m/logs.pyd" --args "$args" --tag="$tag" \
     --wall-s "$(($(date +%s) - t0))" --out "$RES"
 fi
 
@@ -43,7 +45,7 @@ if [ ! -d "$MM" ]; then
   find "$MM/datasets" -maxdepth 1 -name '*.py' ! -name __init__.py ! -name seq_cifar10.py -delete
 fi
 for s in ${seeds//,/ }; do
-  [ -d "/tmp/mm-data/s$s" ] || python3 -m bench.mammoth_side convert --seed "$s" --out "/tmp/mm-data/s$s" >/dev/null || exit 1
+  [ -d "$MMDATA/s$s" ] || python3 -m bench.mammoth_side convert --seed "$s" --out "$MMDATA/s$s" >/dev/null || exit 1
   for b in ${buffers//,/ }; do
     for m in er derpp; do
       setsid nohup "$0" one "$epochs" "$s" "$b" "$m" "$gpu" >"$LOGS/$m-b$b-s$s.log" 2>&1 </dev/null &

@@ -4,6 +4,9 @@ that Mammoth's tasks are our seeded tasks, and Mammoth's logs as our result JSON
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,8 @@ import torchvision.datasets.cifar
 from bench import mammoth_side
 from bench.datasets import Dataset, Split
 from bench.protocols import PROTOCOLS, build_scenario
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _fake_cifar(size: int = 32) -> Dataset:
@@ -65,3 +70,42 @@ def test_mammoth_logs_become_our_result_json(tmp_path: Path) -> None:
     assert hp["alpha"] == 0.2 and hp["epochs"] == 5 and rec["wall_s"] == 12.5
     with pytest.raises(SystemExit, match="seed 7"):
         mammoth_side.collect(logs, 7, 500, 5, "e75a491", "", tmp_path / "out")
+
+
+FAKE_MAIN = """
+import sys
+from pathlib import Path
+
+a = sys.argv[1:]
+opt = {k: a[i + 1] for i, k in enumerate(a[:-1]) if k.startswith("--")}
+acc = {f"accuracy_{j + 1}_task{i + 1}": 80.0 for i in range(5) for j in range(i + 1)}
+rec = {"seed": int(opt["--seed"]), "model": opt["--model"], "lr": float(opt["--lr"]), **acc}
+out = Path(opt["--base_path"]) / opt["--results_path"] / "class-il" / "seq-cifar10" / opt["--model"]
+out.mkdir(parents=True)
+(out / "logs.pyd").write_text(str(rec) + "\\n")
+"""
+
+
+def test_grid_script_turns_one_mammoth_run_into_a_tagged_result_json(tmp_path: Path) -> None:
+    """bench/mammoth_grid.sh's `one` mode end to end, with a stand-in for Mammoth's main.py that
+    writes logs.pyd where Mammoth does. On the H200 its collect step once failed (``--tag -e5`` was
+    read as an option), so no Mammoth result came back from the machine."""
+    mammoth = tmp_path / "mammoth"
+    mammoth.mkdir()
+    (mammoth / "main.py").write_text(FAKE_MAIN)
+    (tmp_path / "mm-data" / "s0").mkdir(parents=True)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # its python3 is this one
+        "CVM_MAMMOTH": str(mammoth),
+        "CVM_MAMMOTH_DATA": str(tmp_path / "mm-data"),
+        "CVM_MAMMOTH_RESULTS": str(tmp_path / "res"),
+    }
+    script = REPO / "bench" / "mammoth_grid.sh"
+    done = subprocess.run(
+        ["bash", str(script), "one", "5", "0", "200", "er", "cpu"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads((tmp_path / "res" / "mammoth-er-e5-b200-s0.json").read_text())
+    assert rec["tag"] == "-e5" and rec["method"] == "mammoth-er" and rec["final_avg_acc"] == pytest.approx(80.0)
+    assert "--n_epochs 5" in rec["hyperparameters"]["mammoth_args"]
