@@ -174,7 +174,7 @@ PAIRED = {
             "cvm-fusion-routed",
         )
     },
-    "derpp-reservoir": "derpp",
+    "derpp-reservoir": "derpp-balanced",  # the previous derpp (the product's buffer), which it varies
     "cvm-derpp-reservoir": "cvm-derpp",
 }
 
