@@ -179,6 +179,16 @@ def test_provider_list_is_explicit_and_fallback_is_logged(store: Path, caplog: p
     assert isinstance(cuda, tuple) and cuda[0] == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
 
 
+def test_cuda_provider_runs_in_fp32_not_tf32() -> None:
+    """onnxruntime's CUDA provider uses TF32 unless told otherwise, which breaks the fp32 gate's
+    1e-4 embedding figure on an H200 (bench/results/gpu_providers.json)."""
+    full = resolve_providers(
+        PredictorOptions(providers=("cuda",)), 224, ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert full[0] == ("CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": 0})
+    assert full[1] == "CPUExecutionProvider"
+
+
 def test_update_no_export_leaves_the_bundle_alone(store: Path, tmp_path: Path) -> None:
     before = current_bundle_dir(store)
     data = write_folders(tmp_path / "d", [2], 30)
