@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 EXTRAS := train,embed,serve,fleet,offline,dev
 
-.PHONY: demo test lint reliability bench-smoke install constraints clean
+.PHONY: demo fleet-demo test lint reliability bench-smoke install constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m cvm_edge.demo --workdir demo_work
+
+# A Flower SuperLink and three SuperNodes on 127.0.0.1, three rounds on the embedded sample (fleet/demo.py)
+fleet-demo: $(STAMP)
+	$(PY) -m fleet.demo --workdir fleet_demo_work
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -44,4 +48,4 @@ constraints: $(STAMP)
 	$(PIP) freeze --exclude-editable | grep -v '^cvm-edge' > constraints.new && mv constraints.new constraints.txt
 
 clean:
-	rm -rf $(VENV) demo_work .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo_work fleet_demo_work .pytest_cache .mypy_cache .ruff_cache

@@ -539,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_inbox_command(sub)
     add_deploy_commands(sub)
+    from fleet.commands import add_fleet_commands  # Flower and torch are imported inside the commands
+
+    add_fleet_commands(sub)
     return parser
 
 

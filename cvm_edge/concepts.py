@@ -311,11 +311,20 @@ class ConceptTable:
     def load(cls, path: Path) -> ConceptTable:
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                vectors = z["vectors"]
-                meta = json.loads(str(z["meta"]))
+            data = path.read_bytes()
         except FileNotFoundError:
             raise ConceptError(f"concept table {path} does not exist") from None
+        except OSError as exc:
+            raise ConceptError(f"{path} is not a concept table: {exc}") from None
+        return cls.from_bytes(data, str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: str = "the concept table") -> ConceptTable:
+        """Parse and verify a table (its fingerprint must match its contents)."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                vectors = z["vectors"]
+                meta = json.loads(str(z["meta"]))
         except (OSError, ValueError, KeyError) as exc:
             raise ConceptError(f"{path} is not a concept table: {exc}") from None
         if meta.get("format") not in READABLE_FORMATS:

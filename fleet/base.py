@@ -1,0 +1,43 @@
+"""The fleet's shared base: backbone, preprocessing, projection and learner settings. Every device
+starts from it, and a contribution computed on another base is refused by its fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from cvm_edge.checkpoints import Checkpoint
+from cvm_edge.model import ModelConfig
+from cvm_edge.preprocess import Preprocessing
+
+
+def base_description(ckpt: Checkpoint) -> dict[str, Any]:
+    """What a device needs to create a store on the fleet's base (JSON)."""
+    return {"model": dataclasses.asdict(ckpt.model_config), "preprocessing": dataclasses.asdict(ckpt.prep)}
+
+
+def base_fingerprint(ckpt: Checkpoint) -> str:
+    """sha256 of the settings, the projection and the frozen backbone's weights: two stores with the
+    same fingerprint lift an image to the same features, so their sums add up."""
+    if ckpt.analytic is None:
+        raise ValueError("only analytic stores share statistics")
+    h = hashlib.sha256(json.dumps(base_description(ckpt), sort_keys=True).encode())
+    h.update(ckpt.analytic.projection_digest.encode())
+    for name in sorted(k for k in ckpt.weights if k.startswith("backbone.")):
+        t = ckpt.weights[name]
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    return h.hexdigest()
+
+
+def config_from_description(desc: dict[str, Any]) -> tuple[ModelConfig, Preprocessing]:
+    """Parse a base description (refuses unknown or missing fields with ValueError)."""
+    model = dict(desc["model"])
+    prep = dict(desc["preprocessing"])
+    for key in ("mean", "std"):
+        prep[key] = tuple(prep[key])
+    return ModelConfig(**model), Preprocessing(**prep)

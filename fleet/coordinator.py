@@ -1,0 +1,157 @@
+"""The coordinator's store: a cvm store like a device's (analytic learner, no held-out images), the
+fleet's append-only concept table beside it, and which upload of each device it merged last."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvm_edge import analytic_learner as al
+from cvm_edge.analytic import HeldOut, RidgeStats, class_targets, solve
+from cvm_edge.checkpoints import Checkpoint, CheckpointStore
+from cvm_edge.concepts import ConceptTable
+from cvm_edge.errors import ConceptError, StoreError, UsageError
+from cvm_edge.fsutil import FileLock, atomic_write_bytes, read_regular
+from cvm_edge.update import InitOptions, init_store, model_from_checkpoint
+from fleet import state as st
+from fleet.base import base_description, base_fingerprint
+from fleet.merge import RoundMerge
+from fleet.wire import Expected
+
+log = logging.getLogger(__name__)
+
+MAX_TABLE_BYTES = 256 << 20
+
+
+def init_coordinator(workdir: Path, opts: InitOptions) -> int:
+    """Version 1 of the coordinator's store, and the fleet's table (the store's, to start)."""
+    if opts.learner != "analytic":
+        raise UsageError("a fleet merges analytic stores: pass --learner analytic (the default when pretrained)")
+    table = ConceptTable.load(opts.concepts)
+    if table.is_multi_prototype:
+        raise UsageError("fleet tables have one row per class: build the table without prototypes")
+    version = init_store(workdir, opts)
+    _save_table(Path(workdir), table)
+    return version
+
+
+def _table_path(workdir: Path) -> Path:
+    return st.fleet_dir(workdir) / "table.npz"
+
+
+def _save_table(workdir: Path, table: ConceptTable) -> None:
+    path = _table_path(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, table.to_bytes())
+
+
+class Coordinator:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.store = CheckpointStore(self.workdir)
+
+    def latest(self) -> Checkpoint:
+        ckpt = self.store.load()
+        if ckpt.analytic is None:
+            raise StoreError(f"{self.workdir} is not an analytic store; create it with `cvm fleet init`")
+        return ckpt
+
+    def table(self) -> ConceptTable:
+        path = _table_path(self.workdir)
+        try:
+            table = ConceptTable.from_bytes(read_regular(path, MAX_TABLE_BYTES), str(path))
+        except (OSError, ValueError, ConceptError) as exc:
+            raise StoreError(f"the fleet's concept table {path} cannot be read: {exc}") from None
+        if not self.latest().table.is_prefix_of(table):
+            raise StoreError(f"{path} does not extend the coordinator's published table")
+        return table
+
+    def base(self) -> tuple[dict[str, Any], str]:
+        ckpt = self.latest()
+        return base_description(ckpt), base_fingerprint(ckpt)
+
+    def expected(self, table: ConceptTable) -> Expected:
+        ckpt = self.latest()
+        assert ckpt.analytic is not None
+        return Expected(base_fingerprint(ckpt), table.fingerprint, len(table.names), ckpt.analytic.stats.dim)
+
+    def merged_ids(self) -> dict[str, str]:
+        return dict(st.load_json(st.fleet_dir(self.workdir) / "merged.json") or {})
+
+    def extend(self, names: Sequence[str]) -> ConceptTable:
+        """Append class names that devices asked for (rows never move), embedded with the table's own
+        text model, and keep the table."""
+        from llm_embeddings.build import extend_table
+        from llm_embeddings.classfile import ClassSpec
+        from llm_embeddings.encoder import load_encoder
+
+        table = self.table()
+        new = [n for n in dict.fromkeys(names) if table.lookup(n) is None]
+        if not new:
+            return table
+        with FileLock(self.store.lock_path, "cvm fleet coordinator"):
+            table = extend_table(table, [ClassSpec(name=n) for n in new], load_encoder())
+            _save_table(self.workdir, table)
+        log.info("the fleet's table now has %d classes (added %s)", len(table.names), ", ".join(new))
+        return table
+
+    def publish(
+        self,
+        merge: RoundMerge,
+        table: ConceptTable,
+        relative_lambda: float,
+        entry: Mapping[str, Any],
+    ) -> int:
+        """The fleet's statistics solved at ``relative_lambda``, as the coordinator store's next version."""
+        with FileLock(self.store.lock_path, "cvm fleet coordinator"):
+            self.store.clean_stale()  # what a writer killed mid-publish left behind
+            prev = self.latest()
+            model = model_from_checkpoint(prev)
+            if table.fingerprint != prev.table.fingerprint:
+                model.set_table(table.as_float32())
+            targets = class_targets(table.as_float32(), prev.model_config.analytic_targets)
+            al.analytic_mapper(model).set_weight(solve(merge.stats, targets, relative_lambda))
+            assert prev.analytic is not None
+            seen = tuple(int(c) for c in np.flatnonzero(merge.stats.counts))
+            state = al.AnalyticState(
+                merge.stats, HeldOut.empty(prev.analytic.held_out.features.shape[1]), prev.analytic.projection_digest
+            )
+            full = {
+                "task": len(prev.history) + 1,
+                "kind": "fleet",
+                "new_classes": [c for c in seen if c not in prev.seen],
+                "new_class_names": [table.names[c] for c in seen if c not in prev.seen],
+                "revisited_classes": [],
+                "revisited_class_names": [],
+                "trained_classes": [],
+                "learner": "analytic",
+                "relative_lambda": relative_lambda,
+                "images_seen": int(merge.stats.counts.sum()),
+                **entry,
+            }
+            ckpt = dataclasses.replace(
+                prev,
+                table=table,
+                weights=model.weights_state(),
+                seen=seen,
+                history=(*prev.history, full),
+                analytic=state,
+            )
+            version = self.store.save(ckpt)
+            merged = self.merged_ids()
+            merged.update(merge.merged_ids)
+            st.save_json(st.fleet_dir(self.workdir) / "merged.json", merged)
+        return version
+
+    def rounds_done(self) -> int:
+        return sum(1 for e in self.latest().history if e.get("kind") == "fleet")
+
+    def stats(self) -> RidgeStats:
+        ckpt = self.latest()
+        assert ckpt.analytic is not None
+        return ckpt.analytic.stats

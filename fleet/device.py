@@ -1,0 +1,320 @@
+"""A fleet device: its own cvm store, driven through the product's code (``cvm_edge.update``).
+
+Bookkeeping (``<workdir>/fleet/``) so that nothing is counted twice or lost when a round fails:
+- ``known.npz``: the statistics, in this store's terms, that the coordinator already holds;
+- ``pending.npz`` + ``pending.json``: what the last upload brought the coordinator up to, until the
+  coordinator says whether it merged it;
+- ``staged.npz`` + ``staged.json``: the fleet's statistics received for scoring, until published.
+An upload is ``latest - known``. Publishing the fleet's statistics G keeps what this device learnt
+after its upload: the new store holds ``G + (latest - X)``, X being what G already contains of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cvm_edge import analytic_learner as al
+from cvm_edge.analytic import HeldOut, RidgePath, RidgeStats, class_targets, solve
+from cvm_edge.checkpoints import Checkpoint, CheckpointStore
+from cvm_edge.concepts import ConceptTable
+from cvm_edge.data import list_labelled_files, load_image_folder
+from cvm_edge.errors import CvmError, StoreError
+from cvm_edge.fsutil import FileLock
+from cvm_edge.update import InitOptions, UpdateOptions, init_store, model_from_checkpoint, parity_sample, run_update
+from fleet import state as st
+from fleet.base import base_fingerprint, config_from_description
+from fleet.merge import Votes
+from fleet.wire import pack_stats, stats_digest
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    arrays: dict[str, np.ndarray]
+    contribution_id: str
+    base: str
+    table: str
+    images: int  # images behind these statistics
+
+
+class StoreDevice:
+    """One device's side of a round, on the store at ``workdir``; ``data_dir`` holds the images it
+    learns locally (class folders, as for ``cvm update``)."""
+
+    def __init__(self, workdir: Path, data_dir: Path | None = None, max_forgetting: float = 10.0) -> None:
+        self.workdir = Path(workdir)
+        self.max_forgetting = max_forgetting
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.store = CheckpointStore(self.workdir)
+        self.dir = st.fleet_dir(self.workdir)
+
+    # ----- sync -------------------------------------------------------------------------------
+    def sync(self, base: dict[str, Any], table: ConceptTable, merged_id: str | None) -> list[str]:
+        """Settle the last upload (merged or not), create the store on the fleet's base if there is
+        none, and return the class names of the local data that the fleet's table lacks."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.store.lock_path, "cvm fleet device"):
+            self._settle(merged_id)
+        if not self.store.exists():
+            self._init(base, table)  # init_store takes the lock itself and refuses a store that exists
+        return self.wanted(table)
+
+    def _settle(self, merged_id: str | None) -> None:
+        pending = st.load_json(self.dir / "pending.json")
+        if pending is None:
+            return
+        if merged_id is not None and pending.get("id") == merged_id:
+            stats = st.load_stats(self.dir / "pending.npz")
+            if stats is None:
+                raise StoreError(f"{self.dir}/pending.npz is missing")
+            st.save_stats(self.dir / "known.npz", stats)
+        st.remove(self.dir / "pending.json")
+        st.remove(self.dir / "pending.npz")
+
+    def _init(self, base: dict[str, Any], table: ConceptTable) -> None:
+        config, prep = config_from_description(base)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "table.npz"
+            table.save(path)
+            opts = InitOptions(
+                concepts=path,
+                backbone=config.backbone,
+                image_size=prep.image_size,
+                train_backbone=config.train_backbone,
+                head=config.head,
+                mapper_hidden=config.mapper_hidden,
+                pretrained=config.pretrained,
+                seed=config.analytic_seed,
+                learner="analytic",
+                analytic_dim=config.analytic_dim,
+                analytic_targets=config.analytic_targets,
+            )
+            init_store(self.workdir, opts)
+        log.info("created the store on the fleet's base in %s", self.workdir)
+
+    # ----- local learning --------------------------------------------------------------------
+    def _files(self) -> dict[str, int]:
+        """Regular image files of the data folder (class folder/name -> size); links are skipped."""
+        assert self.data_dir is not None
+        out: dict[str, int] = {}
+        for cls in sorted(p for p in self.data_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+            for f in sorted(cls.iterdir()):
+                if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
+                    out[f"{cls.name}/{f.name}"] = f.stat().st_size
+        return out
+
+    def _new_files(self) -> dict[str, int]:
+        if self.data_dir is None or not self.data_dir.is_dir():
+            return {}
+        done = st.load_json(self.dir / "learned.json") or {}
+        return {k: v for k, v in self._files().items() if done.get(k) != v}
+
+    def wanted(self, table: ConceptTable) -> list[str]:
+        classes = sorted({k.split("/", 1)[0] for k in self._new_files()})
+        return [n for n in classes if table.lookup(n) is None]
+
+    def learn(self, table: ConceptTable) -> dict[str, Any] | None:
+        """``cvm update`` on the local images not learned yet (each image is learned once), on the
+        fleet's table. The images are copied into a scratch folder first, so the data folder may
+        keep growing while the update runs."""
+        new = self._new_files()
+        if not new:
+            return None
+        assert self.data_dir is not None
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "data"
+            for rel in new:
+                (data / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.data_dir / rel, data / rel)
+            path = Path(tmp) / "table.npz"
+            table.save(path)
+            report = run_update(
+                self.workdir,
+                UpdateOptions(data_dir=data, concepts=path, progress=False, max_forgetting=self.max_forgetting),
+            )
+        done = st.load_json(self.dir / "learned.json") or {}
+        st.save_json(self.dir / "learned.json", {**done, **new})
+        return report.entry
+
+    # ----- upload ----------------------------------------------------------------------------
+    def fingerprints(self) -> tuple[str, str]:
+        ckpt = self.store.load()
+        return base_fingerprint(ckpt), ckpt.table.fingerprint
+
+    def upload(self, wire_dtype: str, table: ConceptTable) -> Upload:
+        """What this store learnt since the coordinator last took its statistics, over the rows of
+        the fleet's ``table`` (this store's table must be a prefix of it: rows never move)."""
+        with FileLock(self.store.lock_path, "cvm fleet device"):
+            ckpt = self.store.load()
+            if not ckpt.table.is_prefix_of(table):
+                raise StoreError(
+                    f"this store's concept table ({ckpt.table.fingerprint[:12]}) is not a prefix of the fleet's "
+                    f"({table.fingerprint[:12]}): its rows would not mean the fleet's classes"
+                )
+            latest = _stats(ckpt).grown(len(table.names))
+            known = (st.load_stats(self.dir / "known.npz") or RidgeStats.empty(latest.dim, 0)).grown(latest.rows)
+            delta = RidgeStats(
+                latest.gram - known.gram, latest.class_sums - known.class_sums, latest.counts - known.counts
+            )
+            cid = hashlib.sha256(f"{stats_digest(latest)}:{stats_digest(known)}".encode()).hexdigest()[:32]
+            st.save_stats(self.dir / "pending.npz", latest)
+            st.save_json(self.dir / "pending.json", {"id": cid})
+        return Upload(
+            pack_stats(delta, wire_dtype), cid, base_fingerprint(ckpt), table.fingerprint, int(delta.counts.sum())
+        )
+
+    # ----- score and publish -----------------------------------------------------------------
+    def score(self, fleet: RidgeStats, table: ConceptTable, grid: Sequence[float]) -> Votes:
+        """Stage the fleet's statistics and tally this device's held-out images for each lambda."""
+        ckpt = self.store.load()
+        held = _held_out(ckpt)
+        votes = tally(_model(ckpt, table), table, ckpt.model_config.analytic_targets, fleet, held, grid)
+        correct, total = votes.correct, votes.total
+        # Kept with the staged statistics: at publish, this device's own held-out accuracy at the chosen
+        # lambda becomes its classes' reference for the forgetting gate of later local updates.
+        st.save_stats(self.dir / "staged.npz", fleet)
+        st.save_json(
+            self.dir / "staged.json",
+            {
+                "digest": stats_digest(fleet),
+                "lambdas": list(grid),
+                "correct": correct.tolist(),
+                "total": total.tolist(),
+            },
+        )
+        return Votes(correct, total)
+
+    def publish(
+        self, digest: str, relative_lambda: float, merged: bool, table: ConceptTable, entry: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Publish the staged fleet statistics solved at ``relative_lambda`` as a new version, then
+        export its bundle (the server keeps the old one until the new one passes parity)."""
+        with FileLock(self.store.lock_path, "cvm fleet device"):
+            self.store.clean_stale()
+            fleet = st.load_stats(self.dir / "staged.npz")
+            staged = st.load_json(self.dir / "staged.json") or {}
+            if fleet is None or staged.get("digest") != digest or stats_digest(fleet) != digest:
+                raise StoreError("the staged fleet statistics are missing or not the ones the coordinator published")
+            prev = self.store.load()
+            latest = _stats(prev).grown(fleet.rows)
+            pending = st.load_stats(self.dir / "pending.npz") if merged else None
+            known = st.load_stats(self.dir / "known.npz")
+            x = (pending or known or RidgeStats.empty(latest.dim, 0)).grown(fleet.rows)
+            new = fleet.merged(
+                RidgeStats(latest.gram - x.gram, latest.class_sums - x.class_sums, latest.counts - x.counts)
+            )
+            model = _model(prev, table)
+            # One direct solve (a few times cheaper than the eigendecomposition the scoring needed).
+            targets = class_targets(table.as_float32(), prev.model_config.analytic_targets)
+            al.analytic_mapper(model).set_weight(solve(new, targets, relative_lambda))
+            own = _own_accuracy(staged, relative_lambda)
+            assert prev.analytic is not None
+            seen = tuple(int(c) for c in np.flatnonzero(new.counts))
+            state = al.AnalyticState(new, prev.analytic.held_out, prev.analytic.projection_digest)
+            full = {
+                "task": len(prev.history) + 1,
+                "kind": "fleet",
+                "new_classes": [c for c in seen if c not in prev.seen],
+                "new_class_names": [table.names[c] for c in seen if c not in prev.seen],
+                "revisited_classes": [],
+                "revisited_class_names": [],
+                "learner": "analytic",
+                "relative_lambda": relative_lambda,
+                "images_seen": int(new.counts.sum()),
+                "unknown_threshold": al.unknown_threshold(model, state, seen),
+                **entry,
+                # This device's classes (those it holds held-out images of) on its own held-out images:
+                # the fleet's model is their new reference for the forgetting gate.
+                "trained_classes": sorted(own),
+                "per_class_accuracy": {str(c): round(a, 6) for c, a in own.items()},
+                "fleet_per_class_accuracy": entry.get("per_class_accuracy", {}),
+            }
+            ckpt = dataclasses.replace(
+                prev,
+                table=table,
+                weights=model.weights_state(),
+                seen=seen,
+                history=(*prev.history, full),
+                analytic=state,
+            )
+            version = self.store.save(ckpt)
+            st.save_stats(self.dir / "known.npz", fleet)
+            for name in ("pending.npz", "pending.json", "staged.npz", "staged.json"):
+                st.remove(self.dir / name)
+        exported = self._export(version, table)  # export_bundle takes the store's lock itself
+        return {"version": version, "exported": exported, "classes": len(seen)}
+
+    def _export(self, version: int, table: ConceptTable) -> str:
+        from deploy.export import export_bundle
+
+        if self.data_dir is None:
+            return "not exported: no local images to check parity on"
+        ckpt = self.store.load(version)
+        try:
+            images = load_image_folder(self.data_dir, table, ckpt.prep, skip_bad=True, progress=False)
+            sample = parity_sample(images, images)
+            return export_bundle(self.workdir, version, images=sample).summary()
+        except CvmError as exc:
+            return f"not exported ({exc}); the server keeps the previous bundle"
+
+
+def _stats(ckpt: Checkpoint) -> RidgeStats:
+    if ckpt.analytic is None:
+        raise StoreError(f"{ckpt.version}: a fleet device needs an analytic store (`cvm init --learner analytic`)")
+    return ckpt.analytic.stats.grown(len(ckpt.table.names))
+
+
+@torch.no_grad()
+def tally(
+    model: Any, table: ConceptTable, targets: str, fleet: RidgeStats, held: HeldOut, grid: Sequence[float]
+) -> Votes:
+    """Correct predictions per class of the held-out features ``held`` for each lambda of ``grid``,
+    with the fleet's statistics solved once (one eigendecomposition) and ``model``'s head."""
+    rows = fleet.rows
+    correct = np.zeros((len(grid), rows), np.int64)
+    total = np.bincount(held.labels, minlength=rows)[:rows].astype(np.int64)
+    if len(held):
+        path = RidgePath.of(fleet, class_targets(table.as_float32(), targets))
+        h = al.lifted(model, held.features.astype(np.float32))
+        seen = [int(c) for c in np.flatnonzero(fleet.counts)]
+        for i, lam in enumerate(grid):
+            pred = al.rows_from_outputs(model, h @ path.solve(lam), seen)
+            correct[i] = np.bincount(held.labels[pred == held.labels], minlength=rows)[:rows]
+    return Votes(correct, total)
+
+
+def _own_accuracy(staged: dict[str, Any], relative_lambda: float) -> dict[int, float]:
+    lambdas = [float(x) for x in staged.get("lambdas", [])]
+    if relative_lambda not in lambdas:
+        return {}
+    correct = staged["correct"][lambdas.index(relative_lambda)]
+    return {c: correct[c] / n for c, n in enumerate(staged["total"]) if n > 0}
+
+
+def _held_out(ckpt: Checkpoint) -> HeldOut:
+    assert ckpt.analytic is not None
+    return ckpt.analytic.held_out
+
+
+@torch.no_grad()
+def _model(ckpt: Checkpoint, table: ConceptTable) -> Any:
+    if not ckpt.table.is_prefix_of(table):
+        raise StoreError(f"the fleet's concept table does not extend this store's ({ckpt.table.fingerprint[:12]})")
+    model = model_from_checkpoint(ckpt)
+    if table.fingerprint != ckpt.table.fingerprint:
+        model.set_table(table.as_float32())
+    return model
+
+
+def list_data_classes(data_dir: Path, table: ConceptTable) -> list[int]:
+    return sorted({int(label) for _, label in list_labelled_files(data_dir, table, "the fleet's table")})

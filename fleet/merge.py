@@ -1,0 +1,104 @@
+"""The coordinator's arithmetic of a round (numpy only): add the accepted devices' statistics, and
+pick lambda from their held-out votes exactly as one device would on the union of their held-out
+images (balanced accuracy over classes; ties go to the larger, smoother lambda)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from cvm_edge.analytic import RidgeStats
+from fleet.wire import Contribution, ContributionError, Expected, check_contribution
+
+
+class QuorumError(RuntimeError):
+    """Too few devices contributed to publish the round."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundMerge:
+    stats: RidgeStats  # the fleet's statistics after this round
+    accepted: tuple[str, ...]
+    refused: Mapping[str, str]  # device -> why it was left out
+    merged_ids: Mapping[str, str]  # device -> id of the contribution merged
+
+
+def merge_round(
+    current: RidgeStats,
+    contributions: Sequence[Contribution],
+    expected: Expected,
+    asked: Sequence[str],
+    quorum: float,
+    failed: Mapping[str, str] | None = None,
+) -> RoundMerge:
+    """``current`` plus every contribution that matches ``expected``. ``asked`` are the devices the
+    round asked; ``failed`` those that sent no answer (dropped out, errors). Raises QuorumError when
+    fewer than ``quorum`` (a share of ``asked``) contributed: nothing is published then."""
+    refused: dict[str, str] = dict(failed or {})
+    total = current.grown(expected.rows)
+    accepted: list[str] = []
+    ids: dict[str, str] = {}
+    for c in contributions:
+        try:
+            check_contribution(c, expected)
+        except ContributionError as exc:
+            refused[c.device] = str(exc)
+            continue
+        total = total.merged(c.stats.grown(expected.rows))
+        accepted.append(c.device)
+        ids[c.device] = c.contribution_id
+    need = int(np.ceil(quorum * len(asked) - 1e-9))
+    if not asked or len(accepted) < max(1, need):
+        why = "; ".join(f"{d}: {r}" for d, r in sorted(refused.items())) or "no device answered"
+        raise QuorumError(
+            f"{len(accepted)} of {len(asked)} devices contributed, the quorum needs {max(1, need)} ({why})"
+        )
+    return RoundMerge(total, tuple(accepted), refused, ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Votes:
+    """A device's held-out tally for each candidate lambda: correct predictions per class."""
+
+    correct: np.ndarray  # [L, K] int64
+    total: np.ndarray  # [K] int64
+
+
+def choose_lambda(grid: Sequence[float], votes: Sequence[Votes]) -> tuple[float, dict[str, float]]:
+    """The grid's lambda with the best balanced accuracy over the union of the devices' held-out
+    images; the middle of the grid when nobody holds any."""
+    rows = max((v.total.shape[0] for v in votes), default=0)
+    correct = np.zeros((len(grid), rows), np.int64)
+    total = np.zeros(rows, np.int64)
+    for v in votes:
+        if v.correct.shape != (len(grid), v.total.shape[0]):
+            raise ValueError(f"votes of shape {v.correct.shape} for a grid of {len(grid)}")
+        k = v.total.shape[0]
+        correct[:, :k] += v.correct
+        total[:k] += v.total
+    classes = total > 0
+    if not classes.any():
+        return float(grid[len(grid) // 2]), {}
+    acc = (correct[:, classes] / total[classes]).mean(axis=1)
+    scores = {f"{lam:g}": round(float(a), 6) for lam, a in zip(grid, acc, strict=True)}
+    best = max(range(len(grid)), key=lambda i: (acc[i], grid[i]))
+    return float(grid[best]), scores
+
+
+def class_accuracy(grid: Sequence[float], lam: float, votes: Votes) -> dict[int, float]:
+    """Per-class held-out accuracy of one device at the chosen lambda."""
+    i = list(grid).index(lam)
+    return {int(c): float(votes.correct[i, c] / votes.total[c]) for c in np.flatnonzero(votes.total)}
+
+
+def summed(votes: Sequence[Votes]) -> Votes:
+    """The fleet's tally: every device's held-out images together."""
+    rows = max((v.total.shape[0] for v in votes), default=0)
+    correct = np.zeros((max((v.correct.shape[0] for v in votes), default=0), rows), np.int64)
+    total = np.zeros(rows, np.int64)
+    for v in votes:
+        correct[:, : v.total.shape[0]] += v.correct
+        total[: v.total.shape[0]] += v.total
+    return Votes(correct, total)

@@ -1,0 +1,111 @@
+"""Fleet arithmetic (issue 21): the wire format, the round's merge and the fleet's lambda choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cvm_edge.analytic import RidgeStats, balanced_accuracy
+from cvm_edge.analytic import choose_lambda as device_choose_lambda
+from fleet.merge import QuorumError, Votes, choose_lambda, merge_round
+from fleet.settings import FleetSettings
+from fleet.wire import Contribution, ContributionError, Expected, pack_stats, packed_bytes, unpack_stats
+
+BASE, TABLE = "b" * 64, "t" * 64
+
+
+def _stats(seed: int, n: int = 50, dim: int = 12, rows: int = 5, classes: tuple[int, ...] = (0, 1, 2)) -> RidgeStats:
+    rng = np.random.default_rng(seed)
+    return RidgeStats.empty(dim, rows).add(rng.random((n, dim)), rng.choice(classes, n))
+
+
+def _c(name: str, stats: RidgeStats, base: str = BASE, table: str = TABLE) -> Contribution:
+    return Contribution(name, base, table, stats, f"id-{name}", 0)
+
+
+def test_a_round_adds_exactly_the_matching_uploads_and_names_the_others() -> None:
+    a, b = _stats(1), _stats(2, classes=(2, 3, 4))
+    ups = [
+        _c("a", a),
+        _c("b", b),
+        _c("other-base", _stats(3), base="x" * 64),
+        _c("other-table", _stats(4), table="y" * 64),
+        _c("other-dim", _stats(5, dim=8)),
+        _c("more-rows", _stats(6, rows=9)),
+    ]
+    names = [u.device for u in ups] + ["dropped"]
+    start = _stats(7)
+    m = merge_round(start, ups, Expected(BASE, TABLE, 5, 12), names, 0.25, failed={"dropped": "no answer"})
+    assert m.accepted == ("a", "b")
+    assert m.merged_ids == {"a": "id-a", "b": "id-b"}
+    one_pass = start.merged(a).merged(b)
+    np.testing.assert_allclose(m.stats.gram, one_pass.gram, rtol=1e-12)
+    np.testing.assert_array_equal(m.stats.counts, one_pass.counts)
+    assert set(m.refused) == {"other-base", "other-table", "other-dim", "more-rows", "dropped"}
+    assert "base" in m.refused["other-base"] and "table" in m.refused["other-table"]
+    assert "dimension" in m.refused["other-dim"] and "rows" in m.refused["more-rows"]
+    with pytest.raises(QuorumError, match="2 of 7 devices contributed"):
+        merge_round(start, ups, Expected(BASE, TABLE, 5, 12), names, 0.5)
+
+
+def test_wire_round_trip_sends_only_classes_with_images_and_refuses_bad_arrays() -> None:
+    s = _stats(1, rows=100, classes=(3, 70))
+    for dtype, rtol in (("float64", 0), ("float32", 1e-6)):
+        arrays = pack_stats(s, dtype)
+        assert arrays["class_sums"].shape == (2, 12)
+        back = unpack_stats(arrays)
+        np.testing.assert_allclose(back.gram, s.gram, rtol=rtol)
+        np.testing.assert_allclose(back.class_sums, s.class_sums, rtol=rtol)
+        np.testing.assert_array_equal(back.counts, s.counts)
+    bad = pack_stats(s)
+    bad["gram_triu"] = bad["gram_triu"].copy()
+    bad["gram_triu"][3] = np.nan
+    with pytest.raises(ContributionError, match="non-finite"):
+        unpack_stats(bad)
+    with pytest.raises(ContributionError, match="outside"):
+        unpack_stats({**pack_stats(s), "class_rows": np.array([3, 100])})
+    with pytest.raises(ContributionError, match="without"):
+        unpack_stats({"gram_triu": pack_stats(s)["gram_triu"]})
+
+
+def test_an_upload_of_m_2048_is_under_9_mb() -> None:
+    s = RidgeStats(np.zeros((2048, 2048)), np.ones((43, 2048)), np.ones(43, np.int64))
+    assert packed_bytes(pack_stats(s, "float32")) <= 9e6
+    assert packed_bytes(pack_stats(s, "float64")) > 16e6  # float64 is the exact option, at twice the bytes
+
+
+def test_the_fleets_lambda_is_the_one_a_device_would_choose_on_the_union() -> None:
+    rng = np.random.default_rng(0)
+    grid = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    labels = [rng.integers(0, 6, 40), rng.integers(2, 8, 25)]  # two devices' held-out images
+    preds = [
+        [np.where(rng.random(len(y)) < q, y, rng.integers(0, 8, len(y))) for q in (0.5, 0.7, 0.9, 0.6, 0.4)]
+        for y in labels
+    ]
+    votes = []
+    for y, p in zip(labels, preds, strict=True):
+        correct = np.stack([np.bincount(y[pi == y], minlength=8) for pi in p])
+        votes.append(Votes(correct, np.bincount(y, minlength=8)))
+    lam, scores = choose_lambda(grid, votes)
+    union_labels = np.concatenate(labels)
+    union_pred = {g: np.concatenate([p[i] for p in preds]) for i, g in enumerate(grid)}
+
+    class Path:  # the union's predictions per lambda, through analytic.choose_lambda's own loop
+        def solve(self, g: float) -> np.ndarray:
+            return np.array([[g]])
+
+    ref = device_choose_lambda(Path(), np.ones((1, 1)), union_labels, lambda out: union_pred[float(out[0, 0])], grid)  # type: ignore[arg-type]
+    assert lam == ref.relative_lambda == 1e-1
+    for g in grid:
+        assert scores[f"{g:g}"] == pytest.approx(balanced_accuracy(union_pred[g], union_labels), abs=1e-6)
+
+
+def test_settings_from_flowers_run_config_refuse_unknown_or_bad_keys(tmp_path) -> None:
+    s = FleetSettings.from_run_config({"workdir": str(tmp_path), "rounds": 2, "quorum": 0.5, "min-devices": 3})
+    assert (s.rounds, s.quorum, s.min_devices) == (2, 0.5, 3)
+    with pytest.raises(ValueError, match="unknown fleet settings: roundz"):
+        FleetSettings.from_run_config({"workdir": str(tmp_path), "roundz": 2})
+    with pytest.raises(ValueError, match="quorum"):
+        FleetSettings.from_run_config({"workdir": str(tmp_path), "quorum": 0})
+    with pytest.raises(ValueError, match="workdir"):
+        FleetSettings.from_run_config({"rounds": 1})

