@@ -433,6 +433,32 @@ def render_updates(root: Path) -> list[str]:
     return lines
 
 
+def render_fleet(root: Path) -> list[str]:
+    """Fleet rounds in Flower's simulation runtime (bench/fleet.py): the fleet's model against
+    centralised training on the union and each device alone, on the protocol's test images."""
+    d = root / "fleet"
+    files = sorted(d.glob("*.json")) if d.is_dir() else []
+    if not files:
+        return []
+    lines = [
+        "| protocol | size | devices | classes/device | merge | wire | rounds | fleet % | centralised % | fleet - central "
+        "(points) | device alone % (mean / best) | upload MB/device/round | download MB/device/round | round wall s "
+        "| command | commit | date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in files:
+        r = json.loads(f.read_text())
+        lines.append(
+            f"| {r['protocol']} | {r['image_size']} | {r['devices']} | {r['classes_per_device']} | {r['merge']} "
+            f"| {r['wire_dtype']} | {r['rounds']} | {100 * r['fleet_accuracy']:.2f} | {100 * r['centralised_accuracy']:.2f} "
+            f"| {r['fleet_minus_centralised_points']:+.2f} | {100 * r['device_alone_mean']:.1f} / "
+            f"{100 * r['device_alone_best']:.1f} | {r['upload_bytes_per_device_max'] / 1e6:.2f} "
+            f"| {r['download_bytes_per_device'] / 1e6:.2f} | {', '.join(f'{w:.0f}' for w in r['round_wall_s'])} "
+            f"| `{r['command']}` | {str(r['git_commit'])[:12]} | {str(r['date'])[:10]} |"
+        )
+    return lines
+
+
 def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str, plots: Path) -> list[str]:
     import matplotlib
 
@@ -718,6 +744,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     inf = render_inference(args.results)
     if inf:
         lines += ["## Inference latency, SingleStream (bench/inference.py)", "", *inf, ""]
+    fleet = render_fleet(args.results)
+    if fleet:
+        lines += ["## Fleet learning on Flower, simulation runtime (bench/fleet.py)", "", *fleet, ""]
     zoo = render_zoo(args.results)
     if zoo:
         lines += ["## Backbone zoo: every edge backbone through the chain (bench/zoo.py)", "", *zoo, ""]

@@ -29,7 +29,7 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import list_labelled_files, load_image_folder
 from cvm_edge.errors import CvmError, StoreError
 from cvm_edge.fsutil import FileLock
-from cvm_edge.update import InitOptions, UpdateOptions, init_store, model_from_checkpoint, parity_sample, run_update
+from cvm_edge.update import InitOptions, UpdateOptions, init_store, model_from_checkpoint, run_update
 from fleet import state as st
 from fleet.base import base_fingerprint, config_from_description
 from fleet.merge import Votes
@@ -132,10 +132,7 @@ class StoreDevice:
             return None
         assert self.data_dir is not None
         with tempfile.TemporaryDirectory() as tmp:
-            data = Path(tmp) / "data"
-            for rel in new:
-                (data / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.data_dir / rel, data / rel)
+            data = _copy(self.data_dir, list(new), Path(tmp) / "data")
             path = Path(tmp) / "table.npz"
             table.save(path)
             report = run_update(
@@ -162,6 +159,7 @@ class StoreDevice:
                     f"({table.fingerprint[:12]}): its rows would not mean the fleet's classes"
                 )
             latest = _stats(ckpt).grown(len(table.names))
+            _check_known_is_current(ckpt, st.load_json(self.dir / "known.json"))
             known = (st.load_stats(self.dir / "known.npz") or RidgeStats.empty(latest.dim, 0)).grown(latest.rows)
             delta = RidgeStats(
                 latest.gram - known.gram, latest.class_sums - known.class_sums, latest.counts - known.counts
@@ -248,7 +246,10 @@ class StoreDevice:
                 analytic=state,
             )
             version = self.store.save(ckpt)
+            # known.npz pairs with this version: were it lost (a crash right here), the next upload
+            # refuses instead of sending the fleet's statistics back as this device's own
             st.save_stats(self.dir / "known.npz", fleet)
+            st.save_json(self.dir / "known.json", {"fleet_round": full.get("fleet_round", 0), "version": version})
             for name in ("pending.npz", "pending.json", "staged.npz", "staged.json"):
                 st.remove(self.dir / name)
         exported = self._export(version, table)  # export_bundle takes the store's lock itself
@@ -257,15 +258,40 @@ class StoreDevice:
     def _export(self, version: int, table: ConceptTable) -> str:
         from deploy.export import export_bundle
 
-        if self.data_dir is None:
+        files = sorted(self._files()) if self.data_dir is not None and self.data_dir.is_dir() else []
+        if not files:
             return "not exported: no local images to check parity on"
+        assert self.data_dir is not None
+        pick = np.random.default_rng(version).permutation(len(files))[:PARITY_IMAGES]
         ckpt = self.store.load(version)
         try:
-            images = load_image_folder(self.data_dir, table, ckpt.prep, skip_bad=True, progress=False)
-            sample = parity_sample(images, images)
-            return export_bundle(self.workdir, version, images=sample).summary()
+            with tempfile.TemporaryDirectory() as tmp:
+                data = _copy(self.data_dir, [files[i] for i in sorted(pick)], Path(tmp) / "data")
+                images = load_image_folder(data, table, ckpt.prep, skip_bad=True, progress=False)
+            return export_bundle(self.workdir, version, images=images).summary()
         except CvmError as exc:
             return f"not exported ({exc}); the server keeps the previous bundle"
+
+
+PARITY_IMAGES = 256  # local images the export checks parity on (decoding the whole folder would cost more)
+
+
+def _copy(src: Path, rels: Sequence[str], dst: Path) -> Path:
+    """Copies of ``src``'s ``class/file`` entries under ``dst`` (a scratch folder the update reads)."""
+    for rel in rels:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, dst / rel)
+    return dst
+
+
+def _check_known_is_current(ckpt: Checkpoint, known: dict[str, Any] | None) -> None:
+    rounds = [e.get("fleet_round") for e in ckpt.history if e.get("kind") == "fleet"]
+    newest = max((r for r in rounds if isinstance(r, int)), default=0)
+    if newest > int((known or {}).get("fleet_round", 0)):
+        raise StoreError(
+            "this store published a fleet version whose statistics were not recorded as known (a crash between the "
+            "two writes); uploading now would count the fleet's images twice. Start this device from a fresh workdir"
+        )
 
 
 def _stats(ckpt: Checkpoint) -> RidgeStats:
