@@ -290,7 +290,13 @@ def closed_loop(port: int, image: bytes, clients: int, seconds: float) -> dict[s
         start.wait()
         while time.perf_counter() < stop[0]:
             t0 = time.perf_counter()
-            status, body = c.request("POST", "/v1/classify", image, "image/jpeg")
+            try:
+                status, body = c.request("POST", "/v1/classify", image, "image/jpeg")
+            except (OSError, http.client.HTTPException) as exc:  # counted; a new connection goes on
+                errors.append(repr(exc))
+                c.close()
+                c = _Client(port)
+                continue
             lat[i].append(1000.0 * (time.perf_counter() - t0))
             if status != 200:
                 errors.append(f"{status}: {body[:100]!r}")
@@ -307,7 +313,7 @@ def closed_loop(port: int, image: bytes, clients: int, seconds: float) -> dict[s
     wall = time.perf_counter() - t0
     flat = [x for per in lat for x in per]
     return {"requests": len(flat), "seconds": round(wall, 3), "throughput_rps": round(len(flat) / wall, 1),
-            "errors": len(errors), **{k: v for k, v in _stats(flat).items() if k != "n"}}  # fmt: skip
+            "errors": len(errors), "error_sample": errors[:3], **{k: v for k, v in _stats(flat).items() if k != "n"}}  # fmt: skip
 
 
 def _batch_runs(port: int) -> tuple[float, float]:
@@ -384,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deploy.bundle import current_bundle_dir
 
     t0 = time.time()
+    load_at_start = [round(v, 2) for v in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="cvm-bench-") as tmp:
         if args.bundle is not None:
             bundle: Path | None = args.bundle
@@ -440,9 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "figures": figures,
         "concurrency": conc,
         "targets": targets,
-        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],  # machine's: when written
         "wall_s": round(time.time() - t0, 1),
     }
+    result["machine"]["load_average_at_start"] = load_at_start  # provenance() ran at the end
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     st = figures["sides"]

@@ -153,12 +153,13 @@ def _httptools_protocol() -> type[Any] | None:
         (bench/server_latency.py)."""
 
         _awaiting_headers = True
-        _header_bytes = 0
+        _header_bytes = 0  # request line and headers parsed so far
+        _pending_bytes = 0  # bytes read since the headers were awaited
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._header_timer = None
-            self._awaiting_headers, self._header_bytes = True, 0
+            self._awaiting_headers, self._header_bytes, self._pending_bytes = True, 0, 0
             self._admit()
 
         def _headers_pending(self) -> bool:
@@ -168,21 +169,34 @@ def _httptools_protocol() -> type[Any] | None:
             return self.cycle is not None and not self.cycle.response_complete
 
         def data_received(self, data: bytes) -> None:
+            # llhttp keeps no limit of its own. The parsed request line and headers are counted in
+            # the callbacks (a whole oversized block can come in one read); the raw bytes of headers
+            # still incomplete after a read too (httptools buffers a header until it ends)
             if self._awaiting_headers:
-                self._header_bytes += len(data)
+                self._pending_bytes += len(data)
             super().data_received(data)
-            # llhttp keeps no limit of its own: a request whose headers run on past the limit is
-            # refused (uvicorn has appended at most one read more than the limit by now)
-            if self._awaiting_headers and self._header_bytes > self.max_header_bytes and self.parser is not None:
-                if not self.transport.is_closing():
-                    self.send_400_response(f"request line and headers over {self.max_header_bytes} bytes")
+            if self._awaiting_headers and self._pending_bytes > self.max_header_bytes:
+                self.send_400_response("too long")
+
+        def _count(self, n: int) -> None:
+            self._header_bytes += n
+            if self._header_bytes > self.max_header_bytes:
+                raise ValueError("request headers too long")  # httptools stops: uvicorn's 400 path
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._awaiting_headers = True
+            self._awaiting_headers, self._header_bytes = True, 0
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
-            self._awaiting_headers, self._header_bytes = False, 0
+            self._awaiting_headers, self._pending_bytes = False, 0
             self._cancel_header_timer()
             super().on_headers_complete()
 
@@ -199,14 +213,14 @@ def _httptools_protocol() -> type[Any] | None:
                 self._cancel_header_timer()
                 self._header_timer = self.loop.call_later(self.header_timeout_s, self.transport.close)
             else:
-                self._awaiting_headers = True
+                self._awaiting_headers, self._pending_bytes = True, 0
                 self._arm_header_timer()  # the next request's headers get the same deadline
 
         def on_message_complete(self) -> None:
             answered = self.cycle is not None and self.cycle.response_complete
             super().on_message_complete()
             if answered and not self.transport.is_closing():  # the rest of an answered body is in
-                self._awaiting_headers = True
+                self._awaiting_headers, self._pending_bytes = True, 0
                 self._arm_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -215,6 +229,10 @@ def _httptools_protocol() -> type[Any] | None:
 
         def send_400_response(self, msg: str) -> None:
             """uvicorn's answer to what llhttp refuses, in JSON (no request cycle exists for it)."""
+            if self.transport.is_closing():
+                return
+            if max(self._header_bytes, self._pending_bytes) > self.max_header_bytes:
+                msg = f"request line and headers over {self.max_header_bytes} bytes"
             self._send_and_close(400, f"invalid HTTP request: {msg}")
 
     return LimitedHttpToolsProtocol
