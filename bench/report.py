@@ -309,6 +309,15 @@ def render_server_latency(root: Path) -> list[str]:
                 f"{on['mean_batch_images'] if on['mean_batch_images'] is not None else '-'} | "
                 f"{lv['throughput_on_over_off']:.3f} |"
             )
+    if conc:
+        lines += [
+            "",
+            "In a closed loop latency is clients / throughput (Little's law): p99 at 16 clients under 4 x the "
+            "single-stream p50 needs more than 4 / p50 requests per second, which is more than a 2-core CPU can "
+            "run of a model whose batch-1 run takes most of that p50; onnxruntime on the CPU gains little per image "
+            "from a batch, so batching here can only save per-request overhead. Server CPU per request moves "
+            "less with other load than latency does on this shared machine.",
+        ]
     lines += ["", f"Command {prov}; load average at start {m.get('load_average_at_start')}, "
               f"at end {d.get('load_average_at_end')}."]  # fmt: skip
     for name, t in d.get("targets", {}).items():
