@@ -252,19 +252,78 @@ def _save_png(fig: Any, path: Path) -> None:
 
 
 def render_server_latency(root: Path) -> list[str]:
-    """The serving-latency row (bench/server_latency.py): server p50 against the bare Predictor."""
+    """The serving rows (bench/server_latency.py): server p50 against bare onnxruntime and the
+    Predictor, server CPU per request, and dynamic batching under 1/4/16 concurrent clients."""
     path = root / "server_latency.json"
     if not path.is_file():
         return []
     d = json.loads(path.read_text())
     f, m = d["figures"], d["machine"]
-    return [
-        "| p50 Predictor ms | p50 server ms | ratio (target <= 1.25) | p99 server ms | command | commit | machine | date |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {f['predictor']['p50_ms']:.2f} | {f['server_client_side']['p50_ms']:.2f} | {f['ratio_p50']:.3f} | "
-        f"{f['server_client_side']['p99_ms']:.2f} | `{d['command']}` | {d['git_commit'][:12]} | "
-        f"{m['cpu']}, {m['cpu_count']} cores | {d['date'][:10]} |",
+    prov = f"`{d['command']}`, commit {d['git_commit'][:12]}, {m['cpu']}, {m['cpu_count']} cores, {d['date'][:10]}"
+    if "sides" not in f:  # a result from before issue 19: the Predictor against the server only
+        return [
+            "| p50 Predictor ms | p50 server ms | ratio (target <= 1.25) | p99 server ms | command | commit | machine | date |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {f['predictor']['p50_ms']:.2f} | {f['server_client_side']['p50_ms']:.2f} | {f['ratio_p50']:.3f} | "
+            f"{f['server_client_side']['p99_ms']:.2f} | `{d['command']}` | {d['git_commit'][:12]} | "
+            f"{m['cpu']}, {m['cpu_count']} cores | {d['date'][:10]} |",
+        ]
+    st, su, cpu = f["sides"], d["setup"], f["server_cpu_ms_per_request"]
+    lines = [
+        f"{su['backbone']} {su['image_size']} px {su['precision']}, one {su['image_bytes']}-byte JPEG, "
+        f"{su['intra_op_threads']} intra-op thread(s), one client, p50 of {st['server']['n']} calls per side "
+        "in alternating rounds:",
+        "",
+        "| side | p50 ms | p99 ms | server CPU ms / request | / ORT p50 |",
+        "|---|---|---|---|---|",
     ]
+    names = {
+        "ort": "bare onnxruntime (decoded tensor)",
+        "predictor": "Predictor (JPEG, in process)",
+        "server": "server, httptools + uvloop (shipped)",
+        "server_h11": "server, h11 + asyncio (before)",
+    }
+    for side, label in names.items():
+        s = st[side]
+        lines.append(
+            f"| {label} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
+            f"{cpu[side]:.2f} | {s['p50_ms'] / st['ort']['p50_ms']:.3f} |"
+            if side in cpu
+            else f"| {label} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | - | {s['p50_ms'] / st['ort']['p50_ms']:.3f} |"
+        )
+    conc = d.get("concurrency")
+    if conc:
+        lines += [
+            "",
+            f"Dynamic batching, N clients in a closed loop ({conc['seconds_per_run']:g} s per run, median of "
+            f"{conc['rounds']} alternating runs; batching on: `--batch-window-ms {conc['window_ms']:g}`):",
+            "",
+            "| clients | off req/s | off p50 ms | off p99 ms | on req/s | on p50 ms | on p99 ms | mean batch | on / off |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n, lv in conc["levels"].items():
+            off, on = lv["off"], lv["on"]
+            lines.append(
+                f"| {n} | {off['throughput_rps']:.0f} | {off['p50_ms']:.1f} | {off['p99_ms']:.1f} | "
+                f"{on['throughput_rps']:.0f} | {on['p50_ms']:.1f} | {on['p99_ms']:.1f} | "
+                f"{on['mean_batch_images'] if on['mean_batch_images'] is not None else '-'} | "
+                f"{lv['throughput_on_over_off']:.3f} |"
+            )
+    if conc:
+        lines += [
+            "",
+            "In a closed loop latency is clients / throughput (Little's law): p99 at 16 clients under 4 x the "
+            "single-stream p50 needs more than 4 / p50 requests per second, which is more than a 2-core CPU can "
+            "run of a model whose batch-1 run takes most of that p50; onnxruntime on the CPU gains little per image "
+            "from a batch, so batching here can only save per-request overhead. Server CPU per request moves "
+            "less with other load than latency does on this shared machine.",
+        ]
+    lines += ["", f"Command {prov}; load average at start {m.get('load_average_at_start')}, "
+              f"at end {d.get('load_average_at_end')}."]  # fmt: skip
+    for name, t in d.get("targets", {}).items():
+        bound = next(f"{k.replace('_', ' ')} {t[k]}" for k in ("at_most", "at_least", "below") if k in t)
+        lines.append(f"- target {name}: {bound}: {t['value']}, {'met' if t['met'] else 'missed'}")
+    return lines
 
 
 def render_inference(root: Path) -> list[str]:
@@ -740,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ["## One `cvm update`: 2-core CPU and GPU (bench/update.py)", "", *upd, ""]
     srv = render_server_latency(args.results)
     if srv:
-        lines += ["## Serving latency: 224x224 JPEG, 1 intra-op thread (bench/server_latency.py)", "", *srv, ""]
+        lines += ["## Serving: request path and dynamic batching (bench/server_latency.py)", "", *srv, ""]
     inf = render_inference(args.results)
     if inf:
         lines += ["## Inference latency, SingleStream (bench/inference.py)", "", *inf, ""]

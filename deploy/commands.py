@@ -116,6 +116,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_threads=args.worker_threads,
         request_timeout_s=args.request_timeout,
         max_connections=args.max_connections,
+        batch_window_ms=args.batch_window_ms,
+        batch_max_images=args.batch_max_images,
+        batch_queue_images=args.batch_queue_images,
+        batch_runners=args.batch_runners,
+        http_parser=args.http,
+        event_loop=args.loop,
     )
     serve(settings)
     return 0
@@ -223,6 +229,37 @@ def add_deploy_commands(sub: Any) -> None:
         type=int_at_least(1),
         default=512,
         help="open connections; more are closed at once (keep it under the open-file limit)",
+    )
+    s.add_argument(
+        "--batch-window-ms",
+        type=_non_negative_float,
+        default=2.0,
+        help="dynamic batching of /v1/classify: ms a batch waits for requests still being decoded "
+        "(a lone request never waits); 0 turns batching off (default 2)",
+    )
+    s.add_argument(
+        "--batch-max-images", type=int_at_least(1), default=16, help="images per batched model run (default 16)"
+    )
+    s.add_argument(
+        "--batch-queue-images",
+        type=int_at_least(1),
+        default=256,
+        help="images admitted for batching and not yet answered; more are refused with 503 (default 256)",
+    )
+    s.add_argument(
+        "--batch-runners",
+        type=int_at_least(0),
+        default=0,
+        help="batches run at once (0: CPUs / --threads, at most worker threads - 1)",
+    )
+    s.add_argument(
+        "--http",
+        choices=("auto", "httptools", "h11"),
+        default="auto",
+        help="HTTP parser (auto: httptools if installed)",
+    )
+    s.add_argument(
+        "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop (auto: uvloop if installed)"
     )
     s.add_argument("--model-name", default="cvm", help="model name in the v2 endpoints")
     s.add_argument("--trt-cache", type=Path, default=None, help="TensorRT engine/timing cache directory")

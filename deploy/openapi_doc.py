@@ -179,9 +179,21 @@ _ROUTES: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
             "413": "body or image over its limit",
             "415": "not a supported image type",
             "422": "unreadable image or bad top_k",
-            "503": "no model loaded",
+            "503": "no model loaded, or the batch queue is full",
         },
-        {"requestBody": _CLASSIFY_BODY, "ok": {"$ref": _REF + "ClassifyResult"}},
+        {
+            "requestBody": _CLASSIFY_BODY,
+            "ok": {"$ref": _REF + "ClassifyResult"},
+            # read by the route itself (deploy/server.py: parse_top_k), so FastAPI does not declare it
+            "parameters": [
+                {
+                    "name": "top_k",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5},
+                }
+            ],
+        },
     ),
     ("get", r"/v2/health/ready", {"503": "no model loaded"}, {}),
     (

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -57,6 +57,7 @@ from cvm_edge.errors import CvmError, DataError, ModelLoadError
 from cvm_edge.fsutil import fault_point, read_pointer
 from cvm_edge.preprocess import UnsupportedImageError, normalise
 from deploy import oip_binary, openapi_doc
+from deploy.batching import Batcher, BatchSettings
 from deploy.bundle import checkpoint_dir_name, current_bundle_dir
 from deploy.imagedecode import DecodeLimits, ImageDecoder
 from deploy.predictor import Outputs, Predictor, PredictorOptions
@@ -95,6 +96,15 @@ class ServerSettings:
     worker_threads: int = 0  # decode + inference threads; 0: min(8, 2 x CPUs)
     request_timeout_s: float = 30.0  # to receive a request's headers, and (separately) its body
     max_connections: int = 512  # open connections; more are closed at once (keep under LimitNOFILE)
+    # Dynamic batching of /v1/classify (deploy/batching.py): how long a batch waits for requests
+    # still being decoded (0: off), images per onnxruntime call, images admitted and unanswered
+    # (more: 503), batches run at once (0: CPUs / intra-op threads, at most worker threads - 1).
+    batch_window_ms: float = 2.0
+    batch_max_images: int = 16
+    batch_queue_images: int = 256
+    batch_runners: int = 0
+    http_parser: str = "auto"  # httptools (C) when installed, else h11; deploy/httpproto.py
+    event_loop: str = "auto"  # uvloop when installed, else asyncio
 
     def __post_init__(self) -> None:
         if (self.workdir is None) == (self.bundle is None):
@@ -104,10 +114,29 @@ class ServerSettings:
         if self.worker_threads < 0 or not self.request_timeout_s > 0 or self.max_connections < 1:
             raise ValueError("worker threads must be >= 0; request timeout and connection limit positive")
         self.decode_limits()  # validates them
+        if self.batching().max_queued_images < self.max_files:
+            raise ValueError("the batch queue must hold the images of the largest request (max_files)")
+        if self.batch_max_images > self.predictor.max_batch:
+            raise ValueError("the dynamic batch cannot be larger than the model's max batch")
+        if self.http_parser not in ("auto", "httptools", "h11") or self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ValueError("http_parser is auto, httptools or h11; event_loop auto, uvloop or asyncio")
 
     @property
     def threads(self) -> int:
         return self.worker_threads or min(8, 2 * (os.cpu_count() or 1))
+
+    def batching(self) -> BatchSettings:
+        runners = self.batch_runners
+        if runners == 0:
+            intra = self.predictor.intra_op_threads
+            runners = max(1, (os.cpu_count() or 1) // intra) if intra else 1
+            runners = max(1, min(runners, self.threads - 1))  # leave a worker thread to decode
+        return BatchSettings(
+            window_ms=self.batch_window_ms,
+            max_images=self.batch_max_images,
+            max_queued_images=self.batch_queue_images,
+            runners=runners,
+        )
 
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(
@@ -157,6 +186,12 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("cvm_images_classified", "Images run through the model", registry=r)
+        self.batch_images = Histogram(
+            "cvm_batch_images",
+            "Images per model run of the dynamic batcher (/v1/classify with batching on)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.model_version = Gauge("cvm_model_version", "Checkpoint version of the model being served", registry=r)
         self.model_info = Gauge("cvm_model_info", "The bundle being served", ["bundle", "precision"], registry=r)
         self.reloads = Counter("cvm_model_reloads", "Bundle loads after start-up", ["result"], registry=r)
@@ -178,6 +213,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]], send: Any) -> None:
         if scope["type"] != "http":
@@ -196,11 +232,24 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            m = self.metrics
-            m.requests.labels(method=scope.get("method", ""), route=route, status=str(status)).inc()
-            m.latency.labels(route=route).observe(time.perf_counter() - t0)
+            count, latency = self._children(scope.get("method", ""), route, status)
+            count.inc()
+            latency.observe(time.perf_counter() - t0)
             if status >= 400:
-                m.errors.labels(status=str(status)).inc()
+                self.metrics.errors.labels(status=str(status)).inc()
+
+    def _children(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        """The labelled counter and histogram of one (method, route, status): looked up once, not
+        per request (``labels()`` takes a lock and builds a key each time). Route is the template
+        or "unmatched", so the cache is as small as the metric itself."""
+        key = (method, route, status)
+        found = self._cache.get(key)
+        if found is None:
+            m = self.metrics
+            found = (m.requests.labels(method=method, route=route, status=str(status)), m.latency.labels(route=route))
+            if len(self._cache) < 1024:  # methods are the client's: never an unbounded cache
+                self._cache[key] = found
+        return found
 
 
 # ----- model holder ------------------------------------------------------------------------------
@@ -477,6 +526,26 @@ async def read_images(request: Request, settings: ServerSettings) -> list[tuple[
     return [(None, body)]
 
 
+MAX_TOP_K = 1000
+
+
+def parse_top_k(raw: str | None, default: int) -> int:
+    """The ``top_k`` query parameter, 1..1000, with the 422 texts FastAPI's validation gave it.
+    Read here rather than declared: FastAPI's dependency solving was a measurable part of the
+    request path (bench/server_latency.py)."""
+    if raw is None:
+        return default
+    try:
+        k = int(raw.strip())
+    except ValueError:
+        raise HTTPError(422, "top_k: Input should be a valid integer, unable to parse string as an integer") from None
+    if k < 1:
+        raise HTTPError(422, "top_k: Input should be greater than or equal to 1")
+    if k > MAX_TOP_K:
+        raise HTTPError(422, f"top_k: Input should be less than or equal to {MAX_TOP_K}")
+    return k
+
+
 def _finite(out: Outputs) -> Outputs:
     """Refuse outputs that overflowed (finite inputs near float32 max give inf/NaN logits): a 200
     with ``null`` scores is an answer no client can use."""
@@ -627,6 +696,8 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
     metrics = Metrics() if holder is None else holder.metrics
     holder = holder or ModelHolder(settings, metrics)
     decoder = ImageDecoder(settings.decode_limits())
+    batch_settings = settings.batching()
+    batcher = Batcher(batch_settings, metrics.batch_images.observe) if batch_settings.enabled else None
     # Decoding and inference run in this bounded pool, never in the event loop nor in the pool
     # that serves sync endpoints: health and metrics answer however many images are queued.
     pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="cvm-work")
@@ -648,6 +719,7 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
     app.state.holder = holder
     app.state.metrics = metrics
     app.state.decoder = decoder
+    app.state.batcher = batcher
     _install_error_handlers(app)
     openapi_doc.install(app)  # request bodies, error schema and statuses the routes really have
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
@@ -665,13 +737,27 @@ def create_app(settings: ServerSettings, holder: ModelHolder | None = None) -> F
             )
 
     @app.post("/v1/classify")
-    async def classify(request: Request, top_k: int = Query(settings.default_top_k, ge=1, le=1000)) -> Response:
+    async def classify(request: Request) -> Response:
         t0 = time.perf_counter()
+        top_k = parse_top_k(request.query_params.get("top_k"), settings.default_top_k)
         images = await read_images(request, settings)
         predictor = holder.require()  # one reference for the whole request
-        out = await run_work(lambda: _finite(predictor.run_pixels(decoder.decode_all(images, predictor.prep))))
+        prep = predictor.prep
+
+        def answer(out: Outputs) -> list[list[dict[str, Any]]]:
+            return predictor.top_k(_finite(out), top_k)  # in the worker: the event loop only does I/O
+
+        if batcher is None:  # one hop: decode, run and answer in one worker thread
+            preds = await run_work(lambda: answer(predictor.run_pixels(decoder.decode_all(images, prep))))
+        else:
+            with batcher.admit(len(images)) as ticket:  # 503 when the batch queue is full
+                # decode in a worker, which then runs the batch itself when a runner is free (the
+                # future is done on return) or leaves it queued for the runner that is busy
+                done = await run_work(
+                    lambda: batcher.submit(ticket, predictor, normalise(decoder.decode_all(images, prep), prep), answer)
+                )
+                preds = done.result() if done.done() else await asyncio.wrap_future(done)
         metrics.images.inc(len(images))
-        preds = predictor.top_k(out, top_k)
         result: dict[str, Any] = {"model_version": predictor.name}
         if len(images) == 1:
             result["predictions"] = preds[0]
@@ -824,7 +910,7 @@ def serve(settings: ServerSettings) -> None:
     """Run the server in this process until SIGINT/SIGTERM."""
     import uvicorn
 
-    from deploy.httpproto import protocol_class
+    from deploy.httpproto import event_loop, protocol_class
 
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the server is reachable from other machines", settings.host)
@@ -834,10 +920,10 @@ def serve(settings: ServerSettings) -> None:
         host=settings.host,
         port=settings.port,
         workers=1,
-        # our h11 protocol subclass (deploy/httpproto.py) and asyncio: pinned so that httptools or uvloop,
-        # when some other package installs them (kserve's uvicorn[standard]), do not swap them under us
-        http=protocol_class(settings.request_timeout_s, settings.max_connections),
-        loop="asyncio",
+        # our subclass of uvicorn's httptools (or h11) protocol with the connection limits
+        # (deploy/httpproto.py); uvloop when installed: about 0.1 ms less per request together
+        http=protocol_class(settings.request_timeout_s, settings.max_connections, settings.http_parser),
+        loop=event_loop(settings.event_loop),
         timeout_keep_alive=5,
         access_log=settings.access_log,
         log_level="info",

@@ -303,6 +303,21 @@ def test_models_replaced_by_forced_reloads_under_load_are_freed(workdir: Path) -
 
 
 # ----- 9. what h11 refuses ---------------------------------------------------------------------------
+def test_headers_over_16_kib_get_a_json_400(server: Server) -> None:
+    """h11 has this limit of its own; llhttp (httptools, the default parser) has none: the protocol counts."""
+    with _connect(server) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 20_000 + b"\r\n\r\n")
+        status, headers, body = _json_answer(_read_all(s))
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert body["error"].startswith("invalid HTTP request") and "16384" in body["error"], body
+    with _connect(server) as s:  # just under the limit is an ordinary request
+        s.sendall(
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: " + b"a" * 15_000 + b"\r\n\r\n"
+        )
+        status, _, body = _json_answer(_read_all(s))
+    assert status == 200 and body == {"live": True}
+
+
 def test_requests_h11_refuses_get_a_json_400(server: Server) -> None:
     for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n"):
         with _connect(server) as s:
