@@ -233,9 +233,10 @@ def add_deploy_commands(sub: Any) -> None:
     s.add_argument(
         "--batch-window-ms",
         type=_non_negative_float,
-        default=2.0,
+        default=0.0,
         help="dynamic batching of /v1/classify: ms a batch waits for requests still being decoded "
-        "(a lone request never waits); 0 turns batching off (default 2)",
+        "(a lone request never waits); 0, the default, turns it off: on a 2-core CPU it gained no throughput "
+        "(bench/BENCHMARKS.md); try 2 with a GPU provider or many cores",
     )
     s.add_argument(
         "--batch-max-images", type=int_at_least(1), default=16, help="images per batched model run (default 16)"
