@@ -138,11 +138,18 @@ def _store_device(context: Context) -> tuple[str, Device]:
 
 
 # ----- server ------------------------------------------------------------------------------------
+def _message(content: RecordDict, kind: str, node: int) -> Message:
+    return Message(content=content, dst_node_id=node, message_type=kind)
+
+
 class _Round:
     """Sends one step to a set of nodes and sorts the answers into replies and failures."""
 
-    def __init__(self, grid: Grid, timeout_s: float) -> None:
+    def __init__(
+        self, grid: Grid, timeout_s: float, new_message: Callable[[RecordDict, str, int], Message] | None = None
+    ) -> None:
         self.grid, self.timeout_s = grid, timeout_s
+        self.new_message = new_message or _message
         self.seconds: dict[str, float] = {}  # wall time of each step (slowest device)
 
     def ask(self, kind: str, contents: Mapping[int, RecordDict]) -> tuple[dict[int, Message], dict[int, str]]:
@@ -153,7 +160,7 @@ class _Round:
             self.seconds[kind] = round(time.perf_counter() - t0, 3)
 
     def _ask(self, kind: str, contents: Mapping[int, RecordDict]) -> tuple[dict[int, Message], dict[int, str]]:
-        msgs = [Message(content=c, dst_node_id=n, message_type=kind) for n, c in contents.items()]
+        msgs = [self.new_message(c, kind, n) for n, c in contents.items()]
         replies: dict[int, Message] = {}
         failed: dict[int, str] = {}
         for r in self.grid.send_and_receive(msgs, timeout=self.timeout_s):

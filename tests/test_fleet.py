@@ -109,3 +109,33 @@ def test_settings_from_flowers_run_config_refuse_unknown_or_bad_keys(tmp_path) -
         FleetSettings.from_run_config({"workdir": str(tmp_path), "quorum": 0})
     with pytest.raises(ValueError, match="workdir"):
         FleetSettings.from_run_config({"rounds": 1})
+
+
+def test_a_device_that_answers_with_an_error_or_not_at_all_is_named() -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fleet.app import _Round
+
+    def reply(node: int, error: str | None = None) -> SimpleNamespace:
+        return SimpleNamespace(
+            metadata=SimpleNamespace(src_node_id=node),
+            has_error=lambda: error is not None,
+            error=SimpleNamespace(reason=error),
+        )
+
+    class Grid:  # Flower's transport stands aside: node 2 fails, node 3 never answers
+        def send_and_receive(self, msgs, timeout):
+            assert timeout == 5.0 and [(m.dst, m.kind) for m in msgs] == [
+                (1, "query.sync"),
+                (2, "query.sync"),
+                (3, "query.sync"),
+            ]
+            return [reply(1), reply(2, "ValueError: bad")]
+
+    content = RecordDict({"config": ConfigRecord({"json": "{}"})})
+    new = lambda content, kind, node: SimpleNamespace(dst=node, kind=kind)  # noqa: E731
+    replies, failed = _Round(Grid(), 5.0, new).ask("query.sync", {1: content, 2: content, 3: content})  # type: ignore[arg-type]
+    assert list(replies) == [1]
+    assert "bad" in failed[2] and "dropped out" in failed[3]
