@@ -75,6 +75,59 @@ def _content(config: Mapping[str, Any], **arrays: ArrayRecord) -> RecordDict:
     return RecordDict({"config": ConfigRecord({"json": json.dumps(config)}), **arrays})
 
 
+# ----- what the coordinator accepts from a device --------------------------------------------------
+# A device's answer is untrusted: a broken or hostile one is named and left out, it never ends the
+# round for the others (a KeyError in one reply used to end the ServerApp).
+MAX_NAME_CHARS = 200
+MAX_WANTED = 256  # class names one device may ask for in a round (the table is append-only)
+
+
+def _sync_answer(r: Message) -> tuple[str, list[str]]:
+    """The device's name and the class names it asks for; ContributionError when malformed."""
+    try:
+        cfg = _config(r.content)
+        name, wanted = cfg["name"], cfg["wanted"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContributionError(f"sync answer without a name and wanted classes ({exc!r})") from None
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+        raise ContributionError("sync answer with no valid device name")
+    if not isinstance(wanted, list) or len(wanted) > MAX_WANTED:
+        raise ContributionError(f"wanted classes must be a list of at most {MAX_WANTED} names")
+    if not all(isinstance(w, str) and 0 < len(w.strip()) and len(w) <= MAX_NAME_CHARS for w in wanted):
+        raise ContributionError(f"wanted classes must be names of 1 to {MAX_NAME_CHARS} characters")
+    return name, wanted
+
+
+def _upload_answer(name: str, r: Message, rows: int, dim: int) -> Contribution:
+    """The device's upload, checked; ContributionError when malformed."""
+    try:
+        cfg = _config(r.content)
+        arrays = _arrays(r.content, "stats")
+        base, table, cid = cfg["base"], cfg["table"], cfg["id"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContributionError(f"upload without statistics, base, table or id ({exc!r})") from None
+    if not all(isinstance(v, str) and len(v) <= MAX_NAME_CHARS for v in (base, table, cid)):
+        raise ContributionError("upload whose base, table or id is not a short string")
+    stats = unpack_stats(arrays, max_rows=rows, dim=dim)
+    return Contribution(name, base, table, stats, cid, packed_bytes(arrays))
+
+
+def _votes_answer(r: Message, n_lambdas: int, rows: int) -> Votes:
+    """The device's held-out tally, checked (integers, the round's grid and table, 0 <= correct <= total)."""
+    try:
+        arrays = _arrays(r.content, "votes")
+        correct, total = np.asarray(arrays["correct"]), np.asarray(arrays["total"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContributionError(f"votes without correct and total ({exc!r})") from None
+    if correct.dtype.kind not in "iu" or total.dtype.kind not in "iu":
+        raise ContributionError("votes must be integer counts")
+    if total.ndim != 1 or not 0 < len(total) <= rows or correct.shape != (n_lambdas, len(total)):
+        raise ContributionError(f"votes of shapes {correct.shape} and {total.shape} for {n_lambdas} lambdas")
+    if (total < 0).any() or (correct < 0).any() or (correct > total).any():
+        raise ContributionError("votes with negative counts or more correct than held-out images")
+    return Votes(correct.astype(np.int64), total.astype(np.int64))
+
+
 # ----- client ------------------------------------------------------------------------------------
 def make_client_app(make_device: Callable[[Context], tuple[str, Device]]) -> ClientApp:
     """A ClientApp whose steps run on ``make_device(context)`` -> (device name, device)."""
@@ -216,11 +269,29 @@ def _one_round(
         return _content(cfg, table=ArrayRecord({"bytes": _blob(table.to_bytes())}), **arrays)
 
     replies, failed_nodes = step.ask("query.sync", {n: with_table({"base": base, "merged": merged_ids}) for n in nodes})
-    names = {n: str(_config(r.content)["name"]) for n, r in replies.items()}
-    wanted = [w for r in replies.values() for w in _config(r.content)["wanted"]]
+    failed = {f"node {n}": why for n, why in failed_nodes.items()}
+    answers: dict[int, tuple[str, list[str]]] = {}
+    for n, r in replies.items():
+        try:
+            answers[n] = _sync_answer(r)
+        except ContributionError as exc:
+            failed[f"node {n}"] = str(exc)
+    # The coordinator records merged uploads by device name: two nodes under one name would settle
+    # each other's uploads (one counted twice), so both are left out until one is renamed.
+    by_name: dict[str, list[int]] = {}
+    for n, (name, _) in answers.items():
+        by_name.setdefault(name, []).append(n)
+    for name, ns in by_name.items():
+        if len(ns) > 1:
+            for n in ns:
+                del answers[n]
+            failed[name] = (
+                f"{len(ns)} devices (nodes {', '.join(map(str, ns))}) use this name; give each its own --name"
+            )
+    names = {n: name for n, (name, _) in answers.items()}
+    wanted = [w for _, ws in answers.values() for w in ws]
     if wanted:
         table = coord.extend(wanted)
-    failed = {f"node {n}": why for n, why in failed_nodes.items()}
     asked = [names.get(n, f"node {n}") for n in nodes]
 
     replies, failed_nodes = step.ask(
@@ -229,18 +300,17 @@ def _one_round(
     failed.update({names[n]: why for n, why in failed_nodes.items()})
     contributions: list[Contribution] = []
     up_bytes: dict[str, int] = {}
+    expected = coord.expected(table)
     for n, r in replies.items():
-        cfg = _config(r.content)
-        arrays = _arrays(r.content, "stats")
-        up_bytes[names[n]] = packed_bytes(arrays)
         try:
-            stats = unpack_stats(arrays)
+            c = _upload_answer(names[n], r, expected.rows, expected.dim)
         except ContributionError as exc:
             failed[names[n]] = f"statistics refused: {exc}"
             continue
-        contributions.append(Contribution(names[n], cfg["base"], cfg["table"], stats, cfg["id"], up_bytes[names[n]]))
+        up_bytes[names[n]] = c.wire_bytes
+        contributions.append(c)
     try:
-        merge = merge_round(coord.stats(), contributions, coord.expected(table), asked, settings.quorum, failed)
+        merge = merge_round(coord.stats(), contributions, expected, asked, settings.quorum, failed)
     except QuorumError as exc:
         log.error("round %d: %s; nothing published", rnd, exc)
         return RoundReport.refused(rnd, str(exc), refused=failed)
@@ -253,10 +323,14 @@ def _one_round(
     replies, failed_nodes = step.ask(
         "evaluate.score", {n: with_table({"lambdas": list(settings.lambdas)}, stats=stats_rec) for n in accepted_nodes}
     )
-    votes = {
-        names[n]: Votes(_arrays(r.content, "votes")["correct"], _arrays(r.content, "votes")["total"])
-        for n, r in replies.items()
-    }
+    for n, why in failed_nodes.items():
+        log.warning("round %d: device %s did not score: %s", rnd, names[n], why)
+    votes: dict[str, Votes] = {}
+    for n, r in replies.items():
+        try:
+            votes[names[n]] = _votes_answer(r, len(settings.lambdas), len(table.names))
+        except ContributionError as exc:
+            log.warning("round %d: device %s's votes left out: %s", rnd, names[n], exc)
     lam, scores = choose_lambda(settings.lambdas, list(votes.values()))
     device_acc = {d: _mean(class_accuracy(settings.lambdas, lam, v)) for d, v in votes.items()}
     fleet_acc = scores.get(f"{lam:g}")

@@ -36,28 +36,44 @@ def pack_stats(stats: RidgeStats, dtype: str = "float64") -> dict[str, np.ndarra
     }
 
 
-def unpack_stats(arrays: dict[str, np.ndarray]) -> RidgeStats:
-    """Statistics from the wire, checked (shapes, finite values, counts); raises ContributionError."""
+def unpack_stats(arrays: dict[str, np.ndarray], max_rows: int = 1 << 20, dim: int | None = None) -> RidgeStats:
+    """Statistics from the wire, checked (dtypes, shapes, finite values, counts) before anything the
+    size of the table is allocated: an upload that costs a few bytes must not make the coordinator
+    allocate rows x dim floats. ``dim``: the only dimension accepted (the fleet's). Raises
+    ContributionError."""
     missing = {"gram_triu", "rows", "class_rows", "class_sums", "counts"} - set(arrays)
     if missing:
         raise ContributionError(f"statistics without {', '.join(sorted(missing))}")
     rows_arr, idx = np.asarray(arrays["rows"]), np.asarray(arrays["class_rows"])
     sums, counts = np.asarray(arrays["class_sums"]), np.asarray(arrays["counts"])
+    triu = np.asarray(arrays["gram_triu"])
+    for name, a, kinds in (
+        ("rows", rows_arr, "iu"),
+        ("class_rows", idx, "iu"),
+        ("counts", counts, "iu"),
+        ("class_sums", sums, "f"),
+        ("gram_triu", triu, "f"),
+    ):
+        if a.dtype.kind not in kinds:
+            raise ContributionError(f"{name} of dtype {a.dtype}")
     if rows_arr.shape != (1,) or idx.ndim != 1 or sums.ndim != 2 or counts.shape != idx.shape or len(sums) != len(idx):
         raise ContributionError("class rows, sums and counts of inconsistent shapes")
+    if dim is not None and sums.shape[1] != dim:
+        raise ContributionError(f"statistics of dimension {sums.shape[1]}, the fleet's is {dim}")
+    dim = sums.shape[1]
+    if triu.shape != (dim * (dim + 1) // 2,):
+        raise ContributionError(f"gram_triu of shape {triu.shape} for statistics of dimension {dim}")
     rows = int(rows_arr[0])
-    if not 0 <= rows <= 1 << 20 or (
+    if not 0 <= rows <= max_rows or (
         len(idx) and (idx.min() < 0 or idx.max() >= rows or len(np.unique(idx)) != len(idx))
     ):
-        raise ContributionError(f"class rows outside a table of {rows} rows, or repeated")
-    full_sums = np.zeros((rows, sums.shape[1]))
+        raise ContributionError(f"class rows outside a table of {rows} rows (at most {max_rows}), or repeated")
+    full_sums = np.zeros((rows, dim))
     full_counts = np.zeros(rows, np.int64)
     full_sums[idx] = sums
     full_counts[idx] = counts
     try:
-        return RidgeStats.from_arrays(
-            {"gram_triu": arrays["gram_triu"], "class_sums": full_sums, "counts": full_counts}
-        )
+        return RidgeStats.from_arrays({"gram_triu": triu, "class_sums": full_sums, "counts": full_counts})
     except ValueError as exc:
         raise ContributionError(str(exc)) from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,65 @@ def test_a_device_that_answers_with_an_error_or_not_at_all_is_named() -> None:
     replies, failed = _Round(Grid(), 5.0, new).ask("query.sync", {1: content, 2: content, 3: content})  # type: ignore[arg-type]
     assert list(replies) == [1]
     assert "bad" in failed[2] and "dropped out" in failed[3]
+
+
+def test_a_hostile_upload_is_refused_before_the_coordinator_allocates_anything_large() -> None:
+    s = _stats(1, rows=10, classes=(3, 7))
+    good = pack_stats(s)
+    # a few bytes on the wire that named a table of 2**20 rows of 10**9 columns: refused, not allocated
+    empty = {**good, "class_rows": np.zeros(0, np.int64), "class_sums": np.zeros((0, 10**9)), "counts": np.zeros(0)}
+    with pytest.raises(ContributionError):
+        unpack_stats({**empty, "counts": np.zeros(0, np.int64), "rows": np.array([1 << 20])})
+    with pytest.raises(ContributionError, match="at most 10"):
+        unpack_stats({**good, "rows": np.array([11])}, max_rows=10)
+    with pytest.raises(ContributionError, match="dimension 12, the fleet's is 8"):
+        unpack_stats(good, dim=8)
+    for name, bad in (
+        ("class_rows", np.array(["3", "7"])),
+        ("counts", np.array([1.5, 2.0])),
+        ("gram_triu", good["gram_triu"].astype(complex)),
+    ):
+        with pytest.raises(ContributionError, match=f"{name} of dtype"):
+            unpack_stats({**good, name: bad})
+    assert unpack_stats(good, max_rows=10, dim=12).rows == 10
+
+
+def test_a_broken_or_hostile_answer_is_refused_by_name_not_a_crash_of_the_round() -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from fleet.app import MAX_WANTED, _sync_answer, _upload_answer, _votes_answer
+
+    def answer(config: object, **arrays: dict[str, np.ndarray]) -> SimpleNamespace:
+        records = {k: ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in v.items()}) for k, v in arrays.items()}
+        return SimpleNamespace(content=RecordDict({"config": ConfigRecord({"json": json.dumps(config)}), **records}))
+
+    assert _sync_answer(answer({"name": "a", "wanted": ["cat"]})) == ("a", ["cat"])  # type: ignore[arg-type]
+    for bad in (
+        {"wanted": []},
+        {"name": 3, "wanted": []},
+        {"name": "a", "wanted": 7},
+        {"name": "a", "wanted": [1]},
+        {"name": "a", "wanted": ["x"] * (MAX_WANTED + 1)},
+        [1, 2],
+    ):
+        with pytest.raises(ContributionError):
+            _sync_answer(answer(bad))  # type: ignore[arg-type]
+    s = _stats(1, rows=5)
+    ok = {"base": BASE, "table": TABLE, "id": "i"}
+    assert _upload_answer("a", answer(ok, stats=pack_stats(s)), 5, 12).stats.rows == 5  # type: ignore[arg-type]
+    for cfg, arrays in (({"base": BASE}, pack_stats(s)), (ok, {}), (ok, {**pack_stats(s), "rows": np.array([6])})):
+        with pytest.raises(ContributionError):
+            _upload_answer("a", answer(cfg, stats=arrays), 5, 12)  # type: ignore[arg-type]
+    good = {"correct": np.array([[1, 0], [2, 1]]), "total": np.array([2, 1])}
+    assert _votes_answer(answer({}, votes=good), 2, 5).total.tolist() == [2, 1]  # type: ignore[arg-type]
+    for bad_votes in (
+        {"correct": np.array([[1, 0]]), "total": np.array([2, 1])},  # another grid
+        {"correct": np.array([[3, 0], [2, 1]]), "total": np.array([2, 1])},  # more correct than images
+        {"correct": good["correct"].astype(float), "total": np.array([2, 1])},
+        {"correct": np.zeros((2, 6), np.int64), "total": np.ones(6, np.int64)},  # more rows than the table
+        {"total": np.array([2, 1])},
+    ):
+        with pytest.raises(ContributionError):
+            _votes_answer(answer({}, votes=bad_votes), 2, 5)  # type: ignore[arg-type]
