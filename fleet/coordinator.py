@@ -81,7 +81,15 @@ class Coordinator:
         return Expected(base_fingerprint(ckpt), table.fingerprint, len(table.names), ckpt.analytic.stats.dim)
 
     def merged_ids(self) -> dict[str, str]:
-        return dict(st.load_json(st.fleet_dir(self.workdir) / "merged.json") or {})
+        """Which upload of each device the published versions hold. Kept in each fleet version's own
+        history entry, so it is written in one atomic step with the statistics it describes: a
+        separate file written after the version was lost by a kill between the two writes, the
+        device then discarded its merged upload and sent it again (counted twice)."""
+        merged: dict[str, str] = {}
+        for e in self.latest().history:
+            if e.get("kind") == "fleet":
+                merged.update(e.get("merged_ids") or {})
+        return merged
 
     def extend(self, names: Sequence[str]) -> ConceptTable:
         """Append class names that devices asked for (rows never move), embedded with the table's own
@@ -133,6 +141,7 @@ class Coordinator:
                 "relative_lambda": relative_lambda,
                 "images_seen": int(merge.stats.counts.sum()),
                 **entry,
+                "merged_ids": dict(merge.merged_ids),
             }
             ckpt = dataclasses.replace(
                 prev,
@@ -143,9 +152,6 @@ class Coordinator:
                 analytic=state,
             )
             version = self.store.save(ckpt)
-            merged = self.merged_ids()
-            merged.update(merge.merged_ids)
-            st.save_json(st.fleet_dir(self.workdir) / "merged.json", merged)
         return version
 
     def rounds_done(self) -> int:

@@ -64,10 +64,43 @@ class StoreDevice:
         none, and return the class names of the local data that the fleet's table lacks."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with FileLock(self.store.lock_path, "cvm fleet device"):
+            self._finish_publish()
             self._settle(merged_id)
         if not self.store.exists():
             self._init(base, table)  # init_store takes the lock itself and refuses a store that exists
         return self.wanted(table)
+
+    def _finish_publish(self) -> None:
+        """Finish the bookkeeping of a publish killed after its version was saved: the staged fleet
+        statistics are what the coordinator holds (the version's entry names their digest)."""
+        if not self.store.exists():
+            return
+        ckpt = self.store.load()
+        fleet_entries = [e for e in ckpt.history if e.get("kind") == "fleet"]
+        known = st.load_json(self.dir / "known.json") or {}
+        if not fleet_entries or fleet_entries[-1].get("fleet_round", 0) <= int(known.get("fleet_round", 0)):
+            return
+        entry = fleet_entries[-1]
+        staged = st.load_json(self.dir / "staged.json") or {}
+        fleet = st.load_stats(self.dir / "staged.npz")
+        if fleet is None or not entry.get("fleet_digest") or staged.get("digest") != entry["fleet_digest"]:
+            return  # nothing to finish with: the upload refuses (_check_known_is_current)
+        if stats_digest(fleet) != entry["fleet_digest"]:
+            return
+        self._record_published(fleet, int(entry["fleet_round"]), None)
+        log.info("finished the bookkeeping of fleet round %s's publish (interrupted)", entry["fleet_round"])
+
+    def _record_published(self, fleet: RidgeStats, fleet_round: int, version: int | None) -> None:
+        # The pending upload is inside the published version (X was subtracted): it goes first, so
+        # that no crash leaves it to be settled as known after known.npz already holds the fleet's.
+        for name in ("pending.json", "pending.npz"):
+            st.remove(self.dir / name)
+        # known.npz pairs with the version through known.json: were known.json not written (a crash
+        # here), the next sync finishes it from the staged statistics, or the upload refuses
+        st.save_stats(self.dir / "known.npz", fleet)
+        st.save_json(self.dir / "known.json", {"fleet_round": fleet_round, "version": version})
+        for name in ("staged.npz", "staged.json"):
+            st.remove(self.dir / name)
 
     def _settle(self, merged_id: str | None) -> None:
         pending = st.load_json(self.dir / "pending.json")
@@ -236,6 +269,7 @@ class StoreDevice:
                 "trained_classes": sorted(own),
                 "per_class_accuracy": {str(c): round(a, 6) for c, a in own.items()},
                 "fleet_per_class_accuracy": entry.get("per_class_accuracy", {}),
+                "fleet_digest": digest,  # the staged statistics this version holds (see _finish_publish)
             }
             ckpt = dataclasses.replace(
                 prev,
@@ -246,12 +280,7 @@ class StoreDevice:
                 analytic=state,
             )
             version = self.store.save(ckpt)
-            # known.npz pairs with this version: were it lost (a crash right here), the next upload
-            # refuses instead of sending the fleet's statistics back as this device's own
-            st.save_stats(self.dir / "known.npz", fleet)
-            st.save_json(self.dir / "known.json", {"fleet_round": full.get("fleet_round", 0), "version": version})
-            for name in ("pending.npz", "pending.json", "staged.npz", "staged.json"):
-                st.remove(self.dir / name)
+            self._record_published(fleet, int(full.get("fleet_round", 0)), version)
         exported = self._export(version, table)  # export_bundle takes the store's lock itself
         return {"version": version, "exported": exported, "classes": len(seen)}
 

@@ -48,17 +48,15 @@ def _round(coord: Coordinator, devices: dict[str, StoreDevice], skip_publish: fr
     m = merge_round(coord.stats(), ups, coord.expected(table), list(devices), 1.0)
     votes = [d.score(m.stats, table, GRID) for d in devices.values()]
     lam, _ = choose_lambda(GRID, votes)
-    version = coord.publish(m, table, lam, {"per_class_accuracy": {}})
+    entry = {"per_class_accuracy": {}, "fleet_round": coord.rounds_done() + 1}
+    version = coord.publish(m, table, lam, entry)
     for name, d in devices.items():
         if name not in skip_publish:
-            d.publish(stats_digest(m.stats), lam, name in m.merged_ids, table, {"per_class_accuracy": {}})
+            d.publish(stats_digest(m.stats), lam, name in m.merged_ids, table, entry)
     return version
 
 
-def test_uploads_are_counted_once_even_when_a_device_misses_a_publish_and_tables_only_grow(tmp_path: Path) -> None:
-    sample = load_sample()
-    names = [str(n) for n in sample["classes"]]
-    x, y = sample["train_images"], sample["train_labels"]
+def _coordinator(tmp_path: Path, names: list[str]) -> Path:
     coord_dir = tmp_path / "coord"
     init_coordinator(
         coord_dir,
@@ -72,6 +70,14 @@ def test_uploads_are_counted_once_even_when_a_device_misses_a_publish_and_tables
             analytic_dim=256,
         ),
     )
+    return coord_dir
+
+
+def test_uploads_are_counted_once_even_when_a_device_misses_a_publish_and_tables_only_grow(tmp_path: Path) -> None:
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    x, y = sample["train_images"], sample["train_labels"]
+    coord_dir = _coordinator(tmp_path, names)
     coord = Coordinator(coord_dir)
     data_a, data_b = tmp_path / "a-data", tmp_path / "b-data"
     write_class_folders(data_a, x, y, names, [0, 1])
@@ -108,3 +114,89 @@ def test_uploads_are_counted_once_even_when_a_device_misses_a_publish_and_tables
     np.testing.assert_allclose(w["a"], w_coord, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(w["b"], w_coord, rtol=1e-5, atol=1e-7)
     assert isinstance(after, RidgeStats)
+
+
+class _Killed(BaseException):
+    """Stands for kill -9 between two of the device's writes."""
+
+
+def test_a_device_killed_at_any_point_of_its_publish_never_sends_the_fleets_statistics_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from cvm_edge.errors import StoreError
+    from fleet import state
+
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    x, y = sample["train_images"], sample["train_labels"]
+    coord = Coordinator(_coordinator(tmp_path, names))
+    data_a, data_b = tmp_path / "a-data", tmp_path / "b-data"
+    write_class_folders(data_a, x, y, names, [0])
+    write_class_folders(data_b, x, y, names, [1])
+    devices = {"a": StoreDevice(tmp_path / "a", data_a), "b": StoreDevice(tmp_path / "b", data_b)}
+    _round(coord, devices, skip_publish=frozenset({"a"}))  # a's upload is merged; a publishes below
+    table, fleet = coord.table(), coord.stats()
+    entry = {"per_class_accuracy": {}, "fleet_round": coord.rounds_done()}
+    lam = coord.latest().history[-1]["relative_lambda"]
+    shutil.copytree(tmp_path / "a", tmp_path / "a-before")
+    writes = ("save_stats", "save_json", "remove")
+    real = {f: getattr(state, f) for f in writes}
+    for kill_at in range(6):  # the six bookkeeping writes after the version is saved
+        shutil.rmtree(tmp_path / "a")
+        shutil.copytree(tmp_path / "a-before", tmp_path / "a")
+        calls = [0]
+
+        def counted(f: str, calls: list[int] = calls, kill_at: int = kill_at):  # type: ignore[no-untyped-def]
+            def write(*args, **kwargs):  # type: ignore[no-untyped-def]
+                if calls[0] == kill_at:
+                    raise _Killed
+                calls[0] += 1
+                return real[f](*args, **kwargs)
+
+            return write
+
+        for f in writes:
+            monkeypatch.setattr(state, f, counted(f))
+        with pytest.raises(_Killed):
+            StoreDevice(tmp_path / "a", data_a).publish(stats_digest(fleet), lam, True, table, entry)
+        for f in writes:
+            monkeypatch.setattr(state, f, real[f])
+        # the next round: a has learnt nothing new, so it must upload nothing (b's images are the fleet's)
+        a = StoreDevice(tmp_path / "a", data_a)
+        a.sync(coord.base()[0], table, coord.merged_ids().get("a"))
+        a.learn(table)
+        try:
+            up = a.upload("float64", table)
+        except StoreError as exc:
+            pytest.fail(f"killed at write {kill_at}: the device is stuck ({exc})")
+        assert int(unpack_stats(up.arrays).counts.sum()) == 0, f"killed at write {kill_at}: counted twice"
+
+
+def test_the_coordinator_records_a_merged_upload_in_the_same_write_as_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet import state
+    from fleet.merge import RoundMerge
+
+    coord = Coordinator(_coordinator(tmp_path, [str(n) for n in load_sample()["classes"]][:2]))
+    stats = coord.stats()
+
+    def killed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise _Killed  # kill -9 after the version is saved, before any other file is written
+
+    monkeypatch.setattr(state, "save_json", killed)
+    try:
+        coord.publish(
+            RoundMerge(stats, ("a",), {}, {"a": "upload-1"}),
+            coord.table(),
+            0.1,
+            {"fleet_round": 1, "per_class_accuracy": {}},
+        )
+    except _Killed:
+        pass
+    monkeypatch.undo()
+    assert coord.rounds_done() == 1
+    # the version holds a's upload, so the coordinator must say so: a then keeps it as known instead of sending it again
+    assert coord.merged_ids() == {"a": "upload-1"}
