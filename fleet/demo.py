@@ -31,6 +31,7 @@ PLAN: tuple[dict[str, tuple[int, ...]], ...] = (
     {"shop-a": (8,), "shop-b": (9,), "shop-c": (3, 4)},
 )
 FIRST_CLASSES = 4  # the coordinator's table starts with these; devices ask for the others by name
+DEMO_MARKER = ".cvm-fleet-demo"
 
 
 def _cvm(*argv: str) -> list[str]:
@@ -68,9 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=600.0)
     args = ap.parse_args(argv)
     work: Path = args.workdir
+    # Only a folder this demo made is emptied: --workdir . (or any folder of the user's) must not be wiped.
+    if work.is_symlink() or (work.exists() and any(work.iterdir()) and not (work / DEMO_MARKER).is_file()):
+        print(f"error: {work} exists and is not a fleet demo's workdir; pass a new --workdir", file=sys.stderr)
+        return 2
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    (work / DEMO_MARKER).write_text("made by python -m fleet.demo; emptied by the next run\n")
     sample = load_sample()
     names = [str(n) for n in sample["classes"]]
     (work / "classes.txt").write_text("\n".join(names[:FIRST_CLASSES]) + "\n")

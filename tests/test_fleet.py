@@ -203,3 +203,12 @@ def test_a_broken_or_hostile_answer_is_refused_by_name_not_a_crash_of_the_round(
     ):
         with pytest.raises(ContributionError):
             _votes_answer(answer({}, votes=bad_votes), 2, 5)  # type: ignore[arg-type]
+
+
+def test_the_fleet_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path, capsys) -> None:
+    from fleet.demo import main
+
+    (tmp_path / "thesis.tex").write_text("years of work")
+    assert main(["--workdir", str(tmp_path)]) == 2
+    assert (tmp_path / "thesis.tex").read_text() == "years of work"
+    assert "not a fleet demo's workdir" in capsys.readouterr().err
