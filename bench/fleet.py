@@ -103,6 +103,20 @@ class FeatureDevice:
         return {"version": None}
 
 
+def load_features(protocol_name: str, size: int, seed: int) -> tuple[Any, np.ndarray, np.ndarray, list[str]]:
+    """The protocol's frozen Lite0 features (bench.frozen's cache), labels and class names; the
+    concept table of those names is built into the bench cache when missing."""
+    from cvm_edge.pretrained import load_pretrained_backbone
+
+    protocol = PROTOCOLS[protocol_name]
+    scenario = build_scenario(protocol, seed, image_size=size)
+    backbone, prep, name = load_pretrained_backbone(protocol.backbone, "offline", size)
+    feats = extract(backbone, name, prep, scenario, "cpu", size)
+    names = list(scenario.class_names)
+    concept_vectors(names)
+    return feats, scenario.train.labels, scenario.test.labels, names
+
+
 def _device_data(feats: np.ndarray, labels: np.ndarray, idx: np.ndarray, seed: int) -> tuple[ImageSet, HeldOut]:
     tr, va = holdout_split(ImageSet(feats[idx], labels[idx]), HOLDOUT, seed)
     return tr, HeldOut.empty(feats.shape[1]).added(va.pixels, va.labels, 1)
@@ -124,17 +138,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from flwr.simulation import run_simulation
 
-    from cvm_edge.pretrained import load_pretrained_backbone
-
     protocol = PROTOCOLS[args.protocol]
     size = args.image_size or protocol.image_size
-    scenario = build_scenario(protocol, args.seed, image_size=size)
-    backbone, prep, name = load_pretrained_backbone(protocol.backbone, "offline", size)
-    feats = extract(backbone, name, prep, scenario, "cpu", size)
-    ytr, yte = scenario.train.labels, scenario.test.labels
-    names = list(scenario.class_names)
-    del scenario, backbone  # the decoded images: only the features are needed from here
-    concept_vectors(names)  # builds the cached table if missing
+    feats, ytr, yte, names = load_features(args.protocol, size, args.seed)
     work = Path(tempfile.mkdtemp(prefix="cvm-fleet-bench-"))
     coord = work / "coordinator"
     init_coordinator(

@@ -493,26 +493,37 @@ def render_updates(root: Path) -> list[str]:
 
 
 def render_fleet(root: Path) -> list[str]:
-    """Fleet rounds in Flower's simulation runtime (bench/fleet.py): the fleet's model against
-    centralised training on the union and each device alone, on the protocol's test images."""
+    """Fleet rounds in Flower's simulation runtime (bench/fleet.py, bench/fleet_gradient.py): the
+    fleet's model against centralised training on the union and each device alone, on the protocol's
+    test images."""
     d = root / "fleet"
     files = sorted(d.glob("*.json")) if d.is_dir() else []
     if not files:
         return []
     lines = [
-        "| protocol | size | devices | classes/device | merge | wire | rounds | fleet % | centralised % | fleet - central "
-        "(points) | device alone % (mean / best) | upload MB/device/round | download MB/device/round | round wall s "
-        "| command | commit | date |",
+        "| protocol | size | devices | classes/device | merge | rounds | fleet % after each round | centralised % "
+        "| fleet - central (points) | first round within 5 points | device alone % (mean / best) "
+        "| upload MB/device/round | download MB/device/round | wall s | command | commit | date |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in files:
         r = json.loads(f.read_text())
+        per_round = r.get("fleet_accuracy_per_round") or [r["fleet_accuracy"]]
+        curve = " ".join(f"{100 * a:.1f}" for a in per_round)
+        if len(per_round) > 6:
+            curve = " ".join(f"{100 * a:.1f}" for a in per_round[:3]) + " ... " + f"{100 * per_round[-1]:.1f}"
+        alone = (
+            f"{100 * r['device_alone_mean']:.1f} / {100 * r['device_alone_best']:.1f}" if "device_alone_mean" in r else "-"
+        )
+        first = r.get("first_round_within_5_points", 1 if abs(r["fleet_minus_centralised_points"]) <= 5 else None)
+        merge = r["merge"] + (f" ({r['wire_dtype']})" if "wire_dtype" in r else f" ({r['local_epochs']} local epoch)")
+        up = r.get("upload_bytes_per_device_max", r.get("upload_bytes_per_device_per_round", 0))
+        down = r.get("download_bytes_per_device", r.get("download_bytes_per_device_per_round", 0))
         lines.append(
-            f"| {r['protocol']} | {r['image_size']} | {r['devices']} | {r['classes_per_device']} | {r['merge']} "
-            f"| {r['wire_dtype']} | {r['rounds']} | {100 * r['fleet_accuracy']:.2f} | {100 * r['centralised_accuracy']:.2f} "
-            f"| {r['fleet_minus_centralised_points']:+.2f} | {100 * r['device_alone_mean']:.1f} / "
-            f"{100 * r['device_alone_best']:.1f} | {r['upload_bytes_per_device_max'] / 1e6:.2f} "
-            f"| {r['download_bytes_per_device'] / 1e6:.2f} | {', '.join(f'{w:.0f}' for w in r['round_wall_s'])} "
+            f"| {r['protocol']} | {r['image_size']} | {r['devices']} | {r['classes_per_device']} | {merge} "
+            f"| {r['rounds']} | {curve} | {100 * r['centralised_accuracy']:.2f} "
+            f"| {r['fleet_minus_centralised_points']:+.2f} | {first if first is not None else 'never'} | {alone} "
+            f"| {up / 1e6:.2f} | {down / 1e6:.2f} | {r['simulation_wall_s']:.0f} "
             f"| `{r['command']}` | {str(r['git_commit'])[:12]} | {str(r['date'])[:10]} |"
         )
     return lines

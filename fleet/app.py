@@ -243,7 +243,7 @@ def _one_round(
         merge = merge_round(coord.stats(), contributions, coord.expected(table), asked, settings.quorum, failed)
     except QuorumError as exc:
         log.error("round %d: %s; nothing published", rnd, exc)
-        return RoundReport.refused(rnd, str(exc), refused=failed)
+        return RoundReport.refused(rnd, str(exc), refused=exc.refused)
     for name, why in merge.refused.items():
         log.warning("round %d: device %s left out: %s", rnd, name, why)
     accepted_nodes = {n: names[n] for n in names if names[n] in merge.accepted}
