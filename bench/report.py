@@ -513,7 +513,9 @@ def render_fleet(root: Path) -> list[str]:
         if len(per_round) > 6:
             curve = " ".join(f"{100 * a:.1f}" for a in per_round[:3]) + " ... " + f"{100 * per_round[-1]:.1f}"
         alone = (
-            f"{100 * r['device_alone_mean']:.1f} / {100 * r['device_alone_best']:.1f}" if "device_alone_mean" in r else "-"
+            f"{100 * r['device_alone_mean']:.1f} / {100 * r['device_alone_best']:.1f}"
+            if "device_alone_mean" in r
+            else "-"
         )
         first = r.get("first_round_within_5_points", 1 if abs(r["fleet_minus_centralised_points"]) <= 5 else None)
         merge = r["merge"] + (f" ({r['wire_dtype']})" if "wire_dtype" in r else f" ({r['local_epochs']} local epoch)")
@@ -527,6 +529,48 @@ def render_fleet(root: Path) -> list[str]:
             f"| `{r['command']}` | {str(r['git_commit'])[:12]} | {str(r['date'])[:10]} |"
         )
     return lines
+
+
+def plot_fleet(root: Path, plots: Path) -> list[str]:
+    """Test accuracy after each round per merge, one panel per protocol and device count, with
+    centralised training as the dashed line."""
+    d = root / "fleet"
+    runs = [json.loads(f.read_text()) for f in sorted(d.glob("*.json"))] if d.is_dir() else []
+    panels = sorted({(r["protocol"], r["image_size"], r["devices"]) for r in runs})
+    if not panels:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (proto, size, n) in zip(axes[0], panels, strict=True):
+        mine = [r for r in runs if (r["protocol"], r["image_size"], r["devices"]) == (proto, size, n)]
+        rounds = max(r["rounds"] for r in mine)
+        drawn: set[str] = set()
+        for r in mine:
+            curve = r.get("fleet_accuracy_per_round") or [r["fleet_accuracy"]] * rounds
+            line = ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", ms=3, label=r["merge"])
+            # each family's own reference: the analytic learner or the gradient head on the union
+            family = "analytic" if r["merge"] == "analytic" else "gradient"
+            if family not in drawn:
+                drawn.add(family)
+                ax.axhline(
+                    100 * r["centralised_accuracy"],
+                    ls="--",
+                    lw=1,
+                    c=line[0].get_color(),
+                    label=f"{family}, centralised",
+                )
+        ax.set_title(f"{proto} {size} px, {n} devices", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy %")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, plots / "fleet-rounds.png")
+    plt.close(fig)
+    return ["fleet-rounds.png"]
 
 
 def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str, plots: Path) -> list[str]:
@@ -817,6 +861,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet = render_fleet(args.results)
     if fleet:
         lines += ["## Fleet learning on Flower, simulation runtime (bench/fleet.py)", "", *fleet, ""]
+        if not args.no_plots:
+            lines += [f"![{n}](plots/{n})" for n in plot_fleet(args.results, args.plots)] + [""]
     zoo = render_zoo(args.results)
     if zoo:
         lines += ["## Backbone zoo: every edge backbone through the chain (bench/zoo.py)", "", *zoo, ""]
