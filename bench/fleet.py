@@ -173,7 +173,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     client = make_client_app(device_of)
     settings = FleetSettings(
-        workdir=coord, rounds=args.rounds, min_devices=args.devices, quorum=1.0, wire_dtype=args.wire_dtype, wait_s=600
+        workdir=coord,
+        rounds=args.rounds,
+        min_devices=args.devices,
+        quorum=1.0,
+        wire_dtype=args.wire_dtype,
+        wait_s=600,
+        timeout_s=args.timeout_s,
     )
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -229,6 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device_alone_mean": round(float(np.mean(alone)), 6),
         "device_alone_best": round(float(np.max(alone)), 6),
         "devices_alone_measured": len(alone),
+        "devices_not_scored": sum(len(r.get("not_scored", {})) for r in rounds),
+        "devices_left_out": sum(len(r.get("left_out", {})) for r in rounds),
         "upload_bytes_per_device_max": int(max(up)) if up else 0,
         "download_bytes_per_device": int(rounds[-1].get("download_bytes", 0)),
         "rounds_to_converge": 1,
@@ -251,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--targets", default="whitened")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--timeout-s", type=float, default=7200.0, help="per step: simulated devices run one after another")
     ap.add_argument("--alone-max", type=int, default=100, help="devices whose stand-alone model is measured")
     ap.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
     args = ap.parse_args(argv)

@@ -257,6 +257,9 @@ def _one_round(
         names[n]: Votes(_arrays(r.content, "votes")["correct"], _arrays(r.content, "votes")["total"])
         for n, r in replies.items()
     }
+    not_scored = {names[n]: why for n, why in failed_nodes.items()}
+    for name, why in not_scored.items():  # merged and published, but lambda is chosen without their held-out images
+        log.warning("round %d: device %s did not score: %s", rnd, name, why)
     lam, scores = choose_lambda(settings.lambdas, list(votes.values()))
     device_acc = {d: _mean(class_accuracy(settings.lambdas, lam, v)) for d, v in votes.items()}
     fleet_acc = scores.get(f"{lam:g}")
@@ -291,6 +294,7 @@ def _one_round(
         fleet_accuracy=fleet_acc,
         device_accuracy=device_acc,
         left_out=dict(merge.refused),
+        not_scored=not_scored,
         upload_bytes=up_bytes,
         download_bytes=down,
         devices_published={d: p.get("version") for d, p in published.items()},
