@@ -103,6 +103,20 @@ class FeatureDevice:
         return {"version": None}
 
 
+def load_features(protocol_name: str, size: int, seed: int) -> tuple[Any, np.ndarray, np.ndarray, list[str]]:
+    """The protocol's frozen Lite0 features (bench.frozen's cache), labels and class names; the
+    concept table of those names is built into the bench cache when missing."""
+    from cvm_edge.pretrained import load_pretrained_backbone
+
+    protocol = PROTOCOLS[protocol_name]
+    scenario = build_scenario(protocol, seed, image_size=size)
+    backbone, prep, name = load_pretrained_backbone(protocol.backbone, "offline", size)
+    feats = extract(backbone, name, prep, scenario, "cpu", size)
+    names = list(scenario.class_names)
+    concept_vectors(names)
+    return feats, scenario.train.labels, scenario.test.labels, names
+
+
 def _device_data(feats: np.ndarray, labels: np.ndarray, idx: np.ndarray, seed: int) -> tuple[ImageSet, HeldOut]:
     tr, va = holdout_split(ImageSet(feats[idx], labels[idx]), HOLDOUT, seed)
     return tr, HeldOut.empty(feats.shape[1]).added(va.pixels, va.labels, 1)
@@ -124,17 +138,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from flwr.simulation import run_simulation
 
-    from cvm_edge.pretrained import load_pretrained_backbone
-
     protocol = PROTOCOLS[args.protocol]
     size = args.image_size or protocol.image_size
-    scenario = build_scenario(protocol, args.seed, image_size=size)
-    backbone, prep, name = load_pretrained_backbone(protocol.backbone, "offline", size)
-    feats = extract(backbone, name, prep, scenario, "cpu", size)
-    ytr, yte = scenario.train.labels, scenario.test.labels
-    names = list(scenario.class_names)
-    del scenario, backbone  # the decoded images: only the features are needed from here
-    concept_vectors(names)  # builds the cached table if missing
+    feats, ytr, yte, names = load_features(args.protocol, size, args.seed)
     work = Path(tempfile.mkdtemp(prefix="cvm-fleet-bench-"))
     coord = work / "coordinator"
     init_coordinator(
@@ -167,7 +173,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     client = make_client_app(device_of)
     settings = FleetSettings(
-        workdir=coord, rounds=args.rounds, min_devices=args.devices, quorum=1.0, wire_dtype=args.wire_dtype, wait_s=600
+        workdir=coord,
+        rounds=args.rounds,
+        min_devices=args.devices,
+        quorum=1.0,
+        wire_dtype=args.wire_dtype,
+        wait_s=600,
+        timeout_s=args.timeout_s,
     )
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -223,6 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device_alone_mean": round(float(np.mean(alone)), 6),
         "device_alone_best": round(float(np.max(alone)), 6),
         "devices_alone_measured": len(alone),
+        "devices_not_scored": sum(len(r.get("not_scored", {})) for r in rounds),
+        "devices_left_out": sum(len(r.get("left_out", {})) for r in rounds),
         "upload_bytes_per_device_max": int(max(up)) if up else 0,
         "download_bytes_per_device": int(rounds[-1].get("download_bytes", 0)),
         "rounds_to_converge": 1,
@@ -245,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--targets", default="whitened")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--timeout-s", type=float, default=7200.0, help="per step: simulated devices run one after another")
     ap.add_argument("--alone-max", type=int, default=100, help="devices whose stand-alone model is measured")
     ap.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
     args = ap.parse_args(argv)

@@ -493,29 +493,84 @@ def render_updates(root: Path) -> list[str]:
 
 
 def render_fleet(root: Path) -> list[str]:
-    """Fleet rounds in Flower's simulation runtime (bench/fleet.py): the fleet's model against
-    centralised training on the union and each device alone, on the protocol's test images."""
+    """Fleet rounds in Flower's simulation runtime (bench/fleet.py, bench/fleet_gradient.py): the
+    fleet's model against centralised training on the union and each device alone, on the protocol's
+    test images."""
     d = root / "fleet"
     files = sorted(d.glob("*.json")) if d.is_dir() else []
     if not files:
         return []
     lines = [
-        "| protocol | size | devices | classes/device | merge | wire | rounds | fleet % | centralised % | fleet - central "
-        "(points) | device alone % (mean / best) | upload MB/device/round | download MB/device/round | round wall s "
-        "| command | commit | date |",
+        "| protocol | size | devices | classes/device | merge | rounds | fleet % after each round | centralised % "
+        "| fleet - central (points) | first round within 5 points | device alone % (mean / best) "
+        "| upload MB/device/round | download MB/device/round | wall s | command | commit | date |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in files:
         r = json.loads(f.read_text())
+        per_round = r.get("fleet_accuracy_per_round") or [r["fleet_accuracy"]]
+        curve = " ".join(f"{100 * a:.1f}" for a in per_round)
+        if len(per_round) > 6:
+            curve = " ".join(f"{100 * a:.1f}" for a in per_round[:3]) + " ... " + f"{100 * per_round[-1]:.1f}"
+        alone = (
+            f"{100 * r['device_alone_mean']:.1f} / {100 * r['device_alone_best']:.1f}"
+            if "device_alone_mean" in r
+            else "-"
+        )
+        first = r.get("first_round_within_5_points", 1 if abs(r["fleet_minus_centralised_points"]) <= 5 else None)
+        merge = r["merge"] + (f" ({r['wire_dtype']})" if "wire_dtype" in r else f" ({r['local_epochs']} local epoch)")
+        up = r.get("upload_bytes_per_device_max", r.get("upload_bytes_per_device_per_round", 0))
+        down = r.get("download_bytes_per_device", r.get("download_bytes_per_device_per_round", 0))
         lines.append(
-            f"| {r['protocol']} | {r['image_size']} | {r['devices']} | {r['classes_per_device']} | {r['merge']} "
-            f"| {r['wire_dtype']} | {r['rounds']} | {100 * r['fleet_accuracy']:.2f} | {100 * r['centralised_accuracy']:.2f} "
-            f"| {r['fleet_minus_centralised_points']:+.2f} | {100 * r['device_alone_mean']:.1f} / "
-            f"{100 * r['device_alone_best']:.1f} | {r['upload_bytes_per_device_max'] / 1e6:.2f} "
-            f"| {r['download_bytes_per_device'] / 1e6:.2f} | {', '.join(f'{w:.0f}' for w in r['round_wall_s'])} "
+            f"| {r['protocol']} | {r['image_size']} | {r['devices']} | {r['classes_per_device']} | {merge} "
+            f"| {r['rounds']} | {curve} | {100 * r['centralised_accuracy']:.2f} "
+            f"| {r['fleet_minus_centralised_points']:+.2f} | {first if first is not None else 'never'} | {alone} "
+            f"| {up / 1e6:.2f} | {down / 1e6:.2f} | {r['simulation_wall_s']:.0f} "
             f"| `{r['command']}` | {str(r['git_commit'])[:12]} | {str(r['date'])[:10]} |"
         )
     return lines
+
+
+def plot_fleet(root: Path, plots: Path) -> list[str]:
+    """Test accuracy after each round per merge, one panel per protocol and device count, with
+    centralised training as the dashed line."""
+    d = root / "fleet"
+    runs = [json.loads(f.read_text()) for f in sorted(d.glob("*.json"))] if d.is_dir() else []
+    panels = sorted({(r["protocol"], r["image_size"], r["devices"]) for r in runs})
+    if not panels:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (proto, size, n) in zip(axes[0], panels, strict=True):
+        mine = [r for r in runs if (r["protocol"], r["image_size"], r["devices"]) == (proto, size, n)]
+        rounds = max(r["rounds"] for r in mine)
+        drawn: set[str] = set()
+        for r in mine:
+            curve = r.get("fleet_accuracy_per_round") or [r["fleet_accuracy"]] * rounds
+            line = ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", ms=3, label=r["merge"])
+            # each family's own reference: the analytic learner or the gradient head on the union
+            family = "analytic" if r["merge"] == "analytic" else "gradient"
+            if family not in drawn:
+                drawn.add(family)
+                ax.axhline(
+                    100 * r["centralised_accuracy"],
+                    ls="--",
+                    lw=1,
+                    c=line[0].get_color(),
+                    label=f"{family}, centralised",
+                )
+        ax.set_title(f"{proto} {size} px, {n} devices", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy %")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, plots / "fleet-rounds.png")
+    plt.close(fig)
+    return ["fleet-rounds.png"]
 
 
 def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol: str, plots: Path) -> list[str]:
@@ -806,6 +861,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet = render_fleet(args.results)
     if fleet:
         lines += ["## Fleet learning on Flower, simulation runtime (bench/fleet.py)", "", *fleet, ""]
+        if not args.no_plots:
+            lines += [f"![{n}](plots/{n})" for n in plot_fleet(args.results, args.plots)] + [""]
     zoo = render_zoo(args.results)
     if zoo:
         lines += ["## Backbone zoo: every edge backbone through the chain (bench/zoo.py)", "", *zoo, ""]

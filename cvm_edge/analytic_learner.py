@@ -27,6 +27,7 @@ from cvm_edge.strategy import eval_batch_for
 log = logging.getLogger(__name__)
 
 ANALYTIC_FILE = "analytic.npz"
+LIFT_CHUNK = 256  # images lifted and added to G at a time (4 MB of float64 features at M = 2,048)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +188,12 @@ def learn(
     digest = digest_of(analytic_mapper(model).projection.cpu().numpy())
     if digest != state.projection_digest:
         raise ValueError(f"the rebuilt random projection ({digest}) is not the store's ({state.projection_digest})")
-    stats = state.stats.grown(model.table_rows).add(lifted(model, train_features), train_labels)
+    # Lifted a chunk at a time: never all of the update's [N, M] float64 features at once.
+    chunks = (
+        (lifted(model, train_features[i : i + LIFT_CHUNK]), train_labels[i : i + LIFT_CHUNK])
+        for i in range(0, len(train_labels), LIFT_CHUNK)
+    )
+    stats = state.stats.grown(model.table_rows).add_chunks(chunks)
     held_out = state.held_out.added(val_features, val_labels, task)
     targets = class_targets(table, model.config.analytic_targets)
     path = RidgePath.of(stats, targets)

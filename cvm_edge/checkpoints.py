@@ -238,7 +238,9 @@ class CheckpointStore:
         """Bytes the version's files take on disk."""
         return sum(f.stat().st_size for f in self.path(version).iterdir() if f.is_file())
 
-    def load(self, version: int | None = None) -> Checkpoint:
+    def load(self, version: int | None = None, ridge_statistics: bool = True) -> Checkpoint:
+        """A verified version. ``ridge_statistics=False`` leaves an analytic store's sums unread
+        (``analytic`` is None): what serves the model (export) does not need G, ~50 MB at M = 2,048."""
         version = self.latest() if version is None else version
         d = self.path(version)
         if not (d / "meta.json").is_file():
@@ -254,7 +256,11 @@ class CheckpointStore:
             buffer = ReplayBuffer.load(d / "buffer.npz")
             val = _load_imageset(d / "val.npz")
             config = ModelConfig.from_dict(meta["model"])
-            analytic = AnalyticState.from_bytes((d / ANALYTIC_FILE).read_bytes()) if config.analytic else None
+            analytic = (
+                AnalyticState.from_bytes((d / ANALYTIC_FILE).read_bytes())
+                if config.analytic and ridge_statistics
+                else None
+            )
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - any unreadable part makes the version unusable

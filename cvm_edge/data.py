@@ -12,8 +12,9 @@ import dataclasses
 import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -157,6 +158,32 @@ def list_labelled_files(data_dir: Path, table: ConceptTable, table_hint: str = "
     return pairs
 
 
+def decode_labelled(
+    pairs: Sequence[tuple[Path, int]], prep: Preprocessing, skip_bad: bool, progress: bool
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """Each file of ``pairs`` decoded to uint8 HWC pixels at the model's size, in order:
+    ``(index, pixels, None)``, or ``(index, None, "path (reason)")`` for an unreadable one (logged
+    as skipped when ``skip_bad``). Only regular files of at most ``MAX_IMAGE_BYTES`` are opened (a
+    FIFO or a huge sparse file is an unreadable image)."""
+    for i, (path, _cls) in enumerate(tqdm(pairs, desc="reading images", unit="img", leave=False, disable=not progress)):
+        try:
+            yield i, load_pixels(read_regular(path, MAX_IMAGE_BYTES), prep), None
+        except (DataError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            if skip_bad:
+                log.warning("skipping unreadable image %s: %s", path, reason)
+            yield i, None, f"{path} ({reason})"
+
+
+def check_readable(bad: Sequence[str], n_good: int, data_dir: Path, skip_bad: bool) -> None:
+    """The error for unreadable images (all listed in one message) or for a folder with none readable."""
+    if bad and not skip_bad:
+        listed = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DataError(f"{len(bad)} unreadable image(s): {listed}. Fix or remove them, or pass --skip-bad-images")
+    if not n_good:
+        raise DataError(f"no readable images in {data_dir}")
+
+
 def load_image_folder(
     data_dir: Path,
     table: ConceptTable,
@@ -166,43 +193,58 @@ def load_image_folder(
     progress: bool = True,
 ) -> ImageSet:
     """Decode every image of an update folder. Unreadable files are listed in one error,
-    or skipped with a warning each when ``skip_bad``. Only regular files of at most
-    ``MAX_IMAGE_BYTES`` are opened (a FIFO or a huge sparse file is an unreadable image)."""
+    or skipped with a warning each when ``skip_bad`` (:func:`decode_labelled`)."""
     pairs = list_labelled_files(data_dir, table, table_hint)
     # One preallocated array instead of a list then np.stack: half the peak memory for big folders.
     pixels = np.empty((len(pairs), prep.image_size, prep.image_size, 3), np.uint8)
     labels: list[int] = []
     bad: list[str] = []
-    for path, cls in tqdm(pairs, desc="reading images", unit="img", leave=False, disable=not progress):
-        try:
-            pixels[len(labels)] = load_pixels(read_regular(path, MAX_IMAGE_BYTES), prep)
-            labels.append(cls)
-        except (DataError, OSError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            bad.append(f"{path} ({reason})")
-            if skip_bad:
-                log.warning("skipping unreadable image %s: %s", path, reason)
-    if bad and not skip_bad:
-        listed = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise DataError(f"{len(bad)} unreadable image(s): {listed}. Fix or remove them, or pass --skip-bad-images")
-    if not labels:
-        raise DataError(f"no readable images in {data_dir}")
+    for i, px, reason in decode_labelled(pairs, prep, skip_bad, progress):
+        if px is None:
+            bad.append(str(reason))
+            continue
+        pixels[len(labels)] = px
+        labels.append(pairs[i][1])
+    check_readable(bad, len(labels), data_dir, skip_bad)
     return ImageSet(pixels[: len(labels)], np.asarray(labels, dtype=np.int64))
 
 
-def holdout_split(data: ImageSet, fraction: float, seed: int, max_per_class: int = 100) -> tuple[ImageSet, ImageSet]:
-    """Seeded per-class split into (train, validation). Every class keeps at least one training
-    image and, when it has two or more, gives at least one to validation."""
+class Labelled(Protocol):
+    """A labelled set that :func:`holdout_split` can split: images (:class:`ImageSet`) or their features."""
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    @property
+    def classes(self) -> list[int]: ...
+
+    def subset(self: _L, idx: np.ndarray) -> _L: ...
+
+
+_L = TypeVar("_L", bound=Labelled)
+
+
+def holdout_indices(
+    labels: np.ndarray, fraction: float, seed: int, max_per_class: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, validation) indices of a seeded per-class split. Every class keeps at least
+    one training image and, when it has two or more, gives at least one to validation."""
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
-    for cls in data.classes:
-        idx = np.flatnonzero(data.labels == cls)
+    for cls in sorted({int(c) for c in labels}):
+        idx = np.flatnonzero(labels == cls)
         rng.shuffle(idx)
         n_val = min(max_per_class, round(len(idx) * fraction))
         n_val = max(1, n_val) if len(idx) >= 2 else 0
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
-    return data.subset(np.sort(np.concatenate(train_idx))), data.subset(np.sort(np.concatenate(val_idx)))
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def holdout_split(data: _L, fraction: float, seed: int, max_per_class: int = 100) -> tuple[_L, _L]:
+    """``data`` split by :func:`holdout_indices` into (train, validation)."""
+    train_idx, val_idx = holdout_indices(data.labels, fraction, seed, max_per_class)
+    return data.subset(train_idx), data.subset(val_idx)
 
 
 def folder_name_for(name: str) -> str:

@@ -18,11 +18,13 @@ from cvm_edge.backbones import check_image_size
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.checkpoints import DEFAULT_KEEP_VERSIONS, Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
-from cvm_edge.data import ImageSet, holdout_split, load_image_folder
+from cvm_edge.data import ImageSet, holdout_split, list_labelled_files, load_image_folder
 from cvm_edge.display import printable
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError, UsageError
 from cvm_edge.evaluate import classes_from_logits, mean_over, trained_classes
+from cvm_edge.frozen_features import BackboneFeatures, FeatureSet, decode_files, read_features
 from cvm_edge.fsutil import FileLock, fault_point
+from cvm_edge.memory import release_freed_memory
 from cvm_edge.model import (
     DEFAULT_PROTOTYPE_TEMPERATURE,
     DEFAULT_ROUTING_TEMPERATURE,
@@ -314,17 +316,14 @@ def run_update(
         store.clean_stale()
         prev = store.load()
         table = _load_table_for_update(prev.table, opts.concepts)
-        data = load_image_folder(
-            opts.data_dir,
-            table,
-            prev.prep,
-            skip_bad=opts.skip_bad_images,
-            table_hint=str(opts.concepts or "TABLE.npz"),
-            progress=opts.progress,
-        )
+        model = model_from_checkpoint(prev).to(torch.device(opts.device))
+        if table is not prev.table:
+            model.set_table(table.as_float32())
+        data = _read_update_data(opts, table, prev, model)
+        release_freed_memory()  # the reading's activations: the peak is the largest step's, not their sum
         train, val = holdout_split(data, opts.holdout, opts.seed)
         trained_classes = data.classes
-        del data  # train and val are copies: at 224 px the full set is hundreds of MB
+        del data  # train and val are copies: at 224 px the full set of pixels is hundreds of MB
         # Every class the previous version knew is old, also when this update brings new images of
         # it (a new camera, lighting, season): the gate and distillation protect what it knew.
         old_classes = sorted(int(c) for c in prev.seen)
@@ -337,11 +336,12 @@ def run_update(
         # distill/ewc plugins apply when --similarity-scaling is on (they compute it the same way).
         similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
         log.info("task similarity: %s", similarity.summary(table.names))
-        model = model_from_checkpoint(prev).to(torch.device(opts.device))
-        if table is not prev.table:
-            model.set_table(table.as_float32())
-        learn = _learn_analytic if prev.model_config.analytic else _learn_gradient
-        learned = learn(prev, model, table, train, val, seen, old_classes, revisited, opts)
+        if isinstance(train, FeatureSet) and isinstance(val, FeatureSet):
+            learned = _learn_analytic(prev, model, table, train, val, seen, old_classes, revisited, opts)
+        elif isinstance(train, ImageSet) and isinstance(val, ImageSet):
+            learned = _learn_gradient(prev, model, table, train, val, seen, old_classes, revisited, opts)
+        else:  # pragma: no cover - _read_update_data returns one kind
+            raise TypeError("training and held-out sets of different kinds")
         scorer, pred_before, pred = learned.scorer, learned.pred_before, learned.pred_after
         acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
         revisited_new_before = scorer.accuracy(pred_before, revisited, "current")
@@ -404,8 +404,9 @@ def run_update(
             # The export loads the saved version itself: drop this update's images, features and
             # models first, so a device's peak memory is that of the bigger step, not of both.
             # An analytic store keeps no images, so its export checks parity on this update's.
-            parity = None if ckpt.val.pixels.size or len(ckpt.buffer) else parity_sample(val, train)
+            parity = None if ckpt.val.pixels.size or len(ckpt.buffer) else parity_sample(val, train, ckpt.prep)
             del ckpt, prev, train, val, scorer, model, learned
+            release_freed_memory()
             publish_hook(version, parity)
         # Only after LATEST (and, when exporting, CURRENT) moved: what is removed is never what is served.
         pruned = _prune(store, keep)
@@ -483,17 +484,43 @@ def forgetting_gate(
     )
 
 
-# Images an analytic update hands its export for the parity check and int8 calibration (deploy.export
-# uses at most 256): a seeded sample, held-out images first, so the full set is not copied at 224 px.
-PARITY_SAMPLE = 256
+# Images an analytic update hands its export for the fp32 parity check: a seeded sample, held-out images
+# first, as many as the gate needs (deploy.export.MIN_PARITY_IMAGES). Each costs a torch and an
+# onnxruntime pass of the whole model; 256 took ~4 s of a 2-core update. `cvm export --images DIR`
+# checks (and calibrates int8) on up to 256.
+PARITY_SAMPLE = 64
 
 
-def parity_sample(val: ImageSet, train: ImageSet, n: int = PARITY_SAMPLE) -> ImageSet:
-    """Up to ``n`` of this update's images, all of ``val`` first (labels known), then seeded training ones."""
+def parity_sample(
+    val: ImageSet | FeatureSet, train: ImageSet | FeatureSet, prep: Preprocessing, n: int = PARITY_SAMPLE
+) -> ImageSet:
+    """Up to ``n`` of this update's images, all of ``val`` first (labels known), then seeded training
+    ones; for an analytic update (features only) the chosen files are decoded again."""
     rng = np.random.default_rng(0)
     v = val.subset(np.sort(rng.permutation(len(val))[:n]))
     t = train.subset(np.sort(rng.permutation(len(train))[: max(0, n - len(v))]))
-    return ImageSet(np.concatenate([v.pixels, t.pixels]), np.concatenate([v.labels, t.labels]))
+    labels = np.concatenate([v.labels, t.labels])
+    if isinstance(v, FeatureSet) and isinstance(t, FeatureSet):
+        return ImageSet(decode_files(v.paths + t.paths, prep), labels)
+    if isinstance(v, ImageSet) and isinstance(t, ImageSet):
+        return ImageSet(np.concatenate([v.pixels, t.pixels]), labels)
+    raise TypeError("held-out and training sets of different kinds")
+
+
+def _read_update_data(
+    opts: UpdateOptions, table: ConceptTable, prev: Checkpoint, model: CvmModel
+) -> ImageSet | FeatureSet:
+    """The update folder as pixels (gradient learner), or for the analytic learner as frozen backbone
+    features, decoded and run a batch at a time so that no image set is held in memory."""
+    hint = str(opts.concepts or "TABLE.npz")
+    if not prev.model_config.analytic:
+        return load_image_folder(
+            opts.data_dir, table, prev.prep, skip_bad=opts.skip_bad_images, table_hint=hint, progress=opts.progress
+        )
+    pairs = list_labelled_files(opts.data_dir, table, hint)
+    extract = BackboneFeatures(model.backbone, prev.prep, opts.device)
+    log.info("extracting features of %d images (frozen backbone, %s)", len(pairs), extract.engine)
+    return read_features(pairs, opts.data_dir, prev.prep, extract, opts.skip_bad_images, opts.progress)
 
 
 def _points(before: float | None, after: float | None) -> float:
@@ -588,25 +615,24 @@ def _learn_analytic(
     prev: Checkpoint,
     model: CvmModel,
     table: ConceptTable,
-    train: ImageSet,
-    val: ImageSet,
+    train: FeatureSet,
+    val: FeatureSet,
     seen: list[int],
     old_classes: list[int],
     revisited: list[int],
     opts: UpdateOptions,
 ) -> _Learned:
-    """Closed form (cvm_edge.analytic_learner): one backbone pass, sums added, lambda chosen, solved.
-    No images are kept: the held-out images' backbone features are."""
+    """Closed form (cvm_edge.analytic_learner) on the features computed while the folder was read
+    (one backbone pass): sums added, lambda chosen, solved. No images are kept: the held-out
+    images' backbone features are."""
     from cvm_edge import analytic_learner as al
 
     if prev.analytic is None:
         raise StoreError(f"version {version_name(prev.version)} is an analytic store without its ridge statistics")
     state = prev.analytic
     task = len(prev.history) + 1
-    log.info("extracting features of %d images (frozen backbone)", len(train) + len(val))
     fault_point("update_training")
-    train_f = al.backbone_features(model.backbone, prev.prep, train.pixels, opts.device)
-    val_f = al.backbone_features(model.backbone, prev.prep, val.pixels, opts.device)
+    train_f, val_f = train.features, val.features  # computed once while the folder was read
     all_f = np.concatenate([state.held_out.features.astype(np.float32), val_f])
     all_labels = np.concatenate([state.held_out.labels, val.labels])
     predict = lambda keep: al.predict_rows(model, all_f[keep], seen)  # noqa: E731 - the model's weight at call time

@@ -313,7 +313,7 @@ def _one_round(
         merge = merge_round(coord.stats(), contributions, expected, asked, settings.quorum, failed)
     except QuorumError as exc:
         log.error("round %d: %s; nothing published", rnd, exc)
-        return RoundReport.refused(rnd, str(exc), refused=failed)
+        return RoundReport.refused(rnd, str(exc), refused=exc.refused)
     for name, why in merge.refused.items():
         log.warning("round %d: device %s left out: %s", rnd, name, why)
     accepted_nodes = {n: names[n] for n in names if names[n] in merge.accepted}
@@ -323,14 +323,15 @@ def _one_round(
     replies, failed_nodes = step.ask(
         "evaluate.score", {n: with_table({"lambdas": list(settings.lambdas)}, stats=stats_rec) for n in accepted_nodes}
     )
-    for n, why in failed_nodes.items():
-        log.warning("round %d: device %s did not score: %s", rnd, names[n], why)
+    not_scored = {names[n]: why for n, why in failed_nodes.items()}
     votes: dict[str, Votes] = {}
     for n, r in replies.items():
         try:
             votes[names[n]] = _votes_answer(r, len(settings.lambdas), len(table.names))
         except ContributionError as exc:
-            log.warning("round %d: device %s's votes left out: %s", rnd, names[n], exc)
+            not_scored[names[n]] = f"votes refused: {exc}"
+    for name, why in not_scored.items():  # merged and published, but lambda is chosen without their held-out images
+        log.warning("round %d: device %s did not score: %s", rnd, name, why)
     lam, scores = choose_lambda(settings.lambdas, list(votes.values()))
     device_acc = {d: _mean(class_accuracy(settings.lambdas, lam, v)) for d, v in votes.items()}
     fleet_acc = scores.get(f"{lam:g}")
@@ -365,6 +366,7 @@ def _one_round(
         fleet_accuracy=fleet_acc,
         device_accuracy=device_acc,
         left_out=dict(merge.refused),
+        not_scored=not_scored,
         upload_bytes=up_bytes,
         download_bytes=down,
         devices_published={d: p.get("version") for d, p in published.items()},

@@ -14,7 +14,11 @@ from fleet.wire import Contribution, ContributionError, Expected, check_contribu
 
 
 class QuorumError(RuntimeError):
-    """Too few devices contributed to publish the round."""
+    """Too few devices contributed to publish the round; ``refused`` names those left out and why."""
+
+    def __init__(self, message: str, refused: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.refused = dict(refused)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,7 @@ def merge_round(
     if not asked or len(accepted) < max(1, need):
         why = "; ".join(f"{d}: {r}" for d, r in sorted(refused.items())) or "no device answered"
         raise QuorumError(
-            f"{len(accepted)} of {len(asked)} devices contributed, the quorum needs {max(1, need)} ({why})"
+            f"{len(accepted)} of {len(asked)} devices contributed, the quorum needs {max(1, need)} ({why})", refused
         )
     return RoundMerge(total, tuple(accepted), refused, ids)
 

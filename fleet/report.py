@@ -21,6 +21,7 @@ class RoundReport:
     fleet_accuracy: float | None = None  # balanced, on the union of the devices' held-out images
     device_accuracy: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
     left_out: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    not_scored: Mapping[str, str] = dataclasses.field(default_factory=dict)  # merged, but no lambda votes
     upload_bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     download_bytes: int = 0  # per device: the fleet's statistics (float64) and the table
     devices_published: Mapping[str, Any] = dataclasses.field(default_factory=dict)

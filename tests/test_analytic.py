@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import FASHION_NAMES, run_cli
 from cvm_edge import analytic as an
 from cvm_edge import analytic_learner as al
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.model import ModelConfig, build_model
 from cvm_edge.pretrained import offline_weights_available
+from cvm_edge.update import PARITY_SAMPLE
 
 needs_lite0 = pytest.mark.skipif(not offline_weights_available(), reason="offline Lite0 weights not installed")
 
@@ -189,8 +190,9 @@ def test_analytic_update_stores_no_images_and_exports_with_parity(
     meta = json.loads((w / "checkpoints" / "v000002" / "meta.json").read_text())
     assert 0 < meta["files_bytes"] < 40e6
     manifest = json.loads((w / "bundles" / "v000002" / "manifest.json").read_text())
-    assert manifest["parity"]["passed"] and manifest["parity"]["images"]["given"] == 80
-    assert manifest["model"]["learner"] == "analytic"
+    # the update hands its export a seeded sample of its 80 images, as many as the gate needs
+    assert manifest["parity"]["passed"] and manifest["parity"]["images"]["given"] == PARITY_SAMPLE == 64
+    assert manifest["model"]["learner"] == "analytic" and "torchscript" in manifest["exporter"]
     # standalone export of an image-less store needs images to check parity on
     assert run_cli("-q", "export", "--workdir", str(w), "--precision", "fp16") == 2
     assert "--images DIR" in capsys.readouterr().err
@@ -289,3 +291,65 @@ def test_forgetting_gate_compares_with_accuracy_when_learned() -> None:
         {"trained_classes": [1], "per_class_accuracy": {"0": 0.8, "1": 0.95, "2": 0.6}},  # 1 revisited
     ]
     assert accuracy_when_learned(history, [0, 1, 2]) == {0: 0.9, 1: 0.95, 2: 0.7}
+
+
+@needs_lite0
+def test_one_analytic_version_of_100_classes_at_m_2048_is_at_most_40_mb(sample, tmp_path: Path) -> None:
+    """Issue 17's store target: one version (the frozen backbone, G's upper triangle in float64, the class
+    sums, the ridge weight, the held-out features) of a 100-class store at the default M stays within 40 MB."""
+    from cvm_edge.demo import write_class_folders
+
+    names = list(FASHION_NAMES) + [f"object {i}" for i in range(90)]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    table = tmp_path / "t.npz"
+    assert run_cli("-q", "embed", "build", "--classes", str(tmp_path / "classes.txt"), "--out", str(table)) == 0
+    w = tmp_path / "w"
+    assert run_cli("-q", "init", "--workdir", str(w), "--concepts", str(table), "--image-size", "32") == 0
+    # five real images a class (the embedded Fashion-MNIST sample's, class c % 10): one held out each
+    labels = sample["train_labels"]
+    keep = np.concatenate([np.flatnonzero(labels == c % 10)[5 * (c // 10) : 5 * (c // 10) + 5] for c in range(100)])
+    data = write_class_folders(
+        tmp_path / "d", sample["train_images"][keep], np.repeat(np.arange(100), 5), names, range(100)
+    )
+    assert run_cli("-q", "update", "--workdir", str(w), "--data", str(data), "--no-progress", "--no-export") == 0
+    ckpt = CheckpointStore(w).load()
+    assert ckpt.model_config.analytic_dim == an.DEFAULT_DIM == 2048 and len(ckpt.seen) == 100
+    meta = json.loads((w / "checkpoints" / "v000002" / "meta.json").read_text())
+    files = {p.name: p.stat().st_size for p in (w / "checkpoints" / "v000002").iterdir()}
+    assert files[al.ANALYTIC_FILE] > 2048 * 2049 // 2 * 8  # G's triangle really is in the version
+    assert meta["files_bytes"] == sum(v for k, v in files.items() if k != "meta.json")
+    assert meta["files_bytes"] <= 40_000_000, files
+
+
+def test_upper_triangle_packing_and_chunked_sums_match_the_direct_forms() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(7, 7))
+    a = a + a.T
+    packed = an.upper_triangle(a)
+    np.testing.assert_array_equal(packed, a[np.triu_indices(7)])  # the on-flash order is unchanged
+    np.testing.assert_array_equal(an.symmetric_from_upper(packed, 7), a)
+    feats, labels, p = _random_problem()
+    h = an.lift(feats, p)
+    one = an.RidgeStats.empty(64, 5).add(h, labels)
+    chunked = an.RidgeStats.empty(64, 5).add_chunks((h[i : i + 37], labels[i : i + 37]) for i in range(0, len(h), 37))
+    np.testing.assert_allclose(chunked.gram, h.T @ h, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(chunked.gram, one.gram, rtol=1e-12, atol=1e-9)
+    np.testing.assert_array_equal(chunked.counts, one.counts)
+
+
+@needs_lite0
+def test_backbone_features_of_onnxruntime_equal_torchs_on_real_images(sample) -> None:
+    """The analytic update reads features through onnxruntime on the CPU; they are torch's to float tolerance."""
+    from cvm_edge.frozen_features import BackboneFeatures
+    from cvm_edge.pretrained import load_pretrained_backbone
+
+    backbone, prep, _ = load_pretrained_backbone("tf_efficientnet_lite0", "offline", 64)
+    from cvm_edge.preprocess import array_to_pixels
+
+    pixels = np.stack([array_to_pixels(a, prep) for a in sample["train_images"][:12]])
+    extract = BackboneFeatures(backbone, prep)
+    assert extract.engine == "onnxruntime"
+    got = extract(pixels)
+    ref = extract.torch_features(pixels)
+    assert got.shape == ref.shape == (12, 1280) and extract.engine == "onnxruntime"
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

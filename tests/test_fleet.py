@@ -46,8 +46,9 @@ def test_a_round_adds_exactly_the_matching_uploads_and_names_the_others() -> Non
     assert set(m.refused) == {"other-base", "other-table", "other-dim", "more-rows", "dropped"}
     assert "base" in m.refused["other-base"] and "table" in m.refused["other-table"]
     assert "dimension" in m.refused["other-dim"] and "rows" in m.refused["more-rows"]
-    with pytest.raises(QuorumError, match="2 of 7 devices contributed"):
+    with pytest.raises(QuorumError, match="2 of 7 devices contributed") as info:
         merge_round(start, ups, Expected(BASE, TABLE, 5, 12), names, 0.5)
+    assert "base" in info.value.refused["other-base"]  # a refused round still names who was left out
 
 
 def test_wire_round_trip_sends_only_classes_with_images_and_refuses_bad_arrays() -> None:

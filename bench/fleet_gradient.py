@@ -1,0 +1,204 @@
+"""Gradient merges for a fleet (issue 21), in Flower's simulation runtime: FedAvg (Flower's own
+strategy) and ConDU fusion of the devices' deltas, on the gradient learner's concept head (the
+mapper MLP and logit scale of ``cvm_edge.model.ConceptHead``) trained on frozen Lite0 features;
+beside centralised training of the same head on the union for the same number of passes. The
+same non-IID partition and features as bench/fleet.py. Reference figures: which merge reaches
+centralised, after how many rounds, and where it breaks.
+
+    python -m bench.fleet_gradient --protocol imagenette-5-lite0 --image-size 224 --devices 10 --merge fedavg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from bench import provenance
+from bench.fleet import load_features, partition
+from bench.protocols import PROTOCOLS
+from bench.tables import concept_vectors
+from cvm_edge.fusion import unify
+from cvm_edge.model import ConceptHead
+
+log = logging.getLogger(__name__)
+HIDDEN = 512  # the product's default mapper width (cvm init --mapper-hidden)
+
+
+def new_head(table: np.ndarray, feat_dim: int, seed: int) -> ConceptHead:
+    torch.manual_seed(seed)
+    return ConceptHead(feat_dim, table, HIDDEN, math.log(16.0))
+
+
+def local_train(head: ConceptHead, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, batch: int, seed: int) -> None:
+    """The gradient learner's loss on features: cross-entropy over the scaled cosines to every row."""
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    rng = np.random.default_rng(seed)
+    xt, yt = torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+    head.train()
+    for _ in range(epochs):
+        for i in np.array_split(rng.permutation(len(y)), max(1, math.ceil(len(y) / batch))):
+            opt.zero_grad()
+            F.cross_entropy(head(xt[i]), yt[i]).backward()
+            opt.step()
+    head.eval()
+
+
+@torch.no_grad()
+def accuracy(head: ConceptHead, x: np.ndarray, y: np.ndarray) -> float:
+    head.eval()
+    return float((head(torch.from_numpy(np.asarray(x, np.float32))).argmax(1).numpy() == y).mean())
+
+
+class Fusion(FedAvg):
+    """ConDU's unified delta instead of the average: sign consensus of the devices' deltas from
+    this round's global model, the largest agreeing magnitude (cvm_edge.fusion.unify)."""
+
+    def __init__(self, initial: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.current = {k: v.clone() for k, v in initial.items()}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        states = [r.content.array_records["arrays"].to_torch_state_dict() for r in replies if not r.has_error()]
+        if not states:
+            return None, None
+        deltas = [{k: s[k].float() - self.current[k].float() for k in self.current} for s in states]
+        unified = unify(deltas).delta
+        self.current = {k: self.current[k] + unified[k] for k in self.current}
+        return ArrayRecord(self.current), MetricRecord({"devices": len(states)})
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    size = args.image_size or PROTOCOLS[args.protocol].image_size
+    feats, ytr, yte, names = load_features(args.protocol, size, args.seed)
+    table, fingerprint = concept_vectors(names)
+    parts = partition(ytr, args.devices, args.classes_per_device, args.seed)
+    xtr, xte = feats.train, feats.test
+    init = new_head(table, xtr.shape[1], args.seed).state_dict()
+    curve: list[float] = []
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        head = new_head(table, xtr.shape[1], args.seed)
+        head.load_state_dict(arrays.to_torch_state_dict())
+        curve.append(accuracy(head, xte, yte))
+        log.info("%s round %d: %.2f %%", args.merge, server_round, 100 * curve[-1])
+        return MetricRecord({"accuracy": curve[-1]})
+
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        d = int(context.node_config["partition-id"])
+        head = new_head(table, xtr.shape[1], args.seed)
+        head.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        rnd = int(str(msg.content.config_records["config"]["server-round"]))
+        local_train(
+            head, xtr[parts[d]], ytr[parts[d]], args.local_epochs, args.lr, args.batch, args.seed + 1000 * rnd + d
+        )
+        content = RecordDict(
+            {"arrays": ArrayRecord(head.state_dict()), "metrics": MetricRecord({"num-examples": len(parts[d])})}
+        )
+        return Message(content, reply_to=msg)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        n = args.devices
+        kw: dict[str, Any] = {
+            "fraction_train": 1.0,
+            "fraction_evaluate": 0.0,
+            "min_train_nodes": n,
+            "min_available_nodes": n,
+        }
+        strategy = FedAvg(**kw) if args.merge == "fedavg" else Fusion(init, **kw)
+        strategy.start(grid, ArrayRecord(init), num_rounds=args.rounds, evaluate_fn=evaluate)
+
+    from flwr.simulation import run_simulation
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    run_simulation(
+        server,
+        client,
+        num_supernodes=args.devices,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": args.cpus}},
+    )
+    wall = time.perf_counter() - t0
+    torch.set_num_threads(args.cpus)
+    central = new_head(table, xtr.shape[1], args.seed)
+    central_curve = []
+    for rnd in range(1, args.rounds + 1):  # the same passes over the union, one epoch block per round
+        local_train(central, xtr, ytr, args.local_epochs, args.lr, args.batch, args.seed + 1000 * rnd)
+        central_curve.append(accuracy(central, xte, yte))
+    fleet = curve[1:]  # curve[0] is the initial model (round 0)
+    params = sum(int(v.numel()) for v in init.values())
+    within = [i + 1 for i, a in enumerate(fleet) if central_curve[-1] - a <= 0.05]
+    return {
+        "protocol": args.protocol,
+        "image_size": size,
+        "devices": args.devices,
+        "classes_per_device": args.classes_per_device,
+        "rounds": args.rounds,
+        "merge": args.merge,
+        "local_epochs": args.local_epochs,
+        "lr": args.lr,
+        "batch": args.batch,
+        "seed": args.seed,
+        "concept_table": fingerprint,
+        "fleet_accuracy_per_round": [round(a, 6) for a in fleet],
+        "centralised_accuracy_per_round": [round(a, 6) for a in central_curve],
+        "fleet_accuracy": round(fleet[-1], 6),
+        "centralised_accuracy": round(central_curve[-1], 6),
+        "fleet_minus_centralised_points": round(100 * (fleet[-1] - central_curve[-1]), 4),
+        "first_round_within_5_points": within[0] if within else None,
+        "upload_bytes_per_device_per_round": params * 4,
+        "download_bytes_per_device_per_round": params * 4,
+        "simulation_wall_s": round(wall, 2),
+        **provenance.provenance("python -m bench.fleet_gradient", args.argv),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--protocol", default="imagenette-5-lite0", choices=sorted(PROTOCOLS))
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--devices", type=int, default=10)
+    ap.add_argument("--classes-per-device", type=int, default=3)
+    ap.add_argument("--merge", choices=("fedavg", "fusion"), default="fedavg")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam, the product's default")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
+    args = ap.parse_args(argv)
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{args.protocol}-{result['image_size']}-{args.merge}-d{args.devices}-s{args.seed}.json"
+    (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
+    keys = ("fleet_accuracy_per_round", "centralised_accuracy", "fleet_minus_centralised_points", "simulation_wall_s")
+    print(json.dumps({k: result[k] for k in keys}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
