@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--timeout-s", type=float, default=600.0)
     args = ap.parse_args(argv)
+    # A SIGTERM (a test's timeout, a service stop) unwinds through the finally below, which stops the
+    # SuperLink and SuperNodes this demo started; the default action would leave them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work: Path = args.workdir
     # Only a folder this demo made is emptied: --workdir . (or any folder of the user's) must not be wiped.
     if work.is_symlink() or (work.exists() and any(work.iterdir()) and not (work / DEMO_MARKER).is_file()):
