@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -41,3 +42,27 @@ def config_from_description(desc: dict[str, Any]) -> tuple[ModelConfig, Preproce
     for key in ("mean", "std"):
         prep[key] = tuple(prep[key])
     return ModelConfig(**model), Preprocessing(**prep)
+
+
+def fleet_version(
+    prev: Checkpoint, table: Any, model: Any, state: Any, relative_lambda: float, entry: Mapping[str, Any]
+) -> Checkpoint:
+    """``prev``'s next version holding the fleet's solution (``model``'s weights, ``state``'s sums):
+    the history fields every fleet version carries, then ``entry``'s (the caller's own)."""
+    seen = tuple(int(c) for c in np.flatnonzero(state.stats.counts))
+    full = {
+        "task": len(prev.history) + 1,
+        "kind": "fleet",
+        "new_classes": [c for c in seen if c not in prev.seen],
+        "new_class_names": [table.names[c] for c in seen if c not in prev.seen],
+        "revisited_classes": [],
+        "revisited_class_names": [],
+        "trained_classes": [],
+        "learner": "analytic",
+        "relative_lambda": relative_lambda,
+        "images_seen": int(state.stats.counts.sum()),
+        **entry,
+    }
+    return dataclasses.replace(
+        prev, table=table, weights=model.weights_state(), seen=seen, history=(*prev.history, full), analytic=state
+    )

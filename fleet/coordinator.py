@@ -3,13 +3,10 @@ fleet's append-only concept table beside it, and which upload of each device it 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from cvm_edge import analytic_learner as al
 from cvm_edge.analytic import HeldOut, RidgeStats, class_targets, solve
@@ -19,7 +16,7 @@ from cvm_edge.errors import ConceptError, StoreError, UsageError
 from cvm_edge.fsutil import FileLock, atomic_write_bytes, read_regular
 from cvm_edge.update import InitOptions, init_store, model_from_checkpoint
 from fleet import state as st
-from fleet.base import base_description, base_fingerprint
+from fleet.base import base_description, base_fingerprint, fleet_version
 from fleet.merge import RoundMerge
 from fleet.wire import Expected
 
@@ -125,31 +122,11 @@ class Coordinator:
             targets = class_targets(table.as_float32(), prev.model_config.analytic_targets)
             al.analytic_mapper(model).set_weight(solve(merge.stats, targets, relative_lambda))
             assert prev.analytic is not None
-            seen = tuple(int(c) for c in np.flatnonzero(merge.stats.counts))
             state = al.AnalyticState(
                 merge.stats, HeldOut.empty(prev.analytic.held_out.features.shape[1]), prev.analytic.projection_digest
             )
-            full = {
-                "task": len(prev.history) + 1,
-                "kind": "fleet",
-                "new_classes": [c for c in seen if c not in prev.seen],
-                "new_class_names": [table.names[c] for c in seen if c not in prev.seen],
-                "revisited_classes": [],
-                "revisited_class_names": [],
-                "trained_classes": [],
-                "learner": "analytic",
-                "relative_lambda": relative_lambda,
-                "images_seen": int(merge.stats.counts.sum()),
-                **entry,
-                "merged_ids": dict(merge.merged_ids),
-            }
-            ckpt = dataclasses.replace(
-                prev,
-                table=table,
-                weights=model.weights_state(),
-                seen=seen,
-                history=(*prev.history, full),
-                analytic=state,
+            ckpt = fleet_version(
+                prev, table, model, state, relative_lambda, {**entry, "merged_ids": dict(merge.merged_ids)}
             )
             version = self.store.save(ckpt)
         return version

@@ -31,7 +31,7 @@ from cvm_edge.errors import CvmError, StoreError
 from cvm_edge.fsutil import FileLock
 from cvm_edge.update import InitOptions, UpdateOptions, init_store, model_from_checkpoint, run_update
 from fleet import state as st
-from fleet.base import base_fingerprint, config_from_description
+from fleet.base import base_fingerprint, config_from_description, fleet_version
 from fleet.merge import Votes
 from fleet.wire import pack_stats, stats_digest
 
@@ -252,16 +252,7 @@ class StoreDevice:
             assert prev.analytic is not None
             seen = tuple(int(c) for c in np.flatnonzero(new.counts))
             state = al.AnalyticState(new, prev.analytic.held_out, prev.analytic.projection_digest)
-            full = {
-                "task": len(prev.history) + 1,
-                "kind": "fleet",
-                "new_classes": [c for c in seen if c not in prev.seen],
-                "new_class_names": [table.names[c] for c in seen if c not in prev.seen],
-                "revisited_classes": [],
-                "revisited_class_names": [],
-                "learner": "analytic",
-                "relative_lambda": relative_lambda,
-                "images_seen": int(new.counts.sum()),
+            own_fields = {
                 "unknown_threshold": al.unknown_threshold(model, state, seen),
                 **entry,
                 # This device's classes (those it holds held-out images of) on its own held-out images:
@@ -271,16 +262,9 @@ class StoreDevice:
                 "fleet_per_class_accuracy": entry.get("per_class_accuracy", {}),
                 "fleet_digest": digest,  # the staged statistics this version holds (see _finish_publish)
             }
-            ckpt = dataclasses.replace(
-                prev,
-                table=table,
-                weights=model.weights_state(),
-                seen=seen,
-                history=(*prev.history, full),
-                analytic=state,
-            )
+            ckpt = fleet_version(prev, table, model, state, relative_lambda, own_fields)
             version = self.store.save(ckpt)
-            self._record_published(fleet, int(full.get("fleet_round", 0)), version)
+            self._record_published(fleet, int(ckpt.history[-1].get("fleet_round", 0)), version)
         exported = self._export(version, table)  # export_bundle takes the store's lock itself
         return {"version": version, "exported": exported, "classes": len(seen)}
 
