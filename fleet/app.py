@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -391,10 +391,6 @@ def make_server_app(settings: FleetSettings | None = None) -> ServerApp:
         run_rounds(grid, s)
 
     return app
-
-
-def _names(items: Iterable[str]) -> str:
-    return ", ".join(sorted(items))
 
 
 server_app = make_server_app()

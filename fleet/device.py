@@ -26,7 +26,7 @@ from cvm_edge import analytic_learner as al
 from cvm_edge.analytic import HeldOut, RidgePath, RidgeStats, class_targets, solve
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore
 from cvm_edge.concepts import ConceptTable
-from cvm_edge.data import list_labelled_files, load_image_folder
+from cvm_edge.data import load_image_folder
 from cvm_edge.errors import CvmError, StoreError
 from cvm_edge.fsutil import FileLock
 from cvm_edge.update import InitOptions, UpdateOptions, init_store, model_from_checkpoint, run_update
@@ -353,7 +353,3 @@ def _model(ckpt: Checkpoint, table: ConceptTable) -> Any:
     if table.fingerprint != ckpt.table.fingerprint:
         model.set_table(table.as_float32())
     return model
-
-
-def list_data_classes(data_dir: Path, table: ConceptTable) -> list[int]:
-    return sorted({int(label) for _, label in list_labelled_files(data_dir, table, "the fleet's table")})
