@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from cvm_edge.analytic import HeldOut, RidgeStats
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split
+from cvm_edge.fsutil import atomic_write_text
 from cvm_edge.update import InitOptions, model_from_checkpoint
 from fleet.app import make_client_app, make_server_app
 from fleet.base import base_fingerprint
@@ -247,46 +249,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def fleet_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every fleet benchmark takes (bench/fleet.py, bench/fleet_gradient.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--protocol", default="imagenette-5-lite0", choices=sorted(PROTOCOLS))
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--devices", type=int, default=10)
     ap.add_argument("--classes-per-device", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
+    return ap
+
+
+def run_and_write(
+    args: argparse.Namespace, argv: Sequence[str] | None, run_fn: Any, name: Any, shown: Sequence[str]
+) -> int:
+    """Run one fleet benchmark, write its result JSON (atomically) under ``--out`` as ``name(result)``
+    and print the figures ``shown``."""
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run_fn(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / name(result), json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in shown}, indent=1))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = fleet_parser(__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--wire-dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--targets", default="whitened")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--timeout-s", type=float, default=7200.0, help="per step: simulated devices run one after another")
     ap.add_argument("--alone-max", type=int, default=100, help="devices whose stand-alone model is measured")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
     args = ap.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.protocol}-{result['image_size']}-analytic-d{args.devices}-{args.wire_dtype}-s{args.seed}.json"
-    (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
-    print(
-        json.dumps(
-            {
-                k: result[k]
-                for k in (
-                    "fleet_accuracy",
-                    "centralised_accuracy",
-                    "fleet_minus_centralised_points",
-                    "device_alone_mean",
-                    "device_alone_best",
-                    "upload_bytes_per_device_max",
-                    "simulation_wall_s",
-                )
-            },
-            indent=1,
-        )
+    shown = (
+        "fleet_accuracy",
+        "centralised_accuracy",
+        "fleet_minus_centralised_points",
+        "device_alone_mean",
+        "device_alone_best",
+        "upload_bytes_per_device_max",
+        "simulation_wall_s",
     )
-    return 0
+    return run_and_write(
+        args,
+        argv,
+        run,
+        lambda r: f"{args.protocol}-{r['image_size']}-analytic-d{args.devices}-{args.wire_dtype}-s{args.seed}.json",
+        shown,
+    )
 
 
 if __name__ == "__main__":

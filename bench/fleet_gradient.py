@@ -11,12 +11,10 @@ centralised, after how many rounds, and where it breaks.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from bench import provenance
-from bench.fleet import load_features, partition
+from bench.fleet import fleet_parser, load_features, partition, run_and_write
 from bench.protocols import PROTOCOLS
 from bench.tables import concept_vectors
 from cvm_edge.fusion import unify
@@ -175,29 +173,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--protocol", default="imagenette-5-lite0", choices=sorted(PROTOCOLS))
-    ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--devices", type=int, default=10)
-    ap.add_argument("--classes-per-device", type=int, default=3)
+    ap = fleet_parser(__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--merge", choices=("fedavg", "fusion"), default="fedavg")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam, the product's default")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/fleet"))
     args = ap.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.protocol}-{result['image_size']}-{args.merge}-d{args.devices}-s{args.seed}.json"
-    (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
-    keys = ("fleet_accuracy_per_round", "centralised_accuracy", "fleet_minus_centralised_points", "simulation_wall_s")
-    print(json.dumps({k: result[k] for k in keys}, indent=1))
-    return 0
+    shown = ("fleet_accuracy_per_round", "centralised_accuracy", "fleet_minus_centralised_points", "simulation_wall_s")
+    return run_and_write(
+        args,
+        argv,
+        run,
+        lambda r: f"{args.protocol}-{r['image_size']}-{args.merge}-d{args.devices}-s{args.seed}.json",
+        shown,
+    )
 
 
 if __name__ == "__main__":
