@@ -8,14 +8,16 @@ is a 16-filter, one-block-per-stage sibling small enough for tests and the CPU d
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import timm
 import torch
-from timm.models import register_model
-from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models.resnet import ResNet
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ EDGE_ZOO = (
 
 
 def _cifar_resnet(layers: tuple[int, ...], channels: tuple[int, ...], **kwargs: Any) -> ResNet:
+    from timm.models.resnet import BasicBlock, ResNet
+
     kwargs.pop("pretrained", None)  # these are trained from scratch; there are no weights to fetch
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "exportable", "scriptable", "no_jit"):
         kwargs.pop(key, None)
@@ -60,21 +64,34 @@ def _cifar_resnet(layers: tuple[int, ...], channels: tuple[int, ...], **kwargs: 
     return model
 
 
-@register_model
 def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet:
     return _cifar_resnet((2, 2, 2, 2), (64, 128, 256, 512), **kwargs)
 
 
-@register_model
 def resnet18_cifar_w16(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """resnet18_cifar's layout with 16 base filters: Mammoth's ``resnet18`` at ``--num_filters 16``
     (CPU probes beside Mammoth, issue 20)."""
     return _cifar_resnet((2, 2, 2, 2), (16, 32, 64, 128), **kwargs)
 
 
-@register_model
 def resnet10_cifar_slim(pretrained: bool = False, **kwargs: Any) -> ResNet:
     return _cifar_resnet((1, 1, 1, 1), (16, 32, 64, 128), **kwargs)
+
+
+@functools.cache
+def timm_module() -> ModuleType:
+    """timm, imported on first use, with the CIFAR ResNets above registered under their names.
+
+    Imported lazily because timm imports torchvision, which registers torch's operator library
+    (~170 MB of RSS and 1-3 s on 2 cores): a process that only reads a store, checks a bundle or
+    answers a fleet message never builds a backbone and need not pay it. Cached: timm's registry is
+    process-wide, and registering a name twice only warns, but once is enough."""
+    import timm
+    from timm.models import register_model
+
+    for fn in (resnet18_cifar, resnet18_cifar_w16, resnet10_cifar_slim):
+        register_model(fn)
+    return timm
 
 
 # Sizes tried when a backbone refuses the asked one, to name the ones that work in the error.
@@ -89,7 +106,7 @@ def size_kwargs(name: str, image_size: int | None) -> dict[str, Any]:
     other model runs at any size and is built exactly as before (no extra argument)."""
     if image_size is None:
         return {}
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = timm_module().models.get_pretrained_cfg(name)
     if cfg is None or not cfg.fixed_input_size or tuple(cfg.input_size[-2:]) == (image_size, image_size):
         return {}
     return {"img_size": image_size}
@@ -99,6 +116,7 @@ def create_backbone(name: str, pretrained: bool = False, image_size: int | None 
     """A timm model without classifier (``num_classes=0``) that returns pooled features; with
     ``image_size``, built for that input size where the model fixes one (:func:`size_kwargs`)."""
     sized = size_kwargs(name, image_size)
+    timm = timm_module()
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, exportable=True, **sized, **kwargs)
     except TypeError:

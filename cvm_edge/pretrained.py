@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import timm
 from torch import nn
 
-from cvm_edge.backbones import size_kwargs
+from cvm_edge.backbones import size_kwargs, timm_module
 from cvm_edge.errors import UsageError
 from cvm_edge.preprocess import Preprocessing
 
@@ -64,7 +63,7 @@ def load_pretrained_backbone(name: str, source: str, image_size: int) -> tuple[n
         return model, Preprocessing(image_size, lp.mean, lp.std, lp.interpolation, lp.crop_pct), lp.timm_name
     if source == "hub":
         try:
-            model = timm.create_model(
+            model = timm_module().create_model(
                 name, pretrained=True, num_classes=0, exportable=True, **size_kwargs(name, image_size)
             )
         except Exception as exc:  # noqa: BLE001 - network/hub failures become one line
@@ -74,7 +73,7 @@ def load_pretrained_backbone(name: str, source: str, image_size: int) -> tuple[n
     if not path.is_file():
         raise UsageError(f"--pretrained must be none, offline, hub or an existing file; {source!r} is none of these")
     try:
-        model = timm.create_model(
+        model = timm_module().create_model(
             name,
             pretrained=True,
             num_classes=0,

@@ -23,3 +23,12 @@ def test_cvm_edge_does_not_import_llm_embeddings() -> None:
     root = pathlib.Path(__file__).resolve().parents[1] / "cvm_edge"
     offenders = [p.name for p in root.rglob("*.py") if "llm_embeddings" in p.read_text() and p.name != "cli.py"]
     assert offenders == []
+
+
+@pytest.mark.parametrize("module", ["cvm_edge.checkpoints", "cvm_edge.model", "fleet.app"])
+def test_reading_a_store_does_not_import_timm(module: str) -> None:
+    """timm imports torchvision (~170 MB of RSS, seconds of CPU); only building a backbone needs it,
+    and every fleet message runs in a fresh ClientApp process that mostly reads a store."""
+    code = f"import sys, {module}; bad = [m for m in ('timm', 'torchvision') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
