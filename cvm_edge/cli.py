@@ -189,14 +189,12 @@ def cmd_update(args: argparse.Namespace) -> int:
 
     def export_hook(version: int, images: Any) -> None:  # inside run_update's lock, after the checkpoint is saved
         from cvm_edge.fsutil import fault_point
-        from deploy.export import ExportOptions, export_bundle
+        from deploy.export import ON_DEVICE, export_bundle
 
         log.info("exporting the bundle of v%d", version)
         fault_point("update_exporting")
         try:
-            # TorchScript: a device's update peaks at its export; deploy.export.ExportOptions says why
-            opts = ExportOptions(exporter="torchscript")
-            exported.append(export_bundle(args.workdir, version, opts, images=images).summary())
+            exported.append(export_bundle(args.workdir, version, ON_DEVICE, images=images).summary())
         except CvmError as exc:
             raise CvmError(
                 f"checkpoint v{version} was saved, but no bundle was published ({exc}); the server keeps the "

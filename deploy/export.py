@@ -107,6 +107,11 @@ class ExportOptions:
             raise UsageError("routed models export in fp32 only")
 
 
+# What a device's own exports use (`cvm update`'s publish, a fleet device's publish): TorchScript, as
+# the comment on ExportOptions.exporter says, since a device's update peaks at its export.
+ON_DEVICE = ExportOptions(exporter="torchscript")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
     name: str

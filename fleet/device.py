@@ -269,7 +269,7 @@ class StoreDevice:
         return {"version": version, "exported": exported, "classes": len(seen)}
 
     def _export(self, version: int, table: ConceptTable) -> str:
-        from deploy.export import export_bundle
+        from deploy.export import ON_DEVICE, export_bundle
 
         files = sorted(self._files()) if self.data_dir is not None and self.data_dir.is_dir() else []
         if not files:
@@ -281,7 +281,7 @@ class StoreDevice:
             with tempfile.TemporaryDirectory() as tmp:
                 data = _copy(self.data_dir, [files[i] for i in sorted(pick)], Path(tmp) / "data")
                 images = load_image_folder(data, table, ckpt.prep, skip_bad=True, progress=False)
-            return export_bundle(self.workdir, version, images=images).summary()
+            return export_bundle(self.workdir, version, ON_DEVICE, images=images).summary()
         except CvmError as exc:
             return f"not exported ({exc}); the server keeps the previous bundle"
 
