@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bench.datasets import REPO
+from cvm_edge.analytic import DEFAULT_DIM
 from cvm_edge.fsutil import atomic_write_bytes, atomic_write_text
 
 RESULTS = REPO / "bench" / "results"
@@ -768,22 +769,24 @@ def render_frozen(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol:
             continue
         if base in ("cvm-er-distill", "cvm-derpp") and not key[1].endswith(f"-none-{key[5]}"):
             continue
-        rows.append((key[5], FROZEN_ORDER.index(base), key, g))
+        dim = int(g[0].get("hyperparameters", {}).get("analytic_dim") or 0)
+        rows.append((key[5], FROZEN_ORDER.index(base), dim, key, g))
     if not any(g[0].get("hyperparameters", {}).get("learner") for *_, g in rows):
         return []
     lines = [
         "Frozen backbone: the analytic learner beside nearest class mean, RanPAC's one-hot ridge, the joint "
         "linear probe and the gradient CVM methods (buffer 200) on the same features (issue 17). Open set: "
         "two seeded classes no task trains; unknown AUROC of the best seen-class score, seen vs never-seen; "
-        "zero-shot top-1 of the never-seen classes among all classes.",
+        "zero-shot top-1 of the never-seen classes among all classes. Random features M = 2,048 (the product's "
+        "default) unless the method says otherwise.",
         "",
         "| size | method | seeds | final acc % | forgetting | closes NCM-probe gap | stored MB | unknown AUROC | zero-shot top-1 % |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     by_size: dict[Any, dict[str, float]] = defaultdict(dict)
-    for size, _, _key, g in rows:
+    for size, _, _dim, _key, g in rows:
         by_size[size][g[0]["method"]] = statistics.mean(r["final_avg_acc"] for r in g)
-    for size, _, _key, g in sorted(rows, key=lambda x: (x[0], x[1])):
+    for size, _, dim, _key, g in sorted(rows, key=lambda x: (x[0], x[1], x[2])):
         ref = by_size[size]
         gap = ""
         if "ncm" in ref and "joint-probe" in ref and ref["joint-probe"] > ref["ncm"]:
@@ -793,7 +796,7 @@ def render_frozen(groups: dict[tuple[Any, ...], list[dict[str, Any]]], protocol:
         auroc = [o["unknown_auroc"] for o in opens if o.get("unknown_auroc") is not None]
         zs = [o["zero_shot_top1"] for o in opens if o.get("zero_shot_top1") is not None]
         lines.append(
-            f"| {size} | {g[0]['method']} | {','.join(str(r['seed']) for r in g)} | {_ms([r['final_avg_acc'] for r in g])} "
+            f"| {size} | {g[0]['method']}{f' (M = {dim:,})' if dim and dim != DEFAULT_DIM else ''} | {','.join(str(r['seed']) for r in g)} | {_ms([r['final_avg_acc'] for r in g])} "
             f"| {_ms([r['forgetting'] for r in g])} | {gap} | {_stored_mb(g)} "
             f"| {f'{statistics.mean(auroc):.3f}' if auroc else '-'} | {_ms(zs) if zs else '-'} |"
         )
