@@ -532,6 +532,16 @@ def render_fleet(root: Path) -> list[str]:
     return lines
 
 
+def round_axis(ax: Any, rounds: int) -> None:
+    """Whole rounds on the x axis: a panel of one-round runs only (analytic at 100 devices) otherwise
+    got matplotlib's automatic ticks 0.96 ... 1.04."""
+    from matplotlib.ticker import MultipleLocator
+
+    ax.set_xlim(0.5, rounds + 0.5)
+    ax.xaxis.set_major_locator(MultipleLocator(1))
+    ax.set_xlabel("round")
+
+
 def plot_fleet(root: Path, plots: Path) -> list[str]:
     """Test accuracy after each round per merge, one panel per protocol and device count, with
     centralised training as the dashed line."""
@@ -565,7 +575,7 @@ def plot_fleet(root: Path, plots: Path) -> list[str]:
                     label=f"{family}, centralised",
                 )
         ax.set_title(f"{proto} {size} px, {n} devices", fontsize=9)
-        ax.set_xlabel("round")
+        round_axis(ax, rounds)
         ax.set_ylabel("test accuracy %")
         ax.legend(fontsize=7)
     fig.tight_layout()
