@@ -206,7 +206,7 @@ def add_fleet_commands(sub: Any) -> None:
     )
     d.set_defaults(func=cmd_device)
 
-    r = fsub.add_parser("run", help="run fleet rounds: merge, choose lambda, publish on every device")
+    r = fsub.add_parser("run", help="run fleet rounds: merge (analytic, fedavg or fusion), publish on every device")
     r.add_argument("--workdir", type=Path, required=True, help="the coordinator's store")
     r.add_argument("--coordinator", type=_address, default="127.0.0.1:8000", help="HOST:PORT of the SuperLink")
     r.add_argument("--rounds", type=_positive, default=1)

