@@ -35,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from cvm_edge.analytic import RidgeStats
 from cvm_edge.concepts import ConceptTable
-from fleet.average import ExpectedWeights, WeightsUpload, merge_weights, weights_digest
+from fleet.average import ExpectedWeights, WeightsUpload, merge_mismatch, merge_weights, weights_digest
 from fleet.coordinator import Coordinator
 from fleet.device import StoreDevice, Upload
 from fleet.merge import QuorumError, Votes, choose_lambda, class_accuracy, merge_round, summed
@@ -461,20 +461,6 @@ def _one_round(
         classes=int(np.count_nonzero(merge.stats.counts)),
         images=int(merge.stats.counts.sum()),
     )
-
-
-def merge_mismatch(merge: str, learner: str) -> str | None:
-    """Why ``merge`` cannot run on a coordinator store of ``learner``; None when it can."""
-    if merge == "analytic" and learner != "analytic":
-        return (
-            "--merge analytic needs an analytic coordinator store; this one is gradient: use --merge fedavg or fusion"
-        )
-    if merge != "analytic" and learner != "gradient":
-        return (
-            f"--merge {merge} averages gradient-trained weights; this coordinator store is analytic "
-            "(create one with `cvm fleet init --learner gradient`, or use --merge analytic)"
-        )
-    return None
 
 
 def _weights_answer(name: str, r: Message, expected: ExpectedWeights) -> WeightsUpload:

@@ -30,6 +30,20 @@ WEIGHTS_DTYPE = np.dtype(np.float32)
 Weights = dict[str, np.ndarray]
 
 
+def merge_mismatch(merge: str, learner: str) -> str | None:
+    """Why ``merge`` cannot run on a coordinator store of ``learner``; None when it can."""
+    if merge == "analytic" and learner != "analytic":
+        return (
+            "--merge analytic needs an analytic coordinator store; this one is gradient: use --merge fedavg or fusion"
+        )
+    if merge != "analytic" and learner != "gradient":
+        return (
+            f"--merge {merge} averages gradient-trained weights; this coordinator store is analytic "
+            "(create one with `cvm fleet init --learner gradient`, or use --merge analytic)"
+        )
+    return None
+
+
 def head_weights(state: Mapping[str, Any]) -> Weights:
     """The concept head's weights of a model's state (float32 numpy arrays, by name)."""
     return {

@@ -44,7 +44,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     wrong = ["--analytic-dim", "--targets"] if gradient else ["--mapper-hidden"]
     given = [o for o in wrong if getattr(args, o[2:].replace("-", "_")) is not None]
     if given:
-        raise UsageError(f"{', '.join(given)} do(es) not apply to --learner {args.learner}")
+        raise UsageError(f"{', '.join(given)}: only for --learner {'analytic' if gradient else 'gradient'}")
     opts = InitOptions(
         concepts=args.concepts,
         backbone=backbone,
@@ -58,11 +58,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         mapper_hidden=512 if args.mapper_hidden is None else args.mapper_hidden,
     )
     version = init_coordinator(args.workdir, opts)
-    shape = (
-        f"mapper hidden {opts.mapper_hidden}, merged with --merge fedavg | fusion"
-        if gradient
-        else (f"M = {opts.analytic_dim}")
-    )
+    shape = f"mapper hidden {opts.mapper_hidden}, --merge fedavg | fusion" if gradient else f"M = {opts.analytic_dim}"
     print(
         f"fleet coordinator store {args.workdir}: version {version} ({args.learner}, {backbone}, {pretrained} "
         f"weights, {args.image_size} px, {shape})"
@@ -104,7 +100,7 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fleet.app import merge_mismatch
+    from fleet.average import merge_mismatch
     from fleet.coordinator import Coordinator
     from fleet.runtime import run_argv, run_env
     from fleet.settings import FleetSettings
@@ -186,7 +182,12 @@ def add_fleet_commands(sub: Any) -> None:
     i.add_argument("--analytic-dim", type=_positive, default=None, help="analytic: M, the projection's width (2048)")
     i.add_argument("--targets", choices=("whitened", "concepts", "onehot"), default=None, help="analytic (whitened)")
     i.add_argument("--mapper-hidden", type=int_at_least(0), default=None, help="gradient: the mapper's width (512)")
-    i.add_argument("--seed", type=int, default=0, help="the projection's seed, shared by every device")
+    i.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the projection's (analytic) or the head's first weights' (gradient) seed, shared by every device",
+    )
     i.set_defaults(func=cmd_init)
 
     c = fsub.add_parser("coordinator", help="run the coordinator's Flower SuperLink (foreground)")

@@ -145,7 +145,7 @@ def test_a_malformed_weights_answer_is_refused_by_name_not_a_crash_of_the_round(
 
 
 def test_merge_settings_and_their_incompatible_combinations(tmp_path: Path) -> None:
-    from fleet.app import merge_mismatch
+    from fleet.average import merge_mismatch
 
     s = FleetSettings.from_run_config({"workdir": str(tmp_path), "merge": "fedavg", "local-epochs": "3"})
     assert (s.merge, s.local_epochs) == ("fedavg", 3)
