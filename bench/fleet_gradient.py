@@ -29,8 +29,8 @@ from bench import provenance
 from bench.fleet import fleet_parser, load_features, partition, run_and_write
 from bench.protocols import PROTOCOLS
 from bench.tables import concept_vectors
-from cvm_edge.fusion import unify
 from cvm_edge.model import ConceptHead
+from fleet.average import fuse
 
 log = logging.getLogger(__name__)
 HIDDEN = 512  # the product's default mapper width (cvm init --mapper-hidden)
@@ -63,22 +63,27 @@ def accuracy(head: ConceptHead, x: np.ndarray, y: np.ndarray) -> float:
 
 class Fusion(FedAvg):
     """ConDU's unified delta instead of the average: sign consensus of the devices' deltas from
-    this round's global model, the largest agreeing magnitude (cvm_edge.fusion.unify)."""
+    this round's global model, the largest agreeing magnitude (``fleet.average.fuse``, the product's
+    ``cvm fleet run --merge fusion``)."""
 
     def __init__(self, initial: dict[str, torch.Tensor], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.current = {k: v.clone() for k, v in initial.items()}
+        self.current = {k: v.detach().float().numpy().copy() for k, v in initial.items()}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        states = [r.content.array_records["arrays"].to_torch_state_dict() for r in replies if not r.has_error()]
+        states = [
+            {k: np.asarray(v.numpy(), np.float32) for k, v in r.content.array_records["arrays"].items()}
+            for r in replies
+            if not r.has_error()
+        ]
         if not states:
             return None, None
-        deltas = [{k: s[k].float() - self.current[k].float() for k in self.current} for s in states]
-        unified = unify(deltas).delta
-        self.current = {k: self.current[k] + unified[k] for k in self.current}
-        return ArrayRecord(self.current), MetricRecord({"devices": len(states)})
+        self.current = fuse(self.current, states)
+        return ArrayRecord({k: torch.from_numpy(v) for k, v in self.current.items()}), MetricRecord(
+            {"devices": len(states)}
+        )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

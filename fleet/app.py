@@ -9,7 +9,15 @@ A round, each step one message to every device:
 3. ``evaluate.score``: the fleet's statistics (float64); each device tallies its held-out images for
    every candidate lambda, so lambda is chosen on the union of the fleet's held-out images.
 4. ``query.publish``: the coordinator has published its version; each device publishes the same
-   solution in its store and exports its bundle (the old bundle serves until parity passes)."""
+   solution in its store and exports its bundle (the old bundle serves until parity passes).
+
+A gradient fleet's round (``merge`` fedavg or fusion, ``fleet.average``; ``fleet.weights_device``):
+1. ``query.sync`` as above.
+2. ``train``: the fleet's head weights go out as Flower's FedAvg sends them (``arrays``); each device
+   starts from them, runs ``cvm update`` on its images and answers with its head weights
+   (``arrays``) and ``num-examples``. The coordinator checks them and merges (FedAvg or fusion).
+3. ``query.publish_weights``: the coordinator has published the merged weights; each device
+   publishes them, exports its bundle and tallies them on its held-out images."""
 
 from __future__ import annotations
 
@@ -21,17 +29,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from cvm_edge.analytic import RidgeStats
 from cvm_edge.concepts import ConceptTable
+from fleet.average import ExpectedWeights, WeightsUpload, merge_mismatch, merge_weights, weights_digest
 from fleet.coordinator import Coordinator
 from fleet.device import StoreDevice, Upload
 from fleet.merge import QuorumError, Votes, choose_lambda, class_accuracy, merge_round, summed
 from fleet.report import RoundReport, load_rounds, print_matrix, save_rounds
 from fleet.settings import FleetSettings
+from fleet.weights_device import LocalTraining, WeightsDevice
 from fleet.wire import Contribution, ContributionError, pack_stats, packed_bytes, stats_digest, unpack_stats
 
 log = logging.getLogger(__name__)
@@ -61,6 +71,11 @@ def _table_of(content: RecordDict) -> ConceptTable:
 
 def _stats_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _weights_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
+    # np.array, not ascontiguousarray: the logit scale is a 0-d array and must keep its shape
+    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in weights.items()})
 
 
 def _arrays(content: RecordDict, record: str) -> dict[str, np.ndarray]:
@@ -129,16 +144,52 @@ def _votes_answer(r: Message, n_lambdas: int, rows: int) -> Votes:
 
 
 # ----- client ------------------------------------------------------------------------------------
-def make_client_app(make_device: Callable[[Context], tuple[str, Device]]) -> ClientApp:
-    """A ClientApp whose steps run on ``make_device(context)`` -> (device name, device)."""
+def make_client_app(
+    make_device: Callable[[Context], tuple[str, Device]],
+    make_weights_device: Callable[[Context], tuple[str, WeightsDevice]] | None = None,
+) -> ClientApp:
+    """A ClientApp whose steps run on ``make_device(context)`` -> (device name, device); a gradient
+    fleet's (the base's learner is gradient) on ``make_weights_device(context)``."""
     app = ClientApp()
+
+    def weights_device(context: Context) -> tuple[str, WeightsDevice]:
+        if make_weights_device is None:
+            raise ValueError("this ClientApp does not run gradient fleets")
+        return make_weights_device(context)
 
     @app.query("sync")
     def sync(msg: Message, context: Context) -> Message:
-        name, device = make_device(context)
         cfg = _config(msg.content)
+        gradient = cfg["base"]["model"].get("learner") == "gradient"
+        name, device = weights_device(context) if gradient else make_device(context)
         wanted = device.sync(cfg["base"], _table_of(msg.content), cfg["merged"].get(name))
         return Message(_content({"name": name, "wanted": wanted}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """FedAvg's message: the fleet's weights in ``arrays``; the device's after ``cvm update`` out."""
+        name, device = weights_device(context)
+        cfg = _config(msg.content)
+        local = LocalTraining(epochs=int(cfg["local-epochs"]))
+        up = device.train(_arrays(msg.content, "arrays"), cfg["seen"], _table_of(msg.content), cfg["entry"], local)
+        reply = _content(
+            {"name": name, "base": up.base, "table": up.table, "seen": list(up.seen)},
+            arrays=_weights_record(up.weights),
+        )
+        reply["metrics"] = MetricRecord({"num-examples": up.images})
+        return Message(reply, reply_to=msg)
+
+    @app.query("publish_weights")
+    def publish_weights(msg: Message, context: Context) -> Message:
+        name, device = weights_device(context)
+        cfg = _config(msg.content)
+        out, votes = device.publish(
+            cfg["digest"], _arrays(msg.content, "arrays"), cfg["seen"], _table_of(msg.content), cfg["entry"]
+        )
+        return Message(
+            _content({"name": name, **out}, votes=_stats_record({"correct": votes.correct, "total": votes.total})),
+            reply_to=msg,
+        )
 
     @app.train("upload")
     def upload(msg: Message, context: Context) -> Message:
@@ -180,14 +231,29 @@ def make_client_app(make_device: Callable[[Context], tuple[str, Device]]) -> Cli
     return app
 
 
-def _store_device(context: Context) -> tuple[str, Device]:
+def _node(context: Context) -> tuple[str, Path, Path | None, float]:
+    """This SuperNode's device name, store, data folder and forgetting gate (its --node-config)."""
     cfg = context.node_config
     workdir = str(cfg.get("workdir", ""))
     if not workdir:
         raise ValueError("this SuperNode has no workdir: start it with --node-config \"workdir='DIR'\"")
     data = str(cfg.get("data", "")) or None
-    device = StoreDevice(Path(workdir), Path(data) if data else None, float(cfg.get("max-forgetting", 10.0)))
-    return str(cfg.get("name", "") or workdir), device
+    return (
+        str(cfg.get("name", "") or workdir),
+        Path(workdir),
+        Path(data) if data else None,
+        float(cfg.get("max-forgetting", 10.0)),
+    )
+
+
+def _store_device(context: Context) -> tuple[str, Device]:
+    name, workdir, data, max_forgetting = _node(context)
+    return name, StoreDevice(workdir, data, max_forgetting)
+
+
+def _weights_device(context: Context) -> tuple[str, WeightsDevice]:
+    name, workdir, data, max_forgetting = _node(context)
+    return name, WeightsDevice(workdir, data, max_forgetting)
 
 
 # ----- server ------------------------------------------------------------------------------------
@@ -241,6 +307,11 @@ def run_rounds(grid: Grid, settings: FleetSettings) -> list[RoundReport]:
     coord = Coordinator(settings.workdir)
     earlier = load_rounds(settings.workdir)
     reports: list[RoundReport] = []
+    mismatch = merge_mismatch(settings.merge, coord.learner())
+    if mismatch:  # `cvm fleet run` refuses this before Flower starts; a hand-written run config may not
+        log.error("%s; nothing published", mismatch)
+        save_rounds(settings.workdir, earlier, [RoundReport.refused(coord.rounds_done() + 1, mismatch)])
+        return [RoundReport.refused(coord.rounds_done() + 1, mismatch)]
     for _ in range(settings.rounds):
         rnd = coord.rounds_done() + 1  # rounds are numbered by published rounds over the coordinator's life
         t0 = time.perf_counter()
@@ -250,25 +321,28 @@ def run_rounds(grid: Grid, settings: FleetSettings) -> list[RoundReport]:
             reports.append(RoundReport.refused(rnd, f"{len(nodes)} of {settings.min_devices} devices connected"))
             save_rounds(settings.workdir, earlier, reports)
             continue
-        report = _one_round(grid, coord, settings, rnd, nodes, t0)
+        round_fn = _one_round if settings.merge == "analytic" else _weights_round
+        report = round_fn(grid, coord, settings, rnd, nodes, t0)
         reports.append(report)
         save_rounds(settings.workdir, earlier, reports)
         print_matrix(reports)
     return reports
 
 
-def _one_round(
-    grid: Grid, coord: Coordinator, settings: FleetSettings, rnd: int, nodes: list[int], t0: float
-) -> RoundReport:
-    step = _Round(grid, settings.timeout_s)
+def _with_table(table: ConceptTable, cfg: Mapping[str, Any], **arrays: ArrayRecord) -> RecordDict:
+    return _content(cfg, table=ArrayRecord({"bytes": _blob(table.to_bytes())}), **arrays)
+
+
+def _sync_step(
+    step: _Round, coord: Coordinator, nodes: list[int], merged_ids: Mapping[str, str]
+) -> tuple[dict[int, str], dict[str, str], ConceptTable, list[str]]:
+    """Step 1 of every round: the devices' names (node -> name), those that failed and why, the
+    table extended by the classes they asked for, and every asked device's name."""
     base, _ = coord.base()
     table = coord.table()
-    merged_ids = coord.merged_ids()
-
-    def with_table(cfg: Mapping[str, Any], **arrays: ArrayRecord) -> RecordDict:
-        return _content(cfg, table=ArrayRecord({"bytes": _blob(table.to_bytes())}), **arrays)
-
-    replies, failed_nodes = step.ask("query.sync", {n: with_table({"base": base, "merged": merged_ids}) for n in nodes})
+    replies, failed_nodes = step.ask(
+        "query.sync", {n: _with_table(table, {"base": base, "merged": dict(merged_ids)}) for n in nodes}
+    )
     failed = {f"node {n}": why for n, why in failed_nodes.items()}
     answers: dict[int, tuple[str, list[str]]] = {}
     for n, r in replies.items():
@@ -293,6 +367,18 @@ def _one_round(
     if wanted:
         table = coord.extend(wanted)
     asked = [names.get(n, f"node {n}") for n in nodes]
+    return names, failed, table, asked
+
+
+def _one_round(
+    grid: Grid, coord: Coordinator, settings: FleetSettings, rnd: int, nodes: list[int], t0: float
+) -> RoundReport:
+    step = _Round(grid, settings.timeout_s)
+    merged_ids = coord.merged_ids()
+    names, failed, table, asked = _sync_step(step, coord, nodes, merged_ids)
+
+    def with_table(cfg: Mapping[str, Any], **arrays: ArrayRecord) -> RecordDict:
+        return _with_table(table, cfg, **arrays)
 
     replies, failed_nodes = step.ask(
         "train.upload", {n: with_table({"wire_dtype": settings.wire_dtype}) for n in names}
@@ -377,6 +463,98 @@ def _one_round(
     )
 
 
+def _weights_answer(name: str, r: Message, expected: ExpectedWeights) -> WeightsUpload:
+    """The device's head weights and image count, unpacked (``fleet.average.check_upload`` checks
+    them against the fleet's); ContributionError when malformed."""
+    try:
+        cfg = _config(r.content)
+        weights = _arrays(r.content, "arrays")
+        images = r.content.metric_records["metrics"]["num-examples"]
+        base, table, seen = cfg["base"], cfg["table"], cfg["seen"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContributionError(f"upload without weights, num-examples, base, table or seen ({exc!r})") from None
+    if not all(isinstance(v, str) and len(v) <= MAX_NAME_CHARS for v in (base, table)):
+        raise ContributionError("upload whose base or table is not a short string")
+    if not isinstance(seen, list) or len(seen) > expected.rows:
+        raise ContributionError(f"seen classes must be a list of at most {expected.rows} table rows")
+    return WeightsUpload(name, base, table, weights, images, tuple(seen), packed_bytes(weights))  # type: ignore[arg-type]
+
+
+def _weights_round(
+    grid: Grid, coord: Coordinator, settings: FleetSettings, rnd: int, nodes: list[int], t0: float
+) -> RoundReport:
+    """A gradient fleet's round: sync, local ``cvm update`` from the fleet's weights, FedAvg or fusion
+    of the checked uploads, publish on the coordinator, then on every merged device."""
+    step = _Round(grid, settings.timeout_s)
+    names, failed, table, asked = _sync_step(step, coord, nodes, {})
+    current, seen = coord.weights(), coord.latest().seen
+    start = {"fleet_round": coord.rounds_done(), "merge": settings.merge}  # the version the weights come from
+    config = {"seen": list(seen), "local-epochs": settings.local_epochs, "entry": start}
+    out = _weights_record(current)
+    replies, failed_nodes = step.ask("train", {n: _with_table(table, config, arrays=out) for n in names})
+    failed.update({names[n]: why for n, why in failed_nodes.items()})
+    expected = coord.expected_weights(table)
+    uploads: list[WeightsUpload] = []
+    for n, r in replies.items():
+        try:
+            uploads.append(_weights_answer(names[n], r, expected))
+        except ContributionError as exc:
+            failed[names[n]] = f"weights refused: {exc}"
+    try:
+        merge = merge_weights(settings.merge, current, seen, uploads, expected, asked, settings.quorum, failed)
+    except QuorumError as exc:
+        log.error("round %d: %s; nothing published", rnd, exc)
+        return RoundReport.refused(rnd, str(exc), refused=exc.refused)
+    for name, why in merge.refused.items():
+        log.warning("round %d: device %s left out: %s", rnd, name, why)
+    entry = {
+        "fleet_round": rnd,
+        "merge": settings.merge,
+        "devices": list(merge.accepted),
+        "left_out": dict(merge.refused),
+        "device_images": dict(merge.images),
+    }
+    version = coord.publish_weights(merge, table, entry)
+    digest = weights_digest(merge.weights)
+    accepted_nodes = {n: names[n] for n in names if names[n] in merge.accepted}
+    merged = _weights_record(merge.weights)
+    replies, publish_failed = step.ask(
+        "query.publish_weights",
+        {
+            n: _with_table(table, {"digest": digest, "seen": list(merge.seen), "entry": entry}, arrays=merged)
+            for n in accepted_nodes
+        },
+    )
+    for n, why in publish_failed.items():
+        log.warning("round %d: device %s did not publish: %s", rnd, names[n], why)
+    votes: dict[str, Votes] = {}
+    not_scored = {names[n]: why for n, why in publish_failed.items()}
+    for n, r in replies.items():
+        try:
+            votes[names[n]] = _votes_answer(r, 1, len(table.names))
+        except ContributionError as exc:
+            not_scored[names[n]] = f"votes refused: {exc}"
+    device_acc = {d: _mean(class_accuracy((0.0,), 0.0, v)) for d, v in votes.items()}
+    fleet_acc = _mean(class_accuracy((0.0,), 0.0, summed(list(votes.values())))) if votes else None
+    weights_bytes = packed_bytes(merge.weights)
+    return RoundReport(
+        round=rnd,
+        version=version,
+        published=True,
+        fleet_accuracy=fleet_acc,
+        device_accuracy=device_acc,
+        left_out=dict(merge.refused),
+        not_scored=not_scored,
+        upload_bytes={u.device: u.wire_bytes for u in uploads if u.device in merge.accepted},
+        download_bytes=2 * weights_bytes + len(table.to_bytes()),  # the round's weights out, the merged back
+        devices_published={names[n]: _config(r.content).get("version") for n, r in replies.items()},
+        wall_s=round(time.perf_counter() - t0, 3),
+        step_s=dict(step.seconds),
+        classes=len(merge.seen),
+        images=int(sum(merge.images.values())),
+    )
+
+
 def _mean(d: Mapping[int, float]) -> float | None:
     return round(float(np.mean(list(d.values()))), 6) if d else None
 
@@ -394,4 +572,4 @@ def make_server_app(settings: FleetSettings | None = None) -> ServerApp:
 
 
 server_app = make_server_app()
-client_app = make_client_app(_store_device)
+client_app = make_client_app(_store_device, _weights_device)

@@ -22,12 +22,12 @@ def base_description(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def base_fingerprint(ckpt: Checkpoint) -> str:
-    """sha256 of the settings, the projection and the frozen backbone's weights: two stores with the
-    same fingerprint lift an image to the same features, so their sums add up."""
-    if ckpt.analytic is None:
-        raise ValueError("only analytic stores share statistics")
+    """sha256 of the settings, the projection (analytic stores) and the frozen backbone's weights: two
+    stores with the same fingerprint lift an image to the same features, so their sums (analytic)
+    or their head weights (gradient, frozen backbone) can be merged."""
     h = hashlib.sha256(json.dumps(base_description(ckpt), sort_keys=True).encode())
-    h.update(ckpt.analytic.projection_digest.encode())
+    if ckpt.analytic is not None:
+        h.update(ckpt.analytic.projection_digest.encode())
     for name in sorted(k for k in ckpt.weights if k.startswith("backbone.")):
         t = ckpt.weights[name]
         h.update(name.encode())
@@ -66,3 +66,34 @@ def fleet_version(
     return dataclasses.replace(
         prev, table=table, weights=model.weights_state(), seen=seen, history=(*prev.history, full), analytic=state
     )
+
+
+def weights_version(
+    prev: Checkpoint, table: Any, weights: Mapping[str, Any], seen: tuple[int, ...], entry: Mapping[str, Any]
+) -> Checkpoint:
+    """``prev``'s next version holding the fleet's merged head ``weights`` (a gradient fleet; the
+    backbone and every other weight stay ``prev``'s) and knowing the table rows ``seen``."""
+    import torch
+
+    missing = sorted(set(weights) - set(prev.weights))
+    if missing:
+        raise ValueError(f"weights the store does not have: {missing[:3]}")
+    state = dict(prev.weights)
+    for name, value in weights.items():
+        t = torch.from_numpy(np.array(value, np.float32))
+        if tuple(t.shape) != tuple(state[name].shape):
+            raise ValueError(f"{name} of shape {tuple(t.shape)}, the store's is {tuple(state[name].shape)}")
+        state[name] = t.to(state[name].dtype)
+    full = {
+        "task": len(prev.history) + 1,
+        "kind": "fleet",
+        "new_classes": [c for c in seen if c not in prev.seen],
+        "new_class_names": [table.names[c] for c in seen if c not in prev.seen],
+        "revisited_classes": [],
+        "revisited_class_names": [],
+        "trained_classes": [],
+        "per_class_accuracy": {},
+        "learner": "gradient",
+        **entry,
+    }
+    return dataclasses.replace(prev, table=table, weights=state, seen=seen, history=(*prev.history, full))

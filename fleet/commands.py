@@ -12,6 +12,7 @@ from typing import Any
 
 from cvm_edge.argtypes import int_at_least
 from cvm_edge.errors import CvmError, UsageError
+from fleet.average import MERGES
 
 _positive = int_at_least(1)
 
@@ -31,12 +32,19 @@ def _share(text: str) -> float:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from cvm_edge.analytic import DEFAULT_DIM
     from cvm_edge.defaults import default_backbone
     from cvm_edge.update import InitOptions
     from fleet.coordinator import init_coordinator
 
     backbone, pretrained = (args.backbone, args.pretrained or "none") if args.backbone else default_backbone()
     pretrained = args.pretrained or pretrained
+    gradient = args.learner == "gradient"
+    # each learner's own options: one given for the other learner is a mistake, not a no-op
+    wrong = ["--analytic-dim", "--targets"] if gradient else ["--mapper-hidden"]
+    given = [o for o in wrong if getattr(args, o[2:].replace("-", "_")) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only for --learner {'analytic' if gradient else 'gradient'}")
     opts = InitOptions(
         concepts=args.concepts,
         backbone=backbone,
@@ -44,14 +52,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         train_backbone="none",
         pretrained=pretrained,
         seed=args.seed,
-        learner="analytic",
-        analytic_dim=args.analytic_dim,
-        analytic_targets=args.targets,
+        learner=args.learner,
+        analytic_dim=args.analytic_dim or DEFAULT_DIM,
+        analytic_targets=args.targets or "whitened",
+        mapper_hidden=512 if args.mapper_hidden is None else args.mapper_hidden,
     )
     version = init_coordinator(args.workdir, opts)
+    shape = f"mapper hidden {opts.mapper_hidden}, --merge fedavg | fusion" if gradient else f"M = {opts.analytic_dim}"
     print(
-        f"fleet coordinator store {args.workdir}: version {version} ({backbone}, {pretrained} weights, "
-        f"{args.image_size} px, M = {args.analytic_dim})"
+        f"fleet coordinator store {args.workdir}: version {version} ({args.learner}, {backbone}, {pretrained} "
+        f"weights, {args.image_size} px, {shape})"
     )
     return 0
 
@@ -90,20 +100,33 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fleet.average import merge_mismatch
     from fleet.coordinator import Coordinator
     from fleet.runtime import run_argv, run_env
     from fleet.settings import FleetSettings
 
-    Coordinator(args.workdir).latest()
+    mismatch = merge_mismatch(args.merge, Coordinator(args.workdir).learner())
+    if mismatch:
+        raise UsageError(mismatch)
+    analytic = args.merge == "analytic"
+    # each merge's own options: one given for the other kind is a mistake, not a no-op
+    if not analytic and args.wire_dtype is not None:
+        raise UsageError(
+            f"--wire-dtype sets the analytic statistics' precision; --merge {args.merge} sends float32 weights"
+        )
+    if analytic and args.local_epochs is not None:
+        raise UsageError("--local-epochs applies to --merge fedavg | fusion; analytic devices learn each image once")
     try:
         settings = FleetSettings(
             workdir=args.workdir,
             rounds=args.rounds,
             min_devices=args.min_devices,
             quorum=args.quorum,
-            wire_dtype=args.wire_dtype,
+            wire_dtype=args.wire_dtype or "float32",
             wait_s=args.wait_s,
             timeout_s=args.timeout_s,
+            merge=args.merge,
+            local_epochs=args.local_epochs or 1,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -116,6 +139,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cmd_status(args)
     ran = load_rounds(args.workdir)[before:]
     failed = [r["round"] for r in ran if not r.get("published")]
+    if len(ran) < settings.rounds:  # the ServerApp ended early (it crashed): flwr run still exits 0
+        raise CvmError(
+            f"{len(ran)} of {settings.rounds} round(s) ran; see the output above. Published rounds stay published"
+        )
     if not ran or failed:
         raise CvmError(
             f"round(s) {', '.join(map(str, failed)) or '(none ran)'} published nothing; the devices keep serving "
@@ -145,9 +172,22 @@ def add_fleet_commands(sub: Any) -> None:
     i.add_argument("--backbone", default=None, help="timm name (default: the offline pretrained Lite0)")
     i.add_argument("--pretrained", default=None, help="none | offline | hub | PATH (every device loads the same)")
     i.add_argument("--image-size", type=_positive, default=224)
-    i.add_argument("--analytic-dim", type=_positive, default=2048, help="M, the random projection's width")
-    i.add_argument("--targets", choices=("whitened", "concepts", "onehot"), default="whitened")
-    i.add_argument("--seed", type=int, default=0, help="the projection's seed, shared by every device")
+    i.add_argument(
+        "--learner",
+        choices=("analytic", "gradient"),
+        default="analytic",
+        help="analytic: devices send ridge statistics (--merge analytic, exact); gradient: devices train the "
+        "concept head with `cvm update` and send its weights (--merge fedavg | fusion)",
+    )
+    i.add_argument("--analytic-dim", type=_positive, default=None, help="analytic: M, the projection's width (2048)")
+    i.add_argument("--targets", choices=("whitened", "concepts", "onehot"), default=None, help="analytic (whitened)")
+    i.add_argument("--mapper-hidden", type=int_at_least(0), default=None, help="gradient: the mapper's width (512)")
+    i.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the projection's (analytic) or the head's first weights' (gradient) seed, shared by every device",
+    )
     i.set_defaults(func=cmd_init)
 
     c = fsub.add_parser("coordinator", help="run the coordinator's Flower SuperLink (foreground)")
@@ -167,13 +207,25 @@ def add_fleet_commands(sub: Any) -> None:
     )
     d.set_defaults(func=cmd_device)
 
-    r = fsub.add_parser("run", help="run fleet rounds: merge, choose lambda, publish on every device")
+    r = fsub.add_parser("run", help="run fleet rounds: merge (analytic, fedavg or fusion), publish on every device")
     r.add_argument("--workdir", type=Path, required=True, help="the coordinator's store")
     r.add_argument("--coordinator", type=_address, default="127.0.0.1:8000", help="HOST:PORT of the SuperLink")
     r.add_argument("--rounds", type=_positive, default=1)
     r.add_argument("--min-devices", type=_positive, default=1, help="a round waits for this many devices")
     r.add_argument("--quorum", type=_share, default=1.0, help="share of devices that must contribute (default all)")
-    r.add_argument("--wire-dtype", choices=("float32", "float64"), default="float32", help="uploads' precision")
+    r.add_argument(
+        "--merge",
+        choices=MERGES,
+        default="analytic",
+        help="analytic: add the devices' statistics (an analytic coordinator store); fedavg: average the devices' "
+        "head weights by their image counts; fusion: ConDU fusion of their deltas (a gradient store)",
+    )
+    r.add_argument(
+        "--local-epochs", type=_positive, default=None, help="fedavg | fusion: epochs of each local update (1)"
+    )
+    r.add_argument(
+        "--wire-dtype", choices=("float32", "float64"), default=None, help="analytic uploads' precision (float32)"
+    )
     r.add_argument("--wait-s", type=float, default=120.0, help="how long a round waits for --min-devices")
     r.add_argument("--timeout-s", type=float, default=600.0, help="how long each step waits for the devices")
     r.set_defaults(func=cmd_run)

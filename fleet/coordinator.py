@@ -1,5 +1,6 @@
-"""The coordinator's store: a cvm store like a device's (analytic learner, no held-out images), the
-fleet's append-only concept table beside it, and which upload of each device it merged last."""
+"""The coordinator's store: a cvm store like a device's (analytic learner, no held-out images; or for
+the gradient merges a gradient store on a frozen backbone, whose concept head is the fleet's model),
+the fleet's append-only concept table beside it, and which upload of each device it merged last."""
 
 from __future__ import annotations
 
@@ -16,19 +17,25 @@ from cvm_edge.errors import ConceptError, StoreError, UsageError
 from cvm_edge.fsutil import FileLock, atomic_write_bytes, read_regular
 from cvm_edge.update import InitOptions, init_store, model_from_checkpoint
 from fleet import state as st
-from fleet.base import base_description, base_fingerprint, fleet_version
+from fleet.average import ExpectedWeights, Weights, WeightsMerge, head_weights
+from fleet.base import base_description, base_fingerprint, fleet_version, weights_version
 from fleet.merge import RoundMerge
 from fleet.wire import Expected
 
 log = logging.getLogger(__name__)
 
 MAX_TABLE_BYTES = 256 << 20
+LEARNERS = ("analytic", "gradient")  # analytic: --merge analytic; gradient: --merge fedavg | fusion
 
 
 def init_coordinator(workdir: Path, opts: InitOptions) -> int:
     """Version 1 of the coordinator's store, and the fleet's table (the store's, to start)."""
-    if opts.learner != "analytic":
-        raise UsageError("a fleet merges analytic stores: pass --learner analytic (the default when pretrained)")
+    if opts.learner not in LEARNERS:
+        raise UsageError(f"a fleet merges analytic or gradient stores (--learner {' or '.join(LEARNERS)})")
+    if opts.learner == "gradient" and (
+        opts.train_backbone != "none" or opts.head != "concepts" or opts.experts != "none"
+    ):
+        raise UsageError("a gradient fleet trains the concept head on a frozen backbone: --train-backbone none")
     table = ConceptTable.load(opts.concepts)
     if table.is_multi_prototype:
         raise UsageError("fleet tables have one row per class: build the table without prototypes")
@@ -54,9 +61,15 @@ class Coordinator:
 
     def latest(self) -> Checkpoint:
         ckpt = self.store.load()
-        if ckpt.analytic is None:
-            raise StoreError(f"{self.workdir} is not an analytic store; create it with `cvm fleet init`")
+        if ckpt.analytic is None and (
+            ckpt.model_config.learner != "gradient" or ckpt.model_config.train_backbone != "none"
+        ):
+            raise StoreError(f"{self.workdir} is not a fleet coordinator's store; create it with `cvm fleet init`")
         return ckpt
+
+    def learner(self) -> str:
+        """analytic (merged with --merge analytic) or gradient (--merge fedavg | fusion)."""
+        return "analytic" if self.latest().analytic is not None else "gradient"
 
     def table(self) -> ConceptTable:
         path = _table_path(self.workdir)
@@ -138,3 +151,21 @@ class Coordinator:
         ckpt = self.latest()
         assert ckpt.analytic is not None
         return ckpt.analytic.stats
+
+    # ----- gradient fleets (--merge fedavg | fusion) ---------------------------------------------
+    def weights(self) -> Weights:
+        """The fleet's published head weights: what every device starts its next local update from."""
+        return head_weights(self.latest().weights)
+
+    def expected_weights(self, table: ConceptTable) -> ExpectedWeights:
+        ckpt = self.latest()
+        shapes = {k: tuple(v.shape) for k, v in head_weights(ckpt.weights).items()}
+        return ExpectedWeights(base_fingerprint(ckpt), table.fingerprint, len(table.names), shapes)
+
+    def publish_weights(self, merge: WeightsMerge, table: ConceptTable, entry: Mapping[str, Any]) -> int:
+        """The merged head weights as the coordinator store's next version (the atomic store path)."""
+        with FileLock(self.store.lock_path, "cvm fleet coordinator"):
+            self.store.clean_stale()
+            prev = self.latest()
+            images = {**entry, "images_seen": int(sum(merge.images.values()))}
+            return self.store.save(weights_version(prev, table, merge.weights, merge.seen, images))

@@ -137,14 +137,8 @@ class StoreDevice:
 
     # ----- local learning --------------------------------------------------------------------
     def _files(self) -> dict[str, int]:
-        """Regular image files of the data folder (class folder/name -> size); links are skipped."""
         assert self.data_dir is not None
-        out: dict[str, int] = {}
-        for cls in sorted(p for p in self.data_dir.iterdir() if p.is_dir() and not p.is_symlink()):
-            for f in sorted(cls.iterdir()):
-                if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
-                    out[f"{cls.name}/{f.name}"] = f.stat().st_size
-        return out
+        return image_files(self.data_dir)
 
     def _new_files(self) -> dict[str, int]:
         if self.data_dir is None or not self.data_dir.is_dir():
@@ -165,7 +159,7 @@ class StoreDevice:
             return None
         assert self.data_dir is not None
         with tempfile.TemporaryDirectory() as tmp:
-            data = _copy(self.data_dir, list(new), Path(tmp) / "data")
+            data = copy_files(self.data_dir, list(new), Path(tmp) / "data")
             path = Path(tmp) / "table.npz"
             table.save(path)
             report = run_update(
@@ -269,27 +263,43 @@ class StoreDevice:
         return {"version": version, "exported": exported, "classes": len(seen)}
 
     def _export(self, version: int, table: ConceptTable) -> str:
-        from deploy.export import ON_DEVICE, export_bundle
-
-        files = sorted(self._files()) if self.data_dir is not None and self.data_dir.is_dir() else []
-        if not files:
-            return "not exported: no local images to check parity on"
-        assert self.data_dir is not None
-        pick = np.random.default_rng(version).permutation(len(files))[:PARITY_IMAGES]
-        ckpt = self.store.load(version)
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                data = _copy(self.data_dir, [files[i] for i in sorted(pick)], Path(tmp) / "data")
-                images = load_image_folder(data, table, ckpt.prep, skip_bad=True, progress=False)
-            return export_bundle(self.workdir, version, ON_DEVICE, images=images).summary()
-        except CvmError as exc:
-            return f"not exported ({exc}); the server keeps the previous bundle"
+        return export_version(self.workdir, self.data_dir, version, table)
 
 
 PARITY_IMAGES = 256  # local images the export checks parity on (decoding the whole folder would cost more)
 
 
-def _copy(src: Path, rels: Sequence[str], dst: Path) -> Path:
+def image_files(data_dir: Path) -> dict[str, int]:
+    """Regular image files of a data folder (class folder/name -> size); links are skipped."""
+    out: dict[str, int] = {}
+    for cls in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.is_symlink()):
+        for f in sorted(cls.iterdir()):
+            if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
+                out[f"{cls.name}/{f.name}"] = f.stat().st_size
+    return out
+
+
+def export_version(workdir: Path, data_dir: Path | None, version: int, table: ConceptTable) -> str:
+    """Export ``version``'s bundle through the product's path, checking parity on a seeded sample of
+    the local images; the server keeps the previous bundle until the new one passes."""
+    from deploy.export import ON_DEVICE, export_bundle
+
+    files = sorted(image_files(data_dir)) if data_dir is not None and data_dir.is_dir() else []
+    if not files:
+        return "not exported: no local images to check parity on"
+    assert data_dir is not None
+    pick = np.random.default_rng(version).permutation(len(files))[:PARITY_IMAGES]
+    ckpt = CheckpointStore(workdir).load(version)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = copy_files(data_dir, [files[i] for i in sorted(pick)], Path(tmp) / "data")
+            images = load_image_folder(data, table, ckpt.prep, skip_bad=True, progress=False)
+        return export_bundle(workdir, version, ON_DEVICE, images=images).summary()
+    except CvmError as exc:
+        return f"not exported ({exc}); the server keeps the previous bundle"
+
+
+def copy_files(src: Path, rels: Sequence[str], dst: Path) -> Path:
     """Copies of ``src``'s ``class/file`` entries under ``dst`` (a scratch folder the update reads)."""
     for rel in rels:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)

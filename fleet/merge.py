@@ -53,13 +53,19 @@ def merge_round(
         total = total.merged(c.stats.grown(expected.rows))
         accepted.append(c.device)
         ids[c.device] = c.contribution_id
+    require_quorum(len(accepted), asked, quorum, refused)
+    return RoundMerge(total, tuple(accepted), refused, ids)
+
+
+def require_quorum(accepted: int, asked: Sequence[str], quorum: float, refused: Mapping[str, str]) -> None:
+    """Raise QuorumError when ``accepted`` devices are fewer than ``quorum`` (a share of ``asked``),
+    naming each device ``refused`` and why (every merge, analytic or gradient, uses this rule)."""
     need = int(np.ceil(quorum * len(asked) - 1e-9))
-    if not asked or len(accepted) < max(1, need):
+    if not asked or accepted < max(1, need):
         why = "; ".join(f"{d}: {r}" for d, r in sorted(refused.items())) or "no device answered"
         raise QuorumError(
-            f"{len(accepted)} of {len(asked)} devices contributed, the quorum needs {max(1, need)} ({why})", refused
+            f"{accepted} of {len(asked)} devices contributed, the quorum needs {max(1, need)} ({why})", refused
         )
-    return RoundMerge(total, tuple(accepted), refused, ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,6 +95,8 @@ def run_argv(settings: FleetSettings) -> list[str]:
         "wire-dtype": _toml(settings.wire_dtype),
         "wait-s": repr(float(settings.wait_s)),
         "timeout-s": repr(float(settings.timeout_s)),
+        "merge": _toml(settings.merge),
+        "local-epochs": str(settings.local_epochs),
     }
     overrides = " ".join(f"{k}={v}" for k, v in cfg.items())
     return [_exe("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", overrides, "--stream"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cvm_edge.analytic import RELATIVE_LAMBDAS
+from fleet.average import MERGES
 from fleet.wire import WIRE_DTYPES
 
 
@@ -21,6 +22,10 @@ class FleetSettings:
     wait_s: float = 120.0  # how long a round waits for min_devices
     timeout_s: float = 600.0  # how long the coordinator waits for each step's answers
     lambdas: tuple[float, ...] = RELATIVE_LAMBDAS
+    # analytic: devices send ridge statistics, the coordinator adds them (exact); fedavg | fusion:
+    # devices train their concept head with `cvm update` and send its weights (a gradient fleet)
+    merge: str = "analytic"
+    local_epochs: int = 1  # fedavg | fusion: epochs of each device's `cvm update` per round
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.min_devices < 1:
@@ -29,6 +34,10 @@ class FleetSettings:
             raise ValueError("quorum is a share of the round's devices in (0, 1]")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire-dtype must be one of {WIRE_DTYPES}")
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {', '.join(MERGES)}")
+        if self.local_epochs < 1:
+            raise ValueError("local-epochs must be at least 1")
 
     @staticmethod
     def from_run_config(cfg: Mapping[str, Any]) -> FleetSettings:
@@ -44,6 +53,7 @@ class FleetSettings:
         for name, kind in (
             ("rounds", int),
             ("min_devices", int),
+            ("local_epochs", int),
             ("quorum", float),
             ("wait_s", float),
             ("timeout_s", float),

