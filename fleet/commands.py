@@ -130,12 +130,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    from cvm_edge.fsutil import FileLock
     from fleet.report import load_rounds
+    from fleet.state import fleet_dir
 
-    before = len(load_rounds(args.workdir))
-    code = _exec(run_argv(settings), run_env(args.workdir, args.coordinator))
-    if code != 0:
-        raise CvmError(f"flwr run ended with exit code {code}; see its output above")
+    # One run at a time on a coordinator store: two would interleave their rounds, and each counts the
+    # rounds it ran from rounds.json. The kernel drops the lock if this process dies.
+    with FileLock(fleet_dir(args.workdir) / "run.lock", "cvm fleet run"):
+        before = len(load_rounds(args.workdir))
+        code = _exec(run_argv(settings), run_env(args.workdir, args.coordinator))
+        if code != 0:
+            raise CvmError(f"flwr run ended with exit code {code}; see its output above")
     cmd_status(args)
     ran = load_rounds(args.workdir)[before:]
     failed = [r["round"] for r in ran if not r.get("published")]

@@ -311,3 +311,26 @@ def test_a_device_that_missed_a_fusion_publish_trains_from_the_fleets_weights_ne
         assert weights_digest(head_weights(CheckpointStore(tmp_path / k).load().weights)) == weights_digest(
             coord.weights()
         )
+
+
+def test_a_second_cvm_fleet_run_on_the_same_coordinator_is_refused_before_flower_starts(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Two `flwr run`s on one coordinator store would interleave rounds (each counts the rounds it ran
+    from rounds.json); the second one must say who holds the store and start nothing."""
+    import fleet.commands
+    from conftest import run_cli
+    from cvm_edge.fsutil import FileLock
+    from fleet.state import fleet_dir
+
+    table = _table(tmp_path)
+    coord = tmp_path / "coord"
+    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
+    assert run_cli(*init, "--workdir", str(coord), "--mapper-hidden", "16") == 0
+    started: list[list[str]] = []
+    monkeypatch.setattr(fleet.commands, "_exec", lambda argv, env, replace=False: started.append(argv) or 0)
+    capsys.readouterr()
+    with FileLock(fleet_dir(coord) / "run.lock", "cvm fleet run"):
+        code = run_cli("fleet", "run", "--workdir", str(coord), "--merge", "fedavg")
+    assert code == 1 and started == []
+    assert "cvm fleet run" in capsys.readouterr().err
