@@ -158,6 +158,10 @@ class UpdateOptions:
     balance_epochs: int = 3
     keep_versions: int | None = None  # None keeps the store's setting; else it becomes the setting
     channels_last: bool = True  # NHWC: about 2-3x faster CPU training and inference for Lite0 (bench/update.py)
+    # A caller's tag, recorded as the version's history entry's "label": written in the same atomic step
+    # as the version, so a caller killed after the update can tell from the store whether it landed
+    # (a fleet device records which of its files it learnt this way).
+    label: str = ""
 
 
 CLASS_INCREMENTAL, DOMAIN_INCREMENTAL, MIXED = "class-incremental", "domain-incremental", "mixed"
@@ -372,6 +376,7 @@ def run_update(
             "wall_s": time.perf_counter() - t0,
             "forced": False,
             "similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling),
+            **({"label": opts.label} if opts.label else {}),
         }
         gate = forgetting_gate(prev.history, old_classes, acc_before, acc_earlier)
         entry.update(gate.figures())

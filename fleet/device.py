@@ -15,6 +15,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,24 @@ class StoreDevice:
         assert self.data_dir is not None
         return image_files(self.data_dir)
 
+    def _settle_learning(self) -> None:
+        """Finish the bookkeeping of a local update that a kill interrupted: ``learning.json`` names
+        the files of an update in flight and its label; the update landed iff a version's history
+        holds that label (written in the same atomic step as the version)."""
+        intent = st.load_json(self.dir / "learning.json")
+        if intent is None:
+            return
+        # meta.json alone (schema-checked on read): the history, without loading the weights
+        history = self.store.read_meta(self.store.latest()).get("history", []) if self.store.exists() else []
+        if any(isinstance(e, dict) and e.get("label") == intent.get("label") for e in history):
+            done = st.load_json(self.dir / "learned.json") or {}
+            st.save_json(self.dir / "learned.json", {**done, **dict(intent.get("files") or {})})
+        st.remove(self.dir / "learning.json")
+
     def _new_files(self) -> dict[str, int]:
         if self.data_dir is None or not self.data_dir.is_dir():
             return {}
+        self._settle_learning()
         done = st.load_json(self.dir / "learned.json") or {}
         return {k: v for k, v in self._files().items() if done.get(k) != v}
 
@@ -158,16 +174,19 @@ class StoreDevice:
         if not new:
             return None
         assert self.data_dir is not None
+        label = f"fleet-learn-{uuid.uuid4().hex}"
+        st.save_json(self.dir / "learning.json", {"label": label, "files": new})
         with tempfile.TemporaryDirectory() as tmp:
             data = copy_files(self.data_dir, list(new), Path(tmp) / "data")
             path = Path(tmp) / "table.npz"
             table.save(path)
             report = run_update(
                 self.workdir,
-                UpdateOptions(data_dir=data, concepts=path, progress=False, max_forgetting=self.max_forgetting),
+                UpdateOptions(
+                    data_dir=data, concepts=path, progress=False, max_forgetting=self.max_forgetting, label=label
+                ),
             )
-        done = st.load_json(self.dir / "learned.json") or {}
-        st.save_json(self.dir / "learned.json", {**done, **new})
+        self._settle_learning()
         return report.entry
 
     # ----- upload ----------------------------------------------------------------------------

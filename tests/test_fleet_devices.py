@@ -200,3 +200,37 @@ def test_the_coordinator_records_a_merged_upload_in_the_same_write_as_its_versio
     assert coord.rounds_done() == 1
     # the version holds a's upload, so the coordinator must say so: a then keeps it as known instead of sending it again
     assert coord.merged_ids() == {"a": "upload-1"}
+
+
+def test_a_device_killed_between_its_local_update_and_its_bookkeeping_never_learns_an_image_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local `cvm update` publishes a version, then the device records which files it learnt: a kill
+    between the two used to leave the files unrecorded, and the next round learnt (and counted) them again."""
+    from fleet import state
+
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    x, y = sample["train_images"], sample["train_labels"]
+    coord = Coordinator(_coordinator(tmp_path, names))
+    data = tmp_path / "a-data"
+    write_class_folders(data, x, y, names, [0])
+    device = StoreDevice(tmp_path / "a", data)
+    device.sync(coord.base()[0], coord.table(), None)
+    real = state.save_json
+
+    def killed_at_the_record(path: Path, value: object) -> None:
+        if path.name == "learned.json":
+            raise _Killed
+        real(path, value)
+
+    monkeypatch.setattr(state, "save_json", killed_at_the_record)
+    with pytest.raises(_Killed):
+        device.learn(coord.table())
+    monkeypatch.setattr(state, "save_json", real)
+    store = CheckpointStore(tmp_path / "a")
+    counts = store.load().analytic.stats.counts.copy()  # type: ignore[union-attr]
+    assert counts.sum() > 0
+    again = StoreDevice(tmp_path / "a", data)
+    assert again.learn(coord.table()) is None, "the files the killed update learnt were learnt again"
+    np.testing.assert_array_equal(store.load().analytic.stats.counts, counts)  # type: ignore[union-attr]
