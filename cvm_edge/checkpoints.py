@@ -43,7 +43,8 @@ from cvm_edge.fsutil import (
 from cvm_edge.image_codec import decode_images, encode_images
 from cvm_edge.model import ModelConfig
 from cvm_edge.preprocess import Preprocessing
-from cvm_edge.store_checks import file_digests, read_meta_file, verify_files
+from cvm_edge.schema import strict_json
+from cvm_edge.store_checks import check_meta, file_digests, read_meta_file, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,18 @@ class CheckpointStore:
                 self._share_unchanged(tmp / BACKBONE_FILE, self.path(parent_version) / BACKBONE_FILE)
             # what the version costs on flash (meta.json aside), for `cvm status` and the update report
             meta["files_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
-            # meta.json last: a version directory without it is never considered complete
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            # meta.json last: a version directory without it is never considered complete. It is checked
+            # as load() will read it back first (strict JSON, no NaN; the schema): a version that could
+            # not be loaded again is never published.
+            text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+            try:
+                check_meta(strict_json(text.encode()), f"{name}/meta.json", version)
+            except (ValueError, StoreError) as exc:
+                remove_tmp_dir(tmp)
+                raise StoreError(
+                    f"checkpoint {name} would not read back ({exc}); {parent or 'the previous version'} stays current"
+                ) from None
+            (tmp / "meta.json").write_text(text, encoding="utf-8")
             publish_dir(tmp, self.path(version))
         except InjectedFault:
             raise

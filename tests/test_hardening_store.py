@@ -535,3 +535,21 @@ def test_inbox_recovers_interrupted_jobs_as_power_loss_md_says(tmp_path: Path, m
     assert calls[0] == f"export --workdir {store}" and calls[1].startswith("update --workdir"), calls
     assert len(report.done) == 2 and not report.failed
     assert (store / "bundles" / "CURRENT").read_text() == (store / "checkpoints" / "LATEST").read_text()
+
+
+# ----- a version is never published with a meta.json that would not read back ------------------------
+def test_a_history_entry_that_would_not_read_back_is_refused_before_the_version_is_published(store: Path) -> None:
+    """meta.json is read back strictly (no NaN, a schema): a history entry carrying NaN (a fleet round's
+    accuracy over no images, say) used to be written anyway, and the store could not be loaded again."""
+    import dataclasses
+
+    from cvm_edge.checkpoints import CheckpointStore
+
+    cs = CheckpointStore(store)
+    before = cs.latest()
+    ckpt = cs.load()
+    bad = dataclasses.replace(ckpt, history=(*ckpt.history, {"kind": "fleet", "all_accuracy": float("nan")}))
+    with pytest.raises(StoreError, match="read back"):
+        cs.save(bad)
+    assert cs.latest() == before and cs.versions()[-1] == before
+    assert cs.load().history == ckpt.history  # still loads, unchanged
