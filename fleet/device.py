@@ -30,9 +30,9 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import load_image_folder
 from cvm_edge.errors import CvmError, StoreError
 from cvm_edge.fsutil import FileLock
-from cvm_edge.update import PARITY_SAMPLE, InitOptions, UpdateOptions, init_store, model_from_checkpoint, run_update
+from cvm_edge.update import PARITY_SAMPLE, UpdateOptions, model_from_checkpoint, run_update
 from fleet import state as st
-from fleet.base import base_fingerprint, config_from_description, fleet_version
+from fleet.base import base_fingerprint, fleet_version, init_on_base
 from fleet.merge import Votes
 from fleet.wire import pack_stats, stats_digest
 
@@ -116,24 +116,7 @@ class StoreDevice:
         st.remove(self.dir / "pending.npz")
 
     def _init(self, base: dict[str, Any], table: ConceptTable) -> None:
-        config, prep = config_from_description(base)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "table.npz"
-            table.save(path)
-            opts = InitOptions(
-                concepts=path,
-                backbone=config.backbone,
-                image_size=prep.image_size,
-                train_backbone=config.train_backbone,
-                head=config.head,
-                mapper_hidden=config.mapper_hidden,
-                pretrained=config.pretrained,
-                seed=config.analytic_seed,
-                learner="analytic",
-                analytic_dim=config.analytic_dim,
-                analytic_targets=config.analytic_targets,
-            )
-            init_store(self.workdir, opts)
+        init_on_base(self.workdir, base, table, "analytic")
         log.info("created the store on the fleet's base in %s", self.workdir)
 
     # ----- local learning --------------------------------------------------------------------

@@ -32,10 +32,10 @@ from cvm_edge.errors import StoreError
 from cvm_edge.evaluate import classes_from_logits
 from cvm_edge.fsutil import FileLock
 from cvm_edge.strategy import predict_logits
-from cvm_edge.update import InitOptions, UpdateOptions, init_store, model_from_checkpoint, run_update
+from cvm_edge.update import UpdateOptions, model_from_checkpoint, run_update
 from fleet import state as st
 from fleet.average import WeightsUpload, head_weights, weights_digest
-from fleet.base import base_fingerprint, config_from_description, weights_version
+from fleet.base import base_fingerprint, init_on_base, weights_version
 from fleet.device import copy_files, export_version, image_files
 from fleet.merge import Votes
 
@@ -72,24 +72,7 @@ class WeightsDevice:
         return [n for n in self.classes() if table.lookup(n) is None]
 
     def _init(self, base: dict[str, Any], table: ConceptTable) -> None:
-        config, prep = config_from_description(base)
-        if config.learner != "gradient" or config.train_backbone != "none":
-            raise StoreError("the fleet's base is not a gradient store on a frozen backbone")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "table.npz"
-            table.save(path)
-            opts = InitOptions(
-                concepts=path,
-                backbone=config.backbone,
-                image_size=prep.image_size,
-                train_backbone="none",
-                head=config.head,
-                mapper_hidden=config.mapper_hidden,
-                pretrained=config.pretrained,
-                seed=config.analytic_seed,
-                learner="gradient",
-            )
-            init_store(self.workdir, opts)
+        init_on_base(self.workdir, base, table, "gradient")
         log.info("created the store on the fleet's base in %s", self.workdir)
 
     def classes(self) -> list[str]:
