@@ -35,7 +35,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from cvm_edge.analytic import RidgeStats
 from cvm_edge.concepts import ConceptTable
-from fleet.average import ExpectedWeights, WeightsUpload, merge_mismatch, merge_weights, weights_digest
+from fleet.average import (
+    ExpectedWeights,
+    WeightsUpload,
+    head_weights,
+    merge_mismatch,
+    merge_weights,
+    weights_digest,
+)
 from fleet.coordinator import Coordinator
 from fleet.device import StoreDevice, Upload
 from fleet.merge import QuorumError, Votes, choose_lambda, class_accuracy, merge_round, summed
@@ -141,6 +148,20 @@ def _votes_answer(r: Message, n_lambdas: int, rows: int) -> Votes:
     if (total < 0).any() or (correct < 0).any() or (correct > total).any():
         raise ContributionError("votes with negative counts or more correct than held-out images")
     return Votes(correct.astype(np.int64), total.astype(np.int64))
+
+
+def _collect_votes(
+    replies: Mapping[int, Message], names: Mapping[int, str], n_lambdas: int, rows: int, not_scored: dict[str, str]
+) -> dict[str, Votes]:
+    """Each replying device's checked tally (device name -> Votes); a malformed one goes to
+    ``not_scored`` with why, and the round goes on without it."""
+    votes: dict[str, Votes] = {}
+    for n, r in replies.items():
+        try:
+            votes[names[n]] = _votes_answer(r, n_lambdas, rows)
+        except ContributionError as exc:
+            not_scored[names[n]] = f"votes refused: {exc}"
+    return votes
 
 
 # ----- client ------------------------------------------------------------------------------------
@@ -410,12 +431,7 @@ def _one_round(
         "evaluate.score", {n: with_table({"lambdas": list(settings.lambdas)}, stats=stats_rec) for n in accepted_nodes}
     )
     not_scored = {names[n]: why for n, why in failed_nodes.items()}
-    votes: dict[str, Votes] = {}
-    for n, r in replies.items():
-        try:
-            votes[names[n]] = _votes_answer(r, len(settings.lambdas), len(table.names))
-        except ContributionError as exc:
-            not_scored[names[n]] = f"votes refused: {exc}"
+    votes = _collect_votes(replies, names, len(settings.lambdas), len(table.names), not_scored)
     for name, why in not_scored.items():  # merged and published, but lambda is chosen without their held-out images
         log.warning("round %d: device %s did not score: %s", rnd, name, why)
     lam, scores = choose_lambda(settings.lambdas, list(votes.values()))
@@ -487,7 +503,8 @@ def _weights_round(
     of the checked uploads, publish on the coordinator, then on every merged device."""
     step = _Round(grid, settings.timeout_s)
     names, failed, table, asked = _sync_step(step, coord, nodes, {})
-    current, seen = coord.weights(), coord.latest().seen
+    latest = coord.latest()  # one checkpoint load for both
+    current, seen = head_weights(latest.weights), latest.seen
     start = {"fleet_round": coord.rounds_done(), "merge": settings.merge}  # the version the weights come from
     config = {"seen": list(seen), "local-epochs": settings.local_epochs, "entry": start}
     out = _weights_record(current)
@@ -527,13 +544,8 @@ def _weights_round(
     )
     for n, why in publish_failed.items():
         log.warning("round %d: device %s did not publish: %s", rnd, names[n], why)
-    votes: dict[str, Votes] = {}
     not_scored = {names[n]: why for n, why in publish_failed.items()}
-    for n, r in replies.items():
-        try:
-            votes[names[n]] = _votes_answer(r, 1, len(table.names))
-        except ContributionError as exc:
-            not_scored[names[n]] = f"votes refused: {exc}"
+    votes = _collect_votes(replies, names, 1, len(table.names), not_scored)
     device_acc = {d: _mean(class_accuracy((0.0,), 0.0, v)) for d, v in votes.items()}
     fleet_acc = _mean(class_accuracy((0.0,), 0.0, summed(list(votes.values())))) if votes else None
     weights_bytes = packed_bytes(merge.weights)

@@ -16,7 +16,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import load_image_folder
 from cvm_edge.errors import CvmError, StoreError
 from cvm_edge.fsutil import FileLock
-from cvm_edge.update import PARITY_SAMPLE, UpdateOptions, model_from_checkpoint, run_update
+from cvm_edge.update import PARITY_SAMPLE, UpdateOptions, UpdateReport, model_from_checkpoint, run_update
 from fleet import state as st
 from fleet.base import base_fingerprint, fleet_version, init_on_base
 from fleet.merge import Votes
@@ -120,10 +120,6 @@ class StoreDevice:
         log.info("created the store on the fleet's base in %s", self.workdir)
 
     # ----- local learning --------------------------------------------------------------------
-    def _files(self) -> dict[str, int]:
-        assert self.data_dir is not None
-        return image_files(self.data_dir)
-
     def _settle_learning(self) -> None:
         """Finish the bookkeeping of a local update that a kill interrupted: ``learning.json`` names
         the files of an update in flight and its label; the update landed iff a version's history
@@ -139,11 +135,12 @@ class StoreDevice:
         st.remove(self.dir / "learning.json")
 
     def _new_files(self) -> dict[str, int]:
-        if self.data_dir is None or not self.data_dir.is_dir():
+        files = image_files(self.data_dir)
+        if not files:
             return {}
         self._settle_learning()
         done = st.load_json(self.dir / "learned.json") or {}
-        return {k: v for k, v in self._files().items() if done.get(k) != v}
+        return {k: v for k, v in files.items() if done.get(k) != v}
 
     def wanted(self, table: ConceptTable) -> list[str]:
         classes = sorted({k.split("/", 1)[0] for k in self._new_files()})
@@ -159,16 +156,9 @@ class StoreDevice:
         assert self.data_dir is not None
         label = f"fleet-learn-{uuid.uuid4().hex}"
         st.save_json(self.dir / "learning.json", {"label": label, "files": new})
-        with tempfile.TemporaryDirectory() as tmp:
-            data = copy_files(self.data_dir, list(new), Path(tmp) / "data")
-            path = Path(tmp) / "table.npz"
-            table.save(path)
-            report = run_update(
-                self.workdir,
-                UpdateOptions(
-                    data_dir=data, concepts=path, progress=False, max_forgetting=self.max_forgetting, label=label
-                ),
-            )
+        report = update_from_copy(
+            self.workdir, self.data_dir, new, table, max_forgetting=self.max_forgetting, label=label
+        )
         self._settle_learning()
         return report.entry
 
@@ -273,9 +263,12 @@ class StoreDevice:
 PARITY_IMAGES = PARITY_SAMPLE
 
 
-def image_files(data_dir: Path) -> dict[str, int]:
-    """Regular image files of a data folder (class folder/name -> size); links are skipped."""
+def image_files(data_dir: Path | None) -> dict[str, int]:
+    """Regular image files of a data folder (class folder/name -> size); links are skipped. None or
+    a folder that is not there: none (a device may run without local data)."""
     out: dict[str, int] = {}
+    if data_dir is None or not data_dir.is_dir():
+        return out
     for cls in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.is_symlink()):
         for f in sorted(cls.iterdir()):
             if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
@@ -288,7 +281,7 @@ def export_version(workdir: Path, data_dir: Path | None, version: int, table: Co
     the local images; the server keeps the previous bundle until the new one passes."""
     from deploy.export import ON_DEVICE, export_bundle
 
-    files = sorted(image_files(data_dir)) if data_dir is not None and data_dir.is_dir() else []
+    files = sorted(image_files(data_dir))
     if not files:
         return "not exported: no local images to check parity on"
     assert data_dir is not None
@@ -301,6 +294,18 @@ def export_version(workdir: Path, data_dir: Path | None, version: int, table: Co
         return export_bundle(workdir, version, ON_DEVICE, images=images).summary()
     except CvmError as exc:
         return f"not exported ({exc}); the server keeps the previous bundle"
+
+
+def update_from_copy(
+    workdir: Path, data_dir: Path, files: Iterable[str], table: ConceptTable, **options: Any
+) -> UpdateReport:
+    """``cvm update`` of ``workdir`` on a scratch copy of ``data_dir``'s ``files`` (so the folder may
+    keep growing while the update runs), on the fleet's ``table``; ``options``: UpdateOptions fields."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = copy_files(data_dir, list(files), Path(tmp) / "data")
+        path = Path(tmp) / "table.npz"
+        table.save(path)
+        return run_update(workdir, UpdateOptions(data_dir=data, concepts=path, progress=False, **options))
 
 
 def copy_files(src: Path, rels: Sequence[str], dst: Path) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ from cvm_edge.errors import StoreError
 from cvm_edge.evaluate import classes_from_logits
 from cvm_edge.fsutil import FileLock
 from cvm_edge.strategy import predict_logits
-from cvm_edge.update import UpdateOptions, model_from_checkpoint, run_update
+from cvm_edge.update import model_from_checkpoint
 from fleet import state as st
 from fleet.average import WeightsUpload, head_weights, weights_digest
 from fleet.base import base_fingerprint, init_on_base, weights_version
-from fleet.device import copy_files, export_version, image_files
+from fleet.device import export_version, image_files, update_from_copy
 from fleet.merge import Votes
 
 log = logging.getLogger(__name__)
@@ -76,8 +75,7 @@ class WeightsDevice:
         log.info("created the store on the fleet's base in %s", self.workdir)
 
     def classes(self) -> list[str]:
-        files = image_files(self.data_dir) if self.data_dir is not None and self.data_dir.is_dir() else {}
-        return sorted({k.split("/", 1)[0] for k in files})
+        return sorted({k.split("/", 1)[0] for k in image_files(self.data_dir)})
 
     def fingerprints(self) -> tuple[str, str]:
         ckpt = self.store.load()
@@ -93,28 +91,21 @@ class WeightsDevice:
         local: LocalTraining,
     ) -> WeightsUpload:
         """Start from the fleet's weights, run ``cvm update`` on the local images, upload the head."""
-        files = image_files(self.data_dir) if self.data_dir is not None and self.data_dir.is_dir() else {}
+        files = image_files(self.data_dir)
         if not files:
             raise StoreError("this device has no local images to train on (--data)")
         assert self.data_dir is not None
         self.adopt(fleet, seen, table, {**entry, "adopted": True})
-        # a scratch copy: the data folder may keep growing while the update runs
-        with tempfile.TemporaryDirectory() as tmp:
-            data = copy_files(self.data_dir, list(files), Path(tmp) / "data")
-            path = Path(tmp) / "table.npz"
-            table.save(path)
-            report = run_update(
-                self.workdir,
-                UpdateOptions(
-                    data_dir=data,
-                    concepts=path,
-                    epochs=local.epochs,
-                    lr=local.lr,
-                    batch_size=local.batch_size,
-                    progress=False,
-                    max_forgetting=self.max_forgetting,
-                ),
-            )
+        report = update_from_copy(
+            self.workdir,
+            self.data_dir,
+            files,
+            table,
+            epochs=local.epochs,
+            lr=local.lr,
+            batch_size=local.batch_size,
+            max_forgetting=self.max_forgetting,
+        )
         ckpt = self.store.load(report.version)
         return WeightsUpload(
             device="",  # the coordinator names the device
