@@ -1,5 +1,5 @@
-"""Gradient merges for a fleet (issue 21), in Flower's simulation runtime: FedAvg (Flower's own
-strategy) and ConDU fusion of the devices' deltas, on the gradient learner's concept head (the
+"""Gradient merges for a fleet (issue 21), in Flower's simulation runtime: FedAvg and ConDU fusion of the devices' deltas (the product's own merges, ``fleet.average``, inside Flower's
+strategy), on the gradient learner's concept head (the
 mapper MLP and logit scale of ``cvm_edge.model.ConceptHead``) trained on frozen Lite0 features;
 beside centralised training of the same head on the union for the same number of passes. The
 same non-IID partition and features as bench/fleet.py. Reference figures: which merge reaches
@@ -30,7 +30,7 @@ from bench.fleet import fleet_parser, load_features, partition, run_and_write
 from bench.protocols import PROTOCOLS
 from bench.tables import concept_vectors
 from cvm_edge.model import ConceptHead
-from fleet.average import fuse
+from fleet.average import fedavg, fuse
 
 log = logging.getLogger(__name__)
 HIDDEN = 512  # the product's default mapper width (cvm init --mapper-hidden)
@@ -61,26 +61,29 @@ def accuracy(head: ConceptHead, x: np.ndarray, y: np.ndarray) -> float:
     return float((head(torch.from_numpy(np.asarray(x, np.float32))).argmax(1).numpy() == y).mean())
 
 
-class Fusion(FedAvg):
-    """ConDU's unified delta instead of the average: sign consensus of the devices' deltas from
-    this round's global model, the largest agreeing magnitude (``fleet.average.fuse``, the product's
-    ``cvm fleet run --merge fusion``)."""
+class ProductMerge(FedAvg):
+    """Flower's FedAvg strategy (sampling, rounds, evaluation) with the product's merge in place of its
+    aggregation: ``fleet.average.fedavg`` (image-weighted mean, as ``cvm fleet run --merge fedavg``) or
+    ``fleet.average.fuse`` (ConDU's unified delta of the devices' deltas from this round's global
+    model, as ``--merge fusion``), so the figures are those of the code the product runs."""
 
-    def __init__(self, initial: dict[str, torch.Tensor], **kwargs: Any) -> None:
+    def __init__(self, how: str, initial: dict[str, torch.Tensor], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.how = how
         self.current = {k: v.detach().float().numpy().copy() for k, v in initial.items()}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        states = [
-            {k: np.asarray(v.numpy(), np.float32) for k, v in r.content.array_records["arrays"].items()}
-            for r in replies
-            if not r.has_error()
-        ]
+        states, images = [], []
+        for r in replies:
+            if r.has_error():
+                continue
+            states.append({k: np.asarray(v.numpy(), np.float32) for k, v in r.content.array_records["arrays"].items()})
+            images.append(int(str(r.content.metric_records["metrics"]["num-examples"])))
         if not states:
             return None, None
-        self.current = fuse(self.current, states)
+        self.current = fedavg(states, images) if self.how == "fedavg" else fuse(self.current, states)
         return ArrayRecord({k: torch.from_numpy(v) for k, v in self.current.items()}), MetricRecord(
             {"devices": len(states)}
         )
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "min_train_nodes": n,
             "min_available_nodes": n,
         }
-        strategy = FedAvg(**kw) if args.merge == "fedavg" else Fusion(init, **kw)
+        strategy = ProductMerge(args.merge, init, **kw)
         strategy.start(grid, ArrayRecord(init), num_rounds=args.rounds, evaluate_fn=evaluate)
 
     from flwr.simulation import run_simulation

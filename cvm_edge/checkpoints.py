@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cvm_edge.analytic_learner import ANALYTIC_FILE, AnalyticState
+from cvm_edge.backbone_graph import graph_digest
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet
@@ -29,12 +30,14 @@ from cvm_edge.errors import StoreError
 from cvm_edge.fsutil import (
     TMP_PREFIX,
     InjectedFault,
+    atomic_write_bytes,
     clean_stale_tmp,
     fault_point,
     fsync_dir,
     make_tmp_dir,
     publish_dir,
     read_pointer,
+    read_regular,
     remove_tmp_dir,
     sha256_regular,
     write_error,
@@ -56,6 +59,11 @@ FORMAT = 1
 # A frozen backbone's weights (train_backbone "none"): the same in every version, so they are kept in their own
 # file, which a new version hard-links from its parent instead of copying (see CheckpointStore._share_unchanged).
 BACKBONE_FILE = "backbone.pt"
+# Content-addressed backbone graphs (cvm_edge.backbone_graph), ``<root>/graphs/<sha256>.onnx``: derived
+# from the frozen backbone, the same for every version, so kept once beside the versions and named
+# by sha256 in each version's meta.json, not copied into each version.
+GRAPHS_DIR = "graphs"
+MAX_GRAPH_BYTES = 1 << 30
 # How many of the newest versions a store keeps (``cvm init/update --keep-versions``; 0 keeps all).
 DEFAULT_KEEP_VERSIONS = 5
 
@@ -89,6 +97,9 @@ class Checkpoint:
     # Analytic stores (ModelConfig.learner == "analytic"): ridge sums and held-out features
     # (cvm_edge.analytic_learner); their buffer and val hold no images.
     analytic: AnalyticState | None = None
+    # The frozen backbone as an ONNX graph (cvm_edge.backbone_graph; analytic stores): what runs it
+    # without timm. None in gradient stores and in analytic stores from before it.
+    backbone_graph: bytes | None = None
     keep_versions: int = DEFAULT_KEEP_VERSIONS  # a store setting, recorded in every version's meta.json
     version: int = 0
     parent: int | None = None
@@ -193,6 +204,8 @@ class CheckpointStore:
             _save_imageset(tmp / "val.npz", ckpt.val)
             if ckpt.analytic is not None:
                 (tmp / ANALYTIC_FILE).write_bytes(ckpt.analytic.to_bytes())
+            if ckpt.backbone_graph is not None:
+                meta["backbone_graph"] = self._keep_graph(ckpt.backbone_graph)
             fault_point("checkpoint_files_written")
             files = file_digests(tmp)  # sha256 of every file above, checked on every load
             meta["files"] = files
@@ -229,6 +242,35 @@ class CheckpointStore:
             raise StoreError(f"{error}; {read_pointer(self.latest_pointer)} stays current") from None
         log.info("published checkpoint %s", name)
         return version
+
+    def graph_path(self, sha256: str) -> Path:
+        return self.root / GRAPHS_DIR / f"{sha256}.onnx"
+
+    def _keep_graph(self, graph: bytes) -> str:
+        """Write the backbone graph once for all versions (it never changes); returns its sha256."""
+        digest = graph_digest(graph)
+        path = self.graph_path(digest)
+        if self._read_graph(digest, quiet=True) is None:
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, graph)
+        return digest
+
+    def _read_graph(self, sha256: str, quiet: bool = False) -> bytes | None:
+        """The backbone graph a version names, as read and hashed (a regular file, no symlink); None, so
+        that the update builds the backbone in torch and makes the graph again, when it is missing or
+        its bytes are not the recorded ones."""
+        path = self.graph_path(sha256)
+        try:
+            graph = read_regular(path, MAX_GRAPH_BYTES, follow_symlinks=False)
+        except OSError as exc:
+            if not quiet:
+                log.warning("the backbone graph %s is unreadable (%s); the backbone runs in torch", path, exc)
+            return None
+        if graph_digest(graph) != sha256:
+            if not quiet:
+                log.warning("%s does not match its recorded sha256; the backbone runs in torch", path)
+            return None
+        return graph
 
     @staticmethod
     def _share_unchanged(new: Path, old: Path) -> None:
@@ -272,6 +314,7 @@ class CheckpointStore:
                 if config.analytic and ridge_statistics
                 else None
             )
+            graph = self._read_graph(meta["backbone_graph"]) if "backbone_graph" in meta else None
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - any unreadable part makes the version unusable
@@ -292,6 +335,7 @@ class CheckpointStore:
             plugin_state=plugin_state,
             plugins=tuple(meta.get("plugins", ())),
             analytic=analytic,
+            backbone_graph=graph,
             keep_versions=int(meta.get("keep_versions", DEFAULT_KEEP_VERSIONS)),  # stores from before: the default
             version=version,
             parent=meta.get("parent"),

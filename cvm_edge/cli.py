@@ -224,6 +224,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"analytic learner: projection {m['analytic_dim']}, seed {m['analytic_seed']}, targets {m['analytic_targets']}"
         )
+    graph = info["backbone_graph"]
+    if graph is not None:
+        size = (
+            f"{graph['bytes'] / 1e6:.1f} MB"
+            if graph["bytes"] is not None
+            else "missing: the next update makes it again"
+        )
+        print(f"backbone graph {graph['sha256'][:12]} ({size}, one for all versions): updates run it without timm")
     keep = info["keep_versions"]
     print(
         f"keeps the newest {keep or 'all'} versions (--keep-versions), the current one and the serving bundle's; "

@@ -5,38 +5,35 @@ whole folder first held every image as 224-px pixels (~285 MB for 1,900 images, 
 held-out copies); here images are decoded a batch at a time and only the features stay
 (``[N, F]`` float32, 5 KB an image for Lite0).
 
-On the CPU the backbone runs in onnxruntime: its graph optimiser folds BatchNorm into the
-convolutions and fuses the activations and the "same" padding, which torch eager runs as separate
-ops (for Lite0 at 224 px about 45 % of its time). The graph is the TorchScript export of the frozen
-backbone, made in memory (about half a second); on the first batch it is checked against torch, and
-torch runs instead when the export fails or the two differ beyond float tolerance."""
+On the CPU the backbone runs in onnxruntime: from the store's own backbone graph where it keeps one
+(:class:`GraphFeatures`, no torch module at all), else from a graph made in memory and checked
+against torch (:class:`BackboneFeatures`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from cvm_edge import backbone_graph as bg
 from cvm_edge.augment import to_input
 from cvm_edge.backbones import feature_dim
 from cvm_edge.data import check_readable, decode_labelled
 from cvm_edge.errors import DataError
-from cvm_edge.preprocess import Preprocessing, normalise
+from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import eval_batch_for
 
 log = logging.getLogger(__name__)
 
 # Images decoded together (a few MB of pixels); torch runs them as one batch.
 READ_BATCH = 8
-# How far onnxruntime's features may be from torch's on the first images (measured: ~1e-5 for Lite0),
-# and how many of them are compared (torch's activations of a small batch: a few tens of MB).
-PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-3
+# How many of the first images are also run in torch to check an in-memory graph (torch's
+# activations of a small batch: a few tens of MB).
 PARITY_IMAGES = 2
 
 
@@ -59,15 +56,45 @@ class FeatureSet:
         return FeatureSet(self.features[idx], self.labels[idx], tuple(self.paths[int(i)] for i in idx))
 
 
-class BackboneFeatures:
-    """uint8 NHWC pixels -> frozen backbone features (float32 ``[n, F]``), in eval mode.
+class FeatureExtractor(Protocol):
+    """uint8 NHWC pixels -> frozen backbone features (float32 ``[n, F]``)."""
 
-    ``engine`` says what runs them: ``"onnxruntime"`` (CPU) or ``"torch"``."""
+    @property
+    def engine(self) -> str: ...
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+class GraphFeatures:
+    """Features from a store's backbone graph (cvm_edge.backbone_graph) in onnxruntime: no torch
+    module, no export. The graph was checked against torch when it was made."""
+
+    engine = "onnxruntime, the store's backbone graph"
+
+    def __init__(self, graph: bytes, prep: Preprocessing, threads: int | None = None) -> None:
+        self.prep = prep
+        self._session = bg.session(graph, threads or torch.get_num_threads())
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if not len(pixels):
+            return np.zeros((0, 0), np.float32)
+        return bg.run_graph(self._session, pixels, self.prep)
+
+
+class BackboneFeatures:
+    """Features of a torch backbone module, in eval mode.
+
+    On the CPU they run in onnxruntime: its graph optimiser folds BatchNorm into the convolutions
+    and fuses the activations and the "same" padding, which torch eager runs as separate ops (for
+    Lite0 at 224 px about 45 % of its time). The graph is made in memory (about a second) and, on
+    the first batch, checked against torch; torch runs instead when the export fails or the two
+    differ beyond float tolerance. ``graph`` is that checked graph (None until then, or without one)."""
 
     def __init__(self, backbone: torch.nn.Module, prep: Preprocessing, device: torch.device | str = "cpu") -> None:
         self.backbone = backbone.eval()
         self.prep = prep
         self.device = torch.device(device)
+        self._graph: bytes | None = None
         self._session = self._onnx_session() if self.device.type == "cpu" else None
         self._checked = False
 
@@ -75,34 +102,16 @@ class BackboneFeatures:
     def engine(self) -> str:
         return "onnxruntime" if self._session is not None else "torch"
 
+    @property
+    def graph(self) -> bytes | None:
+        """The in-memory graph once it has passed its check against torch on real images."""
+        return self._graph if self._checked and self._session is not None else None
+
     def _onnx_session(self) -> object | None:
         try:
-            import onnxruntime as ort
-
-            buf = io.BytesIO()
-            size = self.prep.image_size
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                # TorchScript exporter: a frozen backbone's graph in well under a second (the
-                # torch.export-based one takes ~10 s on 2 cores, which is what this saves).
-                torch.onnx.export(
-                    self.backbone,
-                    (torch.zeros(1, 3, size, size),),
-                    buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to a file object too
-                    opset_version=17,
-                    dynamo=False,
-                    input_names=["input"],
-                    output_names=["features"],
-                    dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
-                )
-            so = ort.SessionOptions()
+            self._graph = bg.export_graph(self.backbone, self.prep.image_size)
             # torch's thread count is the process's budget (set from the core count or OMP_NUM_THREADS)
-            so.intra_op_num_threads = torch.get_num_threads()
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # a shared small CPU
-            so.enable_cpu_mem_arena = False  # one image a call: malloc is as fast, and the memory goes back
-            return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+            return bg.session(self._graph, torch.get_num_threads())
         except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure: torch computes the same features
             log.info("backbone features run in torch (no onnxruntime graph: %s: %s)", type(exc).__name__, exc)
             return None
@@ -119,17 +128,12 @@ class BackboneFeatures:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         if self._session is None or not len(pixels):
             return self.torch_features(pixels)
-        run = self._session.run  # type: ignore[attr-defined]
-        # One image a call: as fast per image as batches on 2 cores, and onnxruntime's arena then
-        # holds one image's activations (+20 MB), not eight's (+200 MB).
-        got = np.concatenate([run(["features"], {"input": normalise(p, self.prep)})[0] for p in pixels])
-        got = got.astype(np.float32, copy=False)
+        got = bg.run_graph(self._session, pixels, self.prep)
         if not self._checked:
             self._checked = True
             n = min(len(pixels), PARITY_IMAGES)
-            ref = self.torch_features(pixels[:n])
-            if not np.allclose(got[:n], ref, rtol=PARITY_RTOL, atol=PARITY_ATOL):
-                diff = float(np.abs(got[:n] - ref).max()) if ref.shape == got[:n].shape else float("inf")
+            diff = bg.graph_mismatch(got[:n], self.backbone, self.prep, pixels[:n])
+            if diff:
                 log.warning("onnxruntime backbone features differ from torch's (max %.3g); using torch", diff)
                 self._session = None
                 return self.torch_features(pixels)
@@ -140,7 +144,7 @@ def read_features(
     pairs: Sequence[tuple[Path, int]],
     data_dir: Path,
     prep: Preprocessing,
-    extract: BackboneFeatures,
+    extract: FeatureExtractor,
     skip_bad: bool = False,
     progress: bool = True,
     batch: int = READ_BATCH,

@@ -418,3 +418,22 @@ class CvmModel(nn.Module):
 
 def build_model(config: ModelConfig, table: np.ndarray, pretrained_backbone: nn.Module | None = None) -> CvmModel:
     return CvmModel(config, table, backbone=pretrained_backbone)
+
+
+class FeatureInput(nn.Module):
+    """Stands in for a frozen backbone whose graph runs elsewhere (the store's ``backbone.onnx`` in
+    onnxruntime): the model's input is then the backbone's features, and it holds no timm module."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.head_hidden_size = width  # what backbones.feature_dim reads
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return f
+
+
+def build_head_model(config: ModelConfig, table: np.ndarray, feature_width: int) -> CvmModel:
+    """The model of a frozen-backbone store without its backbone: features in, logits out."""
+    if config.train_backbone != "none":
+        raise ValueError("only a frozen backbone can run outside the model")
+    return CvmModel(config, table, backbone=FeatureInput(feature_width))

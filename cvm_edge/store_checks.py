@@ -122,6 +122,10 @@ def check_meta(meta: Any, where: str, version: int) -> dict[str, Any]:
     if "keep_versions" in meta:
         c.int_in(meta, "keep_versions", 0, 999_999)
     _check_history(c, meta.get("history"))
+    if "backbone_graph" in meta and not (
+        isinstance(meta["backbone_graph"], str) and SHA256_RE.match(meta["backbone_graph"])
+    ):
+        raise c.fail("backbone_graph", f"must be a sha256 hex digest, got {show(meta['backbone_graph'])}")
     if "files" in meta:
         files = meta["files"]
         if not isinstance(files, dict) or not all(

@@ -14,6 +14,7 @@ import torch
 
 from cvm_edge.analytic import DEFAULT_DIM
 from cvm_edge.analytic_learner import AnalyticState
+from cvm_edge.backbone_graph import checked_graph, graph_width
 from cvm_edge.backbones import check_image_size
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.checkpoints import DEFAULT_KEEP_VERSIONS, Checkpoint, CheckpointStore, version_name
@@ -22,7 +23,7 @@ from cvm_edge.data import ImageSet, holdout_split, list_labelled_files, load_ima
 from cvm_edge.display import printable
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError, UsageError
 from cvm_edge.evaluate import classes_from_logits, mean_over, trained_classes
-from cvm_edge.frozen_features import BackboneFeatures, FeatureSet, decode_files, read_features
+from cvm_edge.frozen_features import BackboneFeatures, FeatureSet, GraphFeatures, decode_files, read_features
 from cvm_edge.fsutil import FileLock, fault_point
 from cvm_edge.memory import release_freed_memory
 from cvm_edge.model import (
@@ -30,6 +31,7 @@ from cvm_edge.model import (
     DEFAULT_ROUTING_TEMPERATURE,
     CvmModel,
     ModelConfig,
+    build_head_model,
     build_model,
 )
 from cvm_edge.plugins import PluginOptions, make_plugins
@@ -52,6 +54,42 @@ def model_from_checkpoint(ckpt: Checkpoint) -> CvmModel:
     if missing or unexpected:
         raise StoreError(f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
+
+
+def head_from_checkpoint(ckpt: Checkpoint) -> CvmModel:
+    """The model of a store that keeps its backbone graph, without the backbone (no timm): features
+    in, logits out (cvm_edge.model.FeatureInput). Its backbone runs in onnxruntime."""
+    if ckpt.backbone_graph is None:
+        raise StoreError(f"checkpoint v{ckpt.version} keeps no backbone graph")
+    try:
+        model = build_head_model(ckpt.model_config, ckpt.table.as_float32(), graph_width(ckpt.backbone_graph))
+        head = {k: v for k, v in ckpt.weights.items() if not k.startswith("backbone.")}
+        missing, unexpected = model.load_state_dict(head, strict=False)
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes, or a graph of another width: edited by hand
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"checkpoint v{ckpt.version} does not build into a model: {first}") from None
+    if missing or unexpected:
+        raise StoreError(f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def analytic_model(ckpt: Checkpoint) -> CvmModel:
+    """The model an analytic computation on features needs (a solve, a vote, a score): the head alone
+    where the store keeps its backbone graph (no timm), else the whole model."""
+    return head_from_checkpoint(ckpt) if ckpt.backbone_graph is not None else model_from_checkpoint(ckpt)
+
+
+def version_weights(prev: Checkpoint, model: CvmModel) -> dict[str, torch.Tensor]:
+    """The weights of ``prev``'s next version: ``model``'s, and the frozen backbone's from ``prev``
+    where the model was built without it (:func:`head_from_checkpoint`)."""
+    backbone = {k: v for k, v in prev.weights.items() if k.startswith("backbone.")}
+    return {**backbone, **model.weights_state()}
+
+
+def runs_backbone_graph(ckpt: Checkpoint, device: str = "cpu") -> bool:
+    """Whether an update or export of ``ckpt`` runs the store's backbone graph instead of a timm module:
+    analytic stores that keep one, on the CPU (on a GPU the torch module is faster)."""
+    return ckpt.model_config.analytic and ckpt.backbone_graph is not None and torch.device(device).type == "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +168,22 @@ def init_store(workdir: Path, opts: InitOptions) -> int:
             history=(),
             plugin_state={},
             analytic=AnalyticState.empty(model) if config.analytic else None,
+            backbone_graph=_backbone_graph(model, prep) if config.analytic else None,
             keep_versions=opts.keep_versions,
         )
         return store.save(ckpt)
+
+
+def _backbone_graph(model: CvmModel, prep: Preprocessing) -> bytes | None:
+    """The frozen backbone's checked graph for an analytic store, or None (its updates then build the
+    timm module, as before) when the export fails or differs from torch."""
+    try:
+        return checked_graph(model.backbone, prep)
+    except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure leaves the torch path
+        log.warning(
+            "no backbone graph kept (%s: %s); updates will build the backbone in torch", type(exc).__name__, exc
+        )
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,10 +371,13 @@ def run_update(
         store.clean_stale()
         prev = store.load()
         table = _load_table_for_update(prev.table, opts.concepts)
-        model = model_from_checkpoint(prev).to(torch.device(opts.device))
+        # An analytic store with its backbone graph builds no backbone module (no timm): onnxruntime
+        # runs the graph, torch the head.
+        graph_run = runs_backbone_graph(prev, opts.device)
+        model = (head_from_checkpoint(prev) if graph_run else model_from_checkpoint(prev)).to(torch.device(opts.device))
         if table is not prev.table:
             model.set_table(table.as_float32())
-        data = _read_update_data(opts, table, prev, model)
+        data, graph = _read_update_data(opts, table, prev, model)
         release_freed_memory()  # the reading's activations: the peak is the largest step's, not their sum
         train, val = holdout_split(data, opts.holdout, opts.seed)
         trained_classes = data.classes
@@ -394,11 +448,12 @@ def run_update(
         ckpt = dataclasses.replace(
             prev,
             table=table,
-            weights=model.weights_state(),
+            weights=version_weights(prev, model),
             seen=tuple(seen),
             history=(*prev.history, entry),
             plugins=tuple(opts.plugins) if not prev.model_config.analytic else (),
             keep_versions=prev.keep_versions if opts.keep_versions is None else opts.keep_versions,
+            backbone_graph=graph,
             **learned.checkpoint,
         )
         keep = ckpt.keep_versions
@@ -514,18 +569,29 @@ def parity_sample(
 
 def _read_update_data(
     opts: UpdateOptions, table: ConceptTable, prev: Checkpoint, model: CvmModel
-) -> ImageSet | FeatureSet:
+) -> tuple[ImageSet | FeatureSet, bytes | None]:
     """The update folder as pixels (gradient learner), or for the analytic learner as frozen backbone
-    features, decoded and run a batch at a time so that no image set is held in memory."""
+    features, decoded and run a batch at a time so that no image set is held in memory; and the
+    backbone graph the new version keeps (the store's, or for a store from before one the update
+    made and checked on its images)."""
     hint = str(opts.concepts or "TABLE.npz")
     if not prev.model_config.analytic:
-        return load_image_folder(
+        images = load_image_folder(
             opts.data_dir, table, prev.prep, skip_bad=opts.skip_bad_images, table_hint=hint, progress=opts.progress
         )
+        return images, None
     pairs = list_labelled_files(opts.data_dir, table, hint)
-    extract = BackboneFeatures(model.backbone, prev.prep, opts.device)
+    extract: GraphFeatures | BackboneFeatures
+    if runs_backbone_graph(prev, opts.device) and prev.backbone_graph is not None:
+        extract = GraphFeatures(prev.backbone_graph, prev.prep)
+    else:
+        extract = BackboneFeatures(model.backbone, prev.prep, opts.device)
     log.info("extracting features of %d images (frozen backbone, %s)", len(pairs), extract.engine)
-    return read_features(pairs, opts.data_dir, prev.prep, extract, opts.skip_bad_images, opts.progress)
+    features = read_features(pairs, opts.data_dir, prev.prep, extract, opts.skip_bad_images, opts.progress)
+    graph = prev.backbone_graph
+    if graph is None and isinstance(extract, BackboneFeatures):
+        graph = extract.graph
+    return features, graph
 
 
 def _points(before: float | None, after: float | None) -> float:
@@ -720,8 +786,13 @@ def status(workdir: Path) -> dict[str, Any]:
             }
         )
     meta = store.read_meta(latest)
+    graph = None
+    if "backbone_graph" in meta:  # kept once for all versions (cvm_edge.backbone_graph), not in their bytes
+        path = store.graph_path(meta["backbone_graph"])
+        graph = {"sha256": meta["backbone_graph"], "bytes": path.stat().st_size if path.is_file() else None}
     return {
         "keep_versions": keep,
+        "backbone_graph": graph,
         "kept_versions": store.kept_versions(keep),
         "workdir": str(workdir),
         "latest": latest,

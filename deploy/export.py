@@ -27,9 +27,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from cvm_edge.backbone_graph import GRAPH_OPSET
+from cvm_edge.backbone_graph import OUTPUT_NAME as BACKBONE_OUTPUT
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import CvmError, UsageError
+from cvm_edge.frozen_features import GraphFeatures
 from cvm_edge.fsutil import FileLock, clean_stale_tmp, scratch_dir
 from cvm_edge.fusion_state import FusionState
 from cvm_edge.memory import release_freed_memory
@@ -37,7 +40,7 @@ from cvm_edge.model import MAX_LOGIT_SCALE, CvmModel
 from cvm_edge.preprocess import Preprocessing, normalise
 from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import eval_batch_for
-from cvm_edge.update import model_from_checkpoint
+from cvm_edge.update import head_from_checkpoint, model_from_checkpoint, runs_backbone_graph
 from deploy.bundle import (
     CONCEPTS_FILE,
     FORMAT,
@@ -289,13 +292,20 @@ def onnx_outputs(model_bytes: bytes, x: Inputs, batch_size: int) -> tuple[np.nda
 
 # ----- export ------------------------------------------------------------------------------------
 def export_fp32(
-    graph: ExportGraph, image_size: int, opset: int, work: Path, exporter: str = "dynamo"
+    graph: ExportGraph,
+    image_size: int,
+    opset: int,
+    work: Path,
+    exporter: str = "dynamo",
+    example: torch.Tensor | None = None,
 ) -> tuple[bytes, str]:
     """ONNX bytes of ``graph`` with a dynamic batch axis, and a description of the exporter used.
+    ``example`` is an input of its shape (default: two images of ``image_size``).
 
     Opset 18 and newer use torch's torch.export-based exporter unless ``exporter`` is
     ``"torchscript"``; it cannot produce opset 17, so that one goes through the TorchScript exporter."""
-    example = torch.zeros(2, 3, image_size, image_size)
+    if example is None:
+        example = torch.zeros(2, 3, image_size, image_size)
     path = work / "fp32.onnx"
     names = {"input_names": [INPUT_NAME], "output_names": [LOGITS_NAME, EMBEDDING_NAME]}
     with warnings.catch_warnings(), quiet_stdout():
@@ -331,6 +341,37 @@ def export_fp32(
     onnx.checker.check_model(model)
     _name_batch_axis(model)
     return model.SerializeToString(), exporter
+
+
+def compose_backbone(backbone: bytes, head: bytes, opset: int) -> bytes:
+    """One graph of the store's backbone graph (``input`` -> ``features``) and an exported head
+    (features as its ``input`` -> ``logits``, ``embedding``), converted to ``opset``: the bundle of
+    a store that keeps its backbone graph, made without a timm module."""
+    import onnx.compose
+    import onnx.version_converter
+
+    b, h = onnx.load_from_string(backbone), onnx.load_from_string(head)
+    # Both exporters write standard ONNX: the newer IR version of the two reads both graphs.
+    b.ir_version = h.ir_version = max(b.ir_version, h.ir_version)
+    prefix = "head/"
+    merged = onnx.compose.merge_models(b, h, io_map=[(BACKBONE_OUTPUT, INPUT_NAME)], prefix2=prefix)
+    renamed = {prefix + n: n for n in (LOGITS_NAME, EMBEDDING_NAME)}
+    for node in merged.graph.node:
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    for value in (*merged.graph.output, *merged.graph.value_info):
+        value.name = renamed.get(value.name, value.name)
+    # merge_models lists each graph's opset imports (the same ones twice); a model names each domain once
+    versions: dict[str, int] = {}
+    for imp in merged.opset_import:
+        versions[imp.domain] = max(versions.get(imp.domain, 0), imp.version)
+    del merged.opset_import[:]
+    merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in versions.items())
+    if opset != GRAPH_OPSET:
+        merged = onnx.version_converter.convert_version(merged, opset)
+    onnx.checker.check_model(merged)
+    _name_batch_axis(merged)
+    return bytes(merged.SerializeToString())
 
 
 def _name_batch_axis(model: onnx.ModelProto) -> None:
@@ -563,7 +604,18 @@ def export_bundle(
     root = bundles_root(workdir)
     root.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(root)
-    model = model_from_checkpoint(ckpt)
+    # A store that keeps its backbone graph (a TorchScript export, cvm_edge.backbone_graph) exports
+    # without a timm module where the TorchScript exporter is asked for (a device's own export,
+    # ON_DEVICE): the head is exported alone and composed with the graph, and the reference is torch's
+    # head on the graph's features. Other exporters, and opsets below the graph's (onnx cannot
+    # down-convert every operator), export the whole model through the timm module as before.
+    graph_run = (
+        runs_backbone_graph(ckpt)
+        and opts.routing == "none"
+        and opts.exporter == "torchscript"
+        and opts.opset >= GRAPH_OPSET
+    )
+    model = head_from_checkpoint(ckpt) if graph_run else model_from_checkpoint(ckpt)
     routing = None
     if opts.routing == "none":
         graph = ExportGraph(model, ckpt.seen).eval()
@@ -573,7 +625,12 @@ def export_bundle(
     parity = parity_images(ckpt, opts.min_parity_images, images)
     x = LazyNormalised(parity.pixels, ckpt.prep)
     batch = opts.batch_size or parity_batch(ckpt.prep.image_size)
-    ref = torch_outputs(graph, x, batch)
+    features = None
+    if graph_run and ckpt.backbone_graph is not None:
+        features = GraphFeatures(ckpt.backbone_graph, ckpt.prep)(parity.pixels)
+        ref = torch_outputs(graph, features, len(features))
+    else:
+        ref = torch_outputs(graph, x, batch)
     release_freed_memory()  # torch's activations: the exporter's peak must not stack on them
     seen_index = {c: i for i, c in enumerate(ckpt.seen)}
     val_labels = np.asarray([seen_index.get(int(c), -1) for c in parity.labels], np.int64)
@@ -588,7 +645,14 @@ def export_bundle(
         # own temp files: a killed export leaves ".tmp-*" entries that the next writer's clean_stale_tmp
         # removes, and a full store disk fails here, visibly.
         with scratch_dir(root) as work:
-            fp32, exporter = export_fp32(graph, ckpt.prep.image_size, opts.opset, work, opts.exporter)
+            if features is not None and ckpt.backbone_graph is not None:
+                head, exporter = export_fp32(
+                    graph, 0, GRAPH_OPSET, work, opts.exporter, example=torch.from_numpy(features[:2])
+                )
+                fp32 = compose_backbone(ckpt.backbone_graph, head, opts.opset)
+                exporter = f"the store's backbone graph + the head by {exporter}"
+            else:
+                fp32, exporter = export_fp32(graph, ckpt.prep.image_size, opts.opset, work, opts.exporter)
             gc.collect()  # the exporter's traced programs hold reference cycles
             release_freed_memory()
             if opts.precision == "fp32":
@@ -602,7 +666,10 @@ def export_bundle(
         raise
     except Exception as exc:  # noqa: BLE001 - exporter/quantiser failures become one line; nothing was published
         raise CvmError(f"{opts.precision} export failed ({type(exc).__name__}: {exc}); nothing was published") from None
-    figures.update(images=parity.info, reference="torch fp32 (eval) on the same normalised inputs")
+    reference = "torch fp32 (eval) on the same normalised inputs"
+    if features is not None:
+        reference = "torch fp32 head (eval) on the store's backbone graph's features of the same inputs"
+    figures.update(images=parity.info, reference=reference)
     figures["gates"] = GATES[opts.precision]
     if opts.precision == "int8":
         figures["calibration"] = {"method": opts.calibration, "images": len(calibration), "source": calibration_source}

@@ -97,6 +97,8 @@ def fleet_version(
 ) -> Checkpoint:
     """``prev``'s next version holding the fleet's solution (``model``'s weights, ``state``'s sums):
     the history fields every fleet version carries, then ``entry``'s (the caller's own)."""
+    from cvm_edge.update import version_weights
+
     seen = tuple(int(c) for c in np.flatnonzero(state.stats.counts))
     full = {
         **_fleet_entry(prev, table, seen, "analytic"),
@@ -105,7 +107,12 @@ def fleet_version(
         **entry,
     }
     return dataclasses.replace(
-        prev, table=table, weights=model.weights_state(), seen=seen, history=(*prev.history, full), analytic=state
+        prev,
+        table=table,
+        weights=version_weights(prev, model),
+        seen=seen,
+        history=(*prev.history, full),
+        analytic=state,
     )
 
 

@@ -15,7 +15,7 @@ from cvm_edge.checkpoints import Checkpoint, CheckpointStore
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.errors import ConceptError, StoreError, UsageError
 from cvm_edge.fsutil import FileLock, atomic_write_bytes, read_regular
-from cvm_edge.update import InitOptions, init_store, model_from_checkpoint
+from cvm_edge.update import InitOptions, analytic_model, init_store
 from fleet import state as st
 from fleet.average import ExpectedWeights, Weights, WeightsMerge, head_weights
 from fleet.base import base_description, base_fingerprint, fleet_version, weights_version
@@ -129,7 +129,7 @@ class Coordinator:
         with FileLock(self.store.lock_path, "cvm fleet coordinator"):
             self.store.clean_stale()  # what a writer killed mid-publish left behind
             prev = self.latest()
-            model = model_from_checkpoint(prev)
+            model = analytic_model(prev)  # the head alone where the store keeps its backbone graph
             if table.fingerprint != prev.table.fingerprint:
                 model.set_table(table.as_float32())
             targets = class_targets(table.as_float32(), prev.model_config.analytic_targets)

@@ -30,7 +30,7 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import load_image_folder
 from cvm_edge.errors import CvmError, StoreError
 from cvm_edge.fsutil import FileLock
-from cvm_edge.update import PARITY_SAMPLE, UpdateOptions, UpdateReport, model_from_checkpoint, run_update
+from cvm_edge.update import PARITY_SAMPLE, UpdateOptions, UpdateReport, analytic_model, run_update
 from fleet import state as st
 from fleet.base import base_fingerprint, fleet_version, init_on_base
 from fleet.merge import Votes
@@ -368,7 +368,7 @@ def _held_out(ckpt: Checkpoint) -> HeldOut:
 def _model(ckpt: Checkpoint, table: ConceptTable) -> Any:
     if not ckpt.table.is_prefix_of(table):
         raise StoreError(f"the fleet's concept table does not extend this store's ({ckpt.table.fingerprint[:12]})")
-    model = model_from_checkpoint(ckpt)
+    model = analytic_model(ckpt)
     if table.fingerprint != ckpt.table.fingerprint:
         model.set_table(table.as_float32())
     return model

@@ -221,29 +221,33 @@ def test_cvm_fleet_run_fails_when_the_serverapp_ends_before_every_round_ran(
     assert code == 1 and "1 of 2 round(s) ran" in capsys.readouterr().err
 
 
-def test_the_benchmarks_fusion_strategy_uses_the_fleets_fusion() -> None:
+@pytest.mark.parametrize("how", ["fedavg", "fusion"])
+def test_the_benchmarks_strategy_merges_with_the_products_own_merge(how: str) -> None:
     pytest.importorskip("flwr")
     from types import SimpleNamespace
 
-    from flwr.app import ArrayRecord
+    from flwr.app import ArrayRecord, MetricRecord
 
-    from bench.fleet_gradient import Fusion
+    from bench.fleet_gradient import ProductMerge
 
-    base, ws = _weights(0), [_weights(1), _weights(2)]
-    strategy = Fusion({k: torch.from_numpy(v) for k, v in base.items()})
+    base, ws, images = _weights(0), [_weights(1), _weights(2)], [30, 10]
+    strategy = ProductMerge(how, {k: torch.from_numpy(v) for k, v in base.items()})
     replies = [
         SimpleNamespace(
             has_error=lambda: False,
             content=SimpleNamespace(
-                array_records={"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in w.items()})}
+                array_records={"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in w.items()})},
+                metric_records={"metrics": MetricRecord({"num-examples": n})},
             ),
         )
-        for w in ws
+        for w, n in zip(ws, images, strict=True)
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)  # type: ignore[arg-type]
     assert arrays is not None and metrics is not None and metrics["devices"] == 2
     got = {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
-    assert weights_digest(got) == weights_digest(fuse(base, ws))
+    want = fedavg(ws, images) if how == "fedavg" else fuse(base, ws)
+    assert weights_digest(got) == weights_digest(want)
+    assert weights_digest(got) != weights_digest(fedavg(ws, [1, 1]))  # image-weighted, not the plain mean
 
 
 def test_a_device_that_missed_a_fusion_publish_trains_from_the_fleets_weights_next_round(tmp_path: Path) -> None:
