@@ -470,6 +470,16 @@ def render_step_speed(root: Path) -> list[str]:
     return lines
 
 
+UPDATE_RSS_NOTE = (
+    "Peak RSS: rows from 2026-12-05 on are the `cvm update` process's own, read by `bench.child_rss` (a small "
+    "launcher). Earlier rows read `RUSAGE_CHILDREN` in the harness, and a forked child's `ru_maxrss` starts at the "
+    "resident size of the process it was forked from (the harness, holding the dataset and torch: over 1 GB), so "
+    "those figures are upper bounds. The analytic rows side by side, both with the launcher: 1,115 MB and 23.4 s "
+    "with the timm backbone built in the update (commit 37a1c1a), 926 MB and 20.0 s running the store's "
+    "backbone graph in onnxruntime (no timm, no torchvision)."
+)
+
+
 def render_updates(root: Path) -> list[str]:
     d = root / "update"
     files = sorted(d.glob("*.json")) if d.is_dir() else []
@@ -864,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += ["## GPU training-step rate (bench/step_speed.py)", "", *speed, ""]
     upd = render_updates(args.results)
     if upd:
-        lines += ["## One `cvm update`: 2-core CPU and GPU (bench/update.py)", "", *upd, ""]
+        lines += ["## One `cvm update`: 2-core CPU and GPU (bench/update.py)", "", *upd, "", UPDATE_RSS_NOTE, ""]
     srv = render_server_latency(args.results)
     if srv:
         lines += ["## Serving: request path and dynamic batching (bench/server_latency.py)", "", *srv, ""]

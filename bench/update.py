@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.child_rss import MARK
 from bench.datasets import REPO, load_dataset
 from bench.provenance import git_commit
 from bench.run import versions
@@ -111,11 +111,17 @@ def one(
         cmd += ["--epochs", str(epochs), "--force", "--device", device] + ([] if export else ["--no-export"])
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        # Through bench.child_rss: a small launcher, so the peak is the command's own and not this
+        # harness's (a forked child's ru_maxrss starts at its parent's resident size).
+        launcher = [sys.executable, "-m", "bench.child_rss", *cmd]
+        proc = subprocess.run(
+            launcher, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"cvm update failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        child_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+        measured = json.loads(proc.stderr.rsplit(MARK, 1)[1].splitlines()[0])
+        child_peak_mb = measured["peak_rss_kb"] / 1024.0
         e = update_status(store)["history"][-1]
         return {
             "learner": learner,
@@ -149,7 +155,7 @@ def one(
             "one is a fresh `cvm update` process (start-up and imports, reading and upscaling the images, "
             "training, evaluation, the atomic checkpoint save"
             + (", the bundle export with its parity gate" if export else "")
-            + "); peak RSS is that process's ru_maxrss",
+            + "); peak RSS is that process's ru_maxrss, read by bench.child_rss (a small launcher: a child forked from this harness would count the harness's resident size too)",
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
