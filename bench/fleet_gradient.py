@@ -29,11 +29,14 @@ from bench import provenance
 from bench.fleet import fleet_parser, load_features, partition, run_and_write
 from bench.protocols import PROTOCOLS
 from bench.tables import concept_vectors
-from cvm_edge.model import ConceptHead
-from fleet.average import fedavg, fuse
+from cvm_edge.model import ConceptHead, ModelConfig, build_head_model
+from cvm_edge.routing import FusedRoutedModel
+from fleet.average import Weights, WeightsMerge, WeightsUpload, fedavg, fuse, fuse_devices
+from fleet.fused import fusion_state
 
 log = logging.getLogger(__name__)
 HIDDEN = 512  # the product's default mapper width (cvm init --mapper-hidden)
+HEAD = "head."  # the bench trains the ConceptHead alone; the product's model names it "head"
 
 
 def new_head(table: np.ndarray, feat_dim: int, seed: int) -> ConceptHead:
@@ -71,22 +74,76 @@ class ProductMerge(FedAvg):
         super().__init__(**kwargs)
         self.how = how
         self.current = {k: v.detach().float().numpy().copy() for k, v in initial.items()}
+        self.last_round: tuple[Weights, list[Weights], list[int]] | None = None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        states, images = [], []
+        states, images, devices = [], [], []
         for r in replies:
             if r.has_error():
                 continue
             states.append({k: np.asarray(v.numpy(), np.float32) for k, v in r.content.array_records["arrays"].items()})
-            images.append(int(str(r.content.metric_records["metrics"]["num-examples"])))
+            metrics = r.content.metric_records["metrics"]
+            images.append(int(str(metrics["num-examples"])))
+            devices.append(int(str(metrics.get("device", -1))))
         if not states:
             return None, None
+        self.last_round = (dict(self.current), states, devices)  # what the routed evaluation rebuilds from
         self.current = fedavg(states, images) if self.how == "fedavg" else fuse(self.current, states)
         return ArrayRecord({k: torch.from_numpy(v) for k, v in self.current.items()}), MetricRecord(
             {"devices": len(states)}
         )
+
+
+ROUTED_K = (1, 2)
+
+
+@torch.no_grad()
+def routed_accuracy(
+    table: np.ndarray,
+    last_round: tuple[Weights, list[Weights], list[int]],
+    parts: Sequence[np.ndarray],
+    xtr: np.ndarray,
+    ytr: np.ndarray,
+    xte: np.ndarray,
+    yte: np.ndarray,
+) -> dict[int, float]:
+    """Top-k routed accuracy over the devices' models rebuilt from the round's fusion (each device's
+    mask and rescale, ``fleet.fused.fusion_state``), routed by each device's prototype (the mean
+    feature of its images), through the product's ``cvm_edge.routing.FusedRoutedModel``."""
+    start, states, devices = last_round
+    prefixed = lambda w: {HEAD + k: v for k, v in w.items()}  # noqa: E731 - the CvmModel's names
+    _, unified = fuse_devices(prefixed(start), [prefixed(w) for w in states])
+    uploads = tuple(
+        WeightsUpload(
+            str(d),
+            "",
+            "",
+            prefixed(w),
+            len(parts[d]),
+            (),
+            0,
+            np.asarray(xtr[parts[d]].mean(0), np.float32),
+            tuple(sorted({int(c) for c in ytr[parts[d]]})),
+        )
+        for d, w in zip(devices, states, strict=True)
+    )
+    merge = WeightsMerge({}, (), {}, {}, (), start=prefixed(start), unified=unified, uploads=uploads)
+    config = ModelConfig(
+        backbone="tf_efficientnet_lite0",
+        image_size=224,
+        train_backbone="none",
+        mapper_hidden=HIDDEN,
+        learner="gradient",
+    )
+    template = build_head_model(config, table, xtr.shape[1])
+    names = {n for n, q in template.named_parameters() if q.requires_grad}
+    state = fusion_state(merge, names)
+    assert state is not None
+    routed = FusedRoutedModel(template, state, k=1)
+    x = torch.from_numpy(np.asarray(xte, np.float32))
+    return {k: float((routed.with_k(k)(x).argmax(1).numpy() == yte).mean()) for k in ROUTED_K}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,12 +154,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     xtr, xte = feats.train, feats.test
     init = new_head(table, xtr.shape[1], args.seed).state_dict()
     curve: list[float] = []
+    routed: dict[int, list[float]] = {k: [] for k in ROUTED_K}
+    strategies: list[ProductMerge] = []
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         head = new_head(table, xtr.shape[1], args.seed)
         head.load_state_dict(arrays.to_torch_state_dict())
         curve.append(accuracy(head, xte, yte))
         log.info("%s round %d: %.2f %%", args.merge, server_round, 100 * curve[-1])
+        last = strategies[0].last_round if strategies else None
+        if args.merge == "fusion" and server_round > 0 and last is not None:
+            for k, a in routed_accuracy(table, last, parts, xtr, ytr, xte, yte).items():
+                routed[k].append(a)
+            log.info("fusion round %d routed top-1 %.2f %%", server_round, 100 * routed[1][-1])
         return MetricRecord({"accuracy": curve[-1]})
 
     client = ClientApp()
@@ -117,7 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             head, xtr[parts[d]], ytr[parts[d]], args.local_epochs, args.lr, args.batch, args.seed + 1000 * rnd + d
         )
         content = RecordDict(
-            {"arrays": ArrayRecord(head.state_dict()), "metrics": MetricRecord({"num-examples": len(parts[d])})}
+            {
+                "arrays": ArrayRecord(head.state_dict()),
+                "metrics": MetricRecord({"num-examples": len(parts[d]), "device": d}),
+            }
         )
         return Message(content, reply_to=msg)
 
@@ -133,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "min_available_nodes": n,
         }
         strategy = ProductMerge(args.merge, init, **kw)
+        strategies.append(strategy)
         strategy.start(grid, ArrayRecord(init), num_rounds=args.rounds, evaluate_fn=evaluate)
 
     from flwr.simulation import run_simulation
@@ -173,9 +241,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "centralised_accuracy": round(central_curve[-1], 6),
         "fleet_minus_centralised_points": round(100 * (fleet[-1] - central_curve[-1]), 4),
         "first_round_within_5_points": within[0] if within else None,
-        "upload_bytes_per_device_per_round": params * 4,
+        # fusion: the head and the routing prototype (the mean feature of the device's images)
+        "upload_bytes_per_device_per_round": params * 4 + (4 * xtr.shape[1] if args.merge == "fusion" else 0),
         "download_bytes_per_device_per_round": params * 4,
         "simulation_wall_s": round(wall, 2),
+        **(
+            {
+                f"routed_top{k}_accuracy_per_round": [round(a, 6) for a in routed[k]]
+                for k in ROUTED_K
+                if args.merge == "fusion"
+            }
+        ),
         **provenance.provenance("python -m bench.fleet_gradient", args.argv),
     }
 

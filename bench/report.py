@@ -514,8 +514,9 @@ def render_fleet(root: Path) -> list[str]:
     lines = [
         "| protocol | size | devices | classes/device | merge | rounds | fleet % after each round | centralised % "
         "| fleet - central (points) | first round within 5 points | device alone % (mean / best) "
-        "| upload MB/device/round | download MB/device/round | wall s | command | commit | date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| routed top-1 / top-2 % (fusion) | upload MB/device/round | download MB/device/round | wall s | command "
+        "| commit | date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in files:
         r = json.loads(f.read_text())
@@ -530,13 +531,16 @@ def render_fleet(root: Path) -> list[str]:
         )
         first = r.get("first_round_within_5_points", 1 if abs(r["fleet_minus_centralised_points"]) <= 5 else None)
         merge = r["merge"] + (f" ({r['wire_dtype']})" if "wire_dtype" in r else f" ({r['local_epochs']} local epoch)")
+        routed = "-"
+        if r.get("routed_top1_accuracy_per_round"):
+            routed = f"{100 * r['routed_top1_accuracy_per_round'][-1]:.1f} / {100 * r['routed_top2_accuracy_per_round'][-1]:.1f}"
         up = r.get("upload_bytes_per_device_max", r.get("upload_bytes_per_device_per_round", 0))
         down = r.get("download_bytes_per_device", r.get("download_bytes_per_device_per_round", 0))
         lines.append(
             f"| {r['protocol']} | {r['image_size']} | {r['devices']} | {r['classes_per_device']} | {merge} "
             f"| {r['rounds']} | {curve} | {100 * r['centralised_accuracy']:.2f} "
             f"| {r['fleet_minus_centralised_points']:+.2f} | {first if first is not None else 'never'} | {alone} "
-            f"| {up / 1e6:.2f} | {down / 1e6:.2f} | {r['simulation_wall_s']:.0f} "
+            f"| {routed} | {up / 1e6:.2f} | {down / 1e6:.2f} | {r['simulation_wall_s']:.0f} "
             f"| `{r['command']}` | {str(r['git_commit'])[:12]} | {str(r['date'])[:10]} |"
         )
     return lines

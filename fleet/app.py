@@ -191,11 +191,14 @@ def make_client_app(
         """FedAvg's message: the fleet's weights in ``arrays``; the device's after ``cvm update`` out."""
         name, device = weights_device(context)
         cfg = _config(msg.content)
-        local = LocalTraining(epochs=int(cfg["local-epochs"]))
+        local = LocalTraining(epochs=int(cfg["local-epochs"]), prototype=bool(cfg.get("prototype", False)))
         up = device.train(_arrays(msg.content, "arrays"), cfg["seen"], _table_of(msg.content), cfg["entry"], local)
+        records = {"arrays": _weights_record(up.weights)}
+        if up.prototype is not None:
+            records["prototype"] = _weights_record({"prototype": up.prototype})
         reply = _content(
-            {"name": name, "base": up.base, "table": up.table, "seen": list(up.seen)},
-            arrays=_weights_record(up.weights),
+            {"name": name, "base": up.base, "table": up.table, "seen": list(up.seen), "local": list(up.local)},
+            **records,
         )
         reply["metrics"] = MetricRecord({"num-examples": up.images})
         return Message(reply, reply_to=msg)
@@ -491,9 +494,26 @@ def _weights_answer(name: str, r: Message, expected: ExpectedWeights) -> Weights
         raise ContributionError(f"upload without weights, num-examples, base, table or seen ({exc!r})") from None
     if not all(isinstance(v, str) and len(v) <= MAX_NAME_CHARS for v in (base, table)):
         raise ContributionError("upload whose base or table is not a short string")
-    if not isinstance(seen, list) or len(seen) > expected.rows:
-        raise ContributionError(f"seen classes must be a list of at most {expected.rows} table rows")
-    return WeightsUpload(name, base, table, weights, images, tuple(seen), packed_bytes(weights))  # type: ignore[arg-type]
+    local = cfg.get("local", [])
+    if not all(isinstance(v, list) and len(v) <= expected.rows for v in (seen, local)):
+        raise ContributionError(f"seen and local classes must be lists of at most {expected.rows} table rows")
+    prototype = None
+    if "prototype" in r.content.array_records:
+        try:
+            prototype = _arrays(r.content, "prototype")["prototype"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContributionError(f"unreadable routing prototype ({exc!r})") from None
+    return WeightsUpload(
+        name,
+        base,
+        table,
+        weights,
+        images,  # type: ignore[arg-type]  # checked by fleet.average.check_upload
+        tuple(seen),
+        packed_bytes(weights) + (0 if prototype is None else prototype.nbytes),
+        prototype,
+        tuple(local),
+    )
 
 
 def _weights_round(
@@ -506,7 +526,12 @@ def _weights_round(
     latest = coord.latest()  # one checkpoint load for both
     current, seen = head_weights(latest.weights), latest.seen
     start = {"fleet_round": coord.rounds_done(), "merge": settings.merge}  # the version the weights come from
-    config = {"seen": list(seen), "local-epochs": settings.local_epochs, "entry": start}
+    config = {
+        "seen": list(seen),
+        "local-epochs": settings.local_epochs,
+        "entry": start,
+        "prototype": settings.merge == "fusion",  # each device's routing prototype (fleet.fused)
+    }
     out = _weights_record(current)
     replies, failed_nodes = step.ask("train", {n: _with_table(table, config, arrays=out) for n in names})
     failed.update({names[n]: why for n, why in failed_nodes.items()})

@@ -4,8 +4,11 @@ weights, then merge the accepted ones into the fleet's next weights.
 - ``fedavg``: the mean of the devices' weights, each weighted by its number of training images
   (McMahan et al.'s FedAvg); accumulated in float64, published in float32.
 - ``fusion``: ConDU's data-free fusion (``cvm_edge.fusion.unify``) of each device's delta from the
-  weights the round started from: sign consensus, the largest agreeing magnitude. The devices'
-  masks and rescales are not used: every device publishes the same unified weights.
+  weights the round started from: sign consensus, the largest agreeing magnitude. Every device
+  publishes the same unified weights. Each device's mask and rescale (where its delta agrees with the
+  consensus) are kept too, with its routing prototype (the mean frozen-backbone feature of its
+  images), as the coordinator store's fusion state (``fleet.fused``): ``cvm export --routing top-k``
+  then serves the devices' rebuilt models routed to the closest ``k``.
 
 Only the concept head travels (the mapper and the logit scale): the backbone is the fleet's frozen
 base, the same on every device, so it is never sent."""
@@ -64,6 +67,9 @@ class WeightsUpload:
     images: int  # training images behind the weights: FedAvg's weight
     seen: tuple[int, ...]  # table rows the device's model knows
     wire_bytes: int = 0
+    # fusion: the mean frozen-backbone feature of the device's images (float32 [F]), its routing prototype
+    prototype: np.ndarray | None = None
+    local: tuple[int, ...] = ()  # table rows of the device's own images (its routed model's classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,7 @@ class ExpectedWeights:
     table: str
     rows: int
     shapes: Mapping[str, tuple[int, ...]]
+    feature_width: int | None = None  # a prototype's length (the frozen backbone's features), where known
 
 
 def check_upload(u: WeightsUpload, expected: ExpectedWeights) -> None:
@@ -98,6 +105,17 @@ def check_upload(u: WeightsUpload, expected: ExpectedWeights) -> None:
         raise ContributionError(f"{u.images!r} training images: FedAvg weighs each device by a positive count")
     if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < expected.rows for c in u.seen):
         raise ContributionError(f"seen classes outside the fleet's table of {expected.rows} rows")
+    if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < expected.rows for c in u.local):
+        raise ContributionError(f"local classes outside the fleet's table of {expected.rows} rows")
+    if u.prototype is not None:
+        p = u.prototype
+        width = expected.feature_width
+        if p.dtype != WEIGHTS_DTYPE or p.ndim != 1 or (width is not None and p.shape[0] != width):
+            raise ContributionError(
+                f"a routing prototype is float32 of shape ({width},), got {p.dtype} of shape {tuple(p.shape)}"
+            )
+        if not np.isfinite(p).all():
+            raise ContributionError("the routing prototype has non-finite values")
 
 
 def fedavg(weights: Sequence[Mapping[str, np.ndarray]], images: Sequence[int]) -> Weights:
@@ -118,6 +136,12 @@ def fedavg(weights: Sequence[Mapping[str, np.ndarray]], images: Sequence[int]) -
 
 def fuse(current: Mapping[str, np.ndarray], weights: Sequence[Mapping[str, np.ndarray]]) -> Weights:
     """``current`` plus the ConDU unification of every device's delta from it."""
+    return fuse_devices(current, weights)[0]
+
+
+def fuse_devices(current: Mapping[str, np.ndarray], weights: Sequence[Mapping[str, np.ndarray]]) -> tuple[Weights, Any]:
+    """:func:`fuse`, and the ``cvm_edge.fusion.Unified`` it came from: the unified delta with each
+    device's mask and rescale, in the order of ``weights``."""
     import torch  # only here: `cvm fleet` imports this module for its choices, torch loads in the commands
 
     from cvm_edge.fusion import unify
@@ -125,8 +149,8 @@ def fuse(current: Mapping[str, np.ndarray], weights: Sequence[Mapping[str, np.nd
     # np.asarray around each difference and sum: on 0-d arrays (the logit scale) numpy returns scalars
     base = {k: np.asarray(v, np.float32) for k, v in current.items()}
     deltas = [{k: torch.from_numpy(np.asarray(np.asarray(w[k], np.float32) - base[k])) for k in base} for w in weights]
-    unified = unify(deltas).delta
-    return {k: np.asarray(base[k] + unified[k].numpy(), np.float32) for k in base}
+    unified = unify(deltas)
+    return {k: np.asarray(base[k] + unified.delta[k].numpy(), np.float32) for k in base}, unified
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +160,11 @@ class WeightsMerge:
     refused: Mapping[str, str]  # device -> why it was left out
     images: Mapping[str, int]  # accepted device -> its training images
     seen: tuple[int, ...]  # rows the merged model knows: every accepted device's, and earlier rounds'
+    # fusion: the round's start weights and the cvm_edge.fusion.Unified of the accepted devices' deltas
+    # (their masks and rescales, in ``accepted`` order), for the store's fusion state (fleet.fused)
+    start: Mapping[str, np.ndarray] | None = None
+    unified: Any = None
+    uploads: tuple[WeightsUpload, ...] = ()
 
 
 def merge_weights(
@@ -164,10 +193,21 @@ def merge_weights(
         accepted.append(u)
     require_quorum(len(accepted), asked, quorum, refused)
     ws = [u.weights for u in accepted]
-    merged = fedavg(ws, [u.images for u in accepted]) if how == "fedavg" else fuse(current, ws)
+    unified = None
+    if how == "fedavg":
+        merged = fedavg(ws, [u.images for u in accepted])
+    else:
+        merged, unified = fuse_devices(current, ws)
     rows = sorted({int(c) for c in seen} | {c for u in accepted for c in u.seen})
     return WeightsMerge(
-        merged, tuple(u.device for u in accepted), refused, {u.device: u.images for u in accepted}, tuple(rows)
+        merged,
+        tuple(u.device for u in accepted),
+        refused,
+        {u.device: u.images for u in accepted},
+        tuple(rows),
+        start=dict(current) if unified is not None else None,
+        unified=unified,
+        uploads=tuple(accepted),
     )
 
 

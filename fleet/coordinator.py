@@ -4,6 +4,7 @@ the fleet's append-only concept table beside it, and which upload of each device
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from cvm_edge.update import InitOptions, analytic_model, init_store
 from fleet import state as st
 from fleet.average import ExpectedWeights, Weights, WeightsMerge, head_weights
 from fleet.base import base_description, base_fingerprint, fleet_version, weights_version
+from fleet.fused import PLUGIN_KEY, feature_width, fusion_state, head_parameters
 from fleet.merge import RoundMerge
 from fleet.wire import Expected
 
@@ -159,8 +161,11 @@ class Coordinator:
 
     def expected_weights(self, table: ConceptTable) -> ExpectedWeights:
         ckpt = self.latest()
-        shapes = {k: tuple(v.shape) for k, v in head_weights(ckpt.weights).items()}
-        return ExpectedWeights(base_fingerprint(ckpt), table.fingerprint, len(table.names), shapes)
+        weights = head_weights(ckpt.weights)
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        return ExpectedWeights(
+            base_fingerprint(ckpt), table.fingerprint, len(table.names), shapes, feature_width(weights)
+        )
 
     def publish_weights(self, merge: WeightsMerge, table: ConceptTable, entry: Mapping[str, Any]) -> int:
         """The merged head weights as the coordinator store's next version (the atomic store path)."""
@@ -168,4 +173,12 @@ class Coordinator:
             self.store.clean_stale()
             prev = self.latest()
             images = {**entry, "images_seen": int(sum(merge.images.values()))}
-            return self.store.save(weights_version(prev, table, merge.weights, merge.seen, images))
+            ckpt = weights_version(prev, table, merge.weights, merge.seen, images)
+            # A fusion round also keeps each device's mask, rescale and routing prototype (fleet.fused),
+            # for `cvm export --routing top-k`; any other round drops an earlier round's.
+            plugins = {k: v for k, v in prev.plugin_state.items() if k != PLUGIN_KEY}
+            width = feature_width(head_weights(prev.weights))
+            state = fusion_state(merge, head_parameters(prev, table, width)) if width is not None else None
+            if state is not None:
+                plugins[PLUGIN_KEY] = state.to_tensors()
+            return self.store.save(dataclasses.replace(ckpt, plugin_state=plugins))

@@ -36,6 +36,7 @@ from fleet import state as st
 from fleet.average import WeightsUpload, head_weights, weights_digest
 from fleet.base import base_fingerprint, init_on_base, weights_version
 from fleet.device import export_version, image_files, update_from_copy
+from fleet.fused import mean_feature
 from fleet.merge import Votes
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class LocalTraining:
     epochs: int = 1  # FedAvg's local epochs per round
     lr: float = 1e-3  # Adam, the product's default
     batch_size: int = 32
+    prototype: bool = False  # fusion: also upload the routing prototype (fleet.fused.mean_feature)
 
 
 class WeightsDevice:
@@ -114,6 +116,8 @@ class WeightsDevice:
             weights=head_weights(ckpt.weights),
             images=int(report.entry["n_train"]),
             seen=tuple(int(c) for c in ckpt.seen),
+            prototype=mean_feature(ckpt, self.data_dir, table) if local.prototype else None,
+            local=tuple(int(c) for c in report.entry["trained_classes"]),
         )
 
     def adopt(

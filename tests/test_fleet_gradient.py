@@ -4,6 +4,7 @@ tests/test_fleet_gradient_flower.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -81,9 +82,13 @@ def test_the_coordinator_merges_exactly_the_matching_uploads_and_names_the_other
         _up("no-images", 10, images=0),
         _up("bool-images", 11, images=True),
         _up("bad-seen", 12, seen=(5,)),
+        _up("bad-local", 13, local=(7,)),
+        _up("wide-prototype", 14, prototype=np.zeros(9, np.float32)),
+        _up("nan-prototype", 15, prototype=np.full(8, np.nan, np.float32)),
     ]
     asked = [u.device for u in good + bad] + ["dropped"]
-    m = merge_weights("fedavg", _weights(0), (0,), good + bad, EXPECTED, asked, 0.1, {"dropped": "no answer"})
+    expected = dataclasses.replace(EXPECTED, feature_width=8)
+    m = merge_weights("fedavg", _weights(0), (0,), good + bad, expected, asked, 0.1, {"dropped": "no answer"})
     assert m.accepted == ("a", "b") and m.images == {"a": 4, "b": 12}
     assert m.seen == (0, 1, 3)  # earlier rounds' and every accepted device's
     for k in SHAPES:
@@ -99,10 +104,13 @@ def test_the_coordinator_merges_exactly_the_matching_uploads_and_names_the_other
         ("no-images", "images"),
         ("bool-images", "images"),
         ("bad-seen", "seen"),
+        ("bad-local", "local"),
+        ("wide-prototype", "shape (8,)"),
+        ("nan-prototype", "non-finite"),
     ):
         assert word in m.refused[name], (name, m.refused[name])
-    with pytest.raises(QuorumError, match="2 of 12 devices contributed") as info:
-        merge_weights("fedavg", _weights(0), (), good + bad, EXPECTED, asked, 0.5)
+    with pytest.raises(QuorumError, match="2 of 15 devices contributed") as info:
+        merge_weights("fedavg", _weights(0), (), good + bad, expected, asked, 0.5)
     assert "base" in info.value.refused["other-base"]  # a refused round names who was left out
     fused = merge_weights("fusion", _weights(0), (), good, EXPECTED, ["a", "b"], 1.0)
     assert weights_digest(fused.weights) == weights_digest(fuse(_weights(0), [u.weights for u in good]))
@@ -315,6 +323,88 @@ def test_a_device_that_missed_a_fusion_publish_trains_from_the_fleets_weights_ne
         assert weights_digest(head_weights(CheckpointStore(tmp_path / k).load().weights)) == weights_digest(
             coord.weights()
         )
+
+
+def test_a_fusion_round_keeps_each_devices_mask_and_prototype_and_the_coordinator_exports_them_routed(
+    tmp_path: Path, capsys
+) -> None:
+    """ConDU's per-device masks and rescales, with each device's routing prototype (the mean frozen
+    feature of its images), are the coordinator version's fusion state; `cvm export --routing top-k`
+    serves the devices' rebuilt models routed by those prototypes."""
+    from conftest import run_cli
+    from cvm_edge.checkpoints import CheckpointStore
+    from cvm_edge.demo import load_sample, write_class_folders
+    from cvm_edge.fusion_state import FusionState
+    from cvm_edge.preprocess import normalise
+    from cvm_edge.routing import FusedRoutedModel
+    from cvm_edge.update import model_from_checkpoint
+    from fleet.coordinator import Coordinator
+    from fleet.fused import PLUGIN_KEY, mean_feature
+    from fleet.weights_device import LocalTraining, WeightsDevice
+
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    keep = np.concatenate([np.flatnonzero(sample["train_labels"] == c)[:20] for c in (0, 1, 7, 9)])
+    x, y = sample["train_images"][keep], sample["train_labels"][keep]
+    table = _table(tmp_path, tuple(names))
+    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
+    assert run_cli(*init, "--workdir", str(tmp_path / "coord"), "--mapper-hidden", "16") == 0
+    coord = Coordinator(tmp_path / "coord")
+    base, _ = coord.base()
+    fleet_table = coord.table()
+    current, seen = coord.weights(), coord.latest().seen
+    uploads = []
+    for k, classes in (("a", [0, 1]), ("b", [7, 9])):  # tops, trousers | sneakers, ankle boots
+        write_class_folders(tmp_path / f"{k}-data", x, y, names, classes)
+        device = WeightsDevice(tmp_path / k, tmp_path / f"{k}-data", max_forgetting=100.0)
+        assert device.sync(base, fleet_table, None) == []
+        up = device.train(current, seen, fleet_table, {"fleet_round": 0}, LocalTraining(epochs=2, prototype=True))
+        assert up.local == tuple(classes) and up.prototype is not None and up.prototype.dtype == np.float32
+        np.testing.assert_array_equal(  # the mean feature of the device's own images, nothing else
+            up.prototype, mean_feature(CheckpointStore(tmp_path / k).load(), tmp_path / f"{k}-data", fleet_table)
+        )
+        uploads.append(dataclasses.replace(up, device=k))
+    expected = coord.expected_weights(fleet_table)
+    assert expected.feature_width == 1280  # Lite0's features: what each prototype must match
+    m = merge_weights("fusion", current, seen, uploads, expected, ["a", "b"], 1.0)
+    version = coord.publish_weights(m, fleet_table, {"fleet_round": 1, "merge": "fusion"})
+
+    ckpt = CheckpointStore(tmp_path / "coord").load(version)
+    state = FusionState.from_tensors(ckpt.plugin_state[PLUGIN_KEY])
+    assert state.n_tasks == 2 and state.task_classes == ((0, 1), (7, 9))
+    assert state.prototypes is not None
+    np.testing.assert_array_equal(state.prototypes.numpy(), np.stack([u.prototype for u in uploads]))
+    unified = state.unified_params()
+    assert set(unified) <= set(m.weights) and "head.logit_scale" in unified and "head.table" not in unified
+    for k, v in unified.items():  # the served weights are the fusion state's unified model
+        np.testing.assert_allclose(v.numpy(), m.weights[k], rtol=1e-6, atol=1e-7)
+    for t, up in enumerate(uploads):  # each device's rebuilt delta never points against its own
+        rebuilt = state.task_params(t)
+        for k in unified:
+            own = up.weights[k] - current[k]
+            assert (np.sign((rebuilt[k].numpy() - current[k]) * own) >= 0).all(), (t, k)
+
+    # routed by the prototypes: images of a device's classes go to that device's rebuilt model
+    model = model_from_checkpoint(ckpt)
+    routed = FusedRoutedModel(model, state, k=1)
+    prep = ckpt.prep
+    from cvm_edge.preprocess import array_to_pixels
+
+    test = np.isin(sample["test_labels"], (0, 1, 7, 9))
+    pixels = np.stack([array_to_pixels(a, prep) for a in sample["test_images"][test]])
+    with torch.inference_mode():
+        chosen = routed.weights(torch.from_numpy(normalise(pixels, prep))).argmax(1).numpy()
+    own = np.isin(sample["test_labels"][test], (7, 9)).astype(int)  # device b's classes -> task 1
+    assert (chosen == own).mean() >= 0.8, (chosen == own).mean()
+    export = ["export", "--workdir", str(tmp_path / "coord"), "--routing", "top-k", "--top-k", "1"]
+    assert run_cli("-q", *export, "--images", str(tmp_path / "a-data")) == 0
+    manifest = json.loads((tmp_path / "coord" / "bundles" / f"v{version:06d}" / "manifest.json").read_text())
+    assert manifest["routing"]["tasks"] == 2 and manifest["routing"]["k"] == 1 and manifest["parity"]["passed"]
+    assert manifest["routing"]["task_classes"] == [[names[0], names[1]], [names[7], names[9]]]
+    # a FedAvg round after it drops the fusion state: it describes that round's deltas only
+    m2 = merge_weights("fedavg", coord.weights(), ckpt.seen, uploads, expected, ["a", "b"], 1.0)
+    later = coord.publish_weights(m2, fleet_table, {"fleet_round": 2, "merge": "fedavg"})
+    assert PLUGIN_KEY not in CheckpointStore(tmp_path / "coord").load(later).plugin_state
 
 
 def test_a_second_cvm_fleet_run_on_the_same_coordinator_is_refused_before_flower_starts(
