@@ -222,7 +222,3 @@ def feature_dim(backbone: nn.Module) -> int:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def backbone_device_count() -> int:
-    return torch.cuda.device_count()

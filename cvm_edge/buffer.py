@@ -82,13 +82,6 @@ class ReplayBuffer:
         """Bytes one stored sample costs (pixels, label, task tag, float16 logits over ``logit_width`` rows)."""
         return _bytes_per_sample(self.pixels.shape[1:], logit_width)
 
-    @property
-    def effective_capacity(self) -> int:
-        return min(self.capacity, self.max_bytes // _bytes_per_sample(self.pixels.shape[1:], self.logits.shape[1]))
-
-    def as_imageset(self) -> ImageSet:
-        return ImageSet(self.pixels, self.labels)
-
     def class_counts(self) -> dict[int, int]:
         values, counts = np.unique(self.labels, return_counts=True)
         return {int(v): int(c) for v, c in zip(values, counts, strict=True)}

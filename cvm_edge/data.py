@@ -19,7 +19,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from cvm_edge.concepts import ConceptTable, slugify
+from cvm_edge.concepts import ConceptTable
 from cvm_edge.errors import DataError
 from cvm_edge.fsutil import MAX_IMAGE_BYTES, MAX_SMALL_FILE_BYTES, read_regular
 from cvm_edge.preprocess import Preprocessing, load_pixels
@@ -245,8 +245,3 @@ def holdout_split(data: _L, fraction: float, seed: int, max_per_class: int = 100
     """``data`` split by :func:`holdout_indices` into (train, validation)."""
     train_idx, val_idx = holdout_indices(data.labels, fraction, seed, max_per_class)
     return data.subset(train_idx), data.subset(val_idx)
-
-
-def folder_name_for(name: str) -> str:
-    """The folder a class's images go in when written by our own tools (always the slug)."""
-    return slugify(name)

@@ -27,12 +27,6 @@ def predict_classes(
     return classes_from_logits(predict_logits(model, prep, pixels, device), seen)
 
 
-def per_class_accuracy_from_logits(logits: np.ndarray, labels: np.ndarray, seen: Sequence[int]) -> dict[int, float]:
-    """Per-class accuracy of logits over all table rows, choosing only among ``seen`` classes."""
-    pred = classes_from_logits(logits, seen)
-    return {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
-
-
 def mean_over(acc: dict[int, float], classes: Sequence[int]) -> float | None:
     vals = [acc[c] for c in classes if c in acc]
     return float(np.mean(vals)) if vals else None

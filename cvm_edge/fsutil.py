@@ -369,10 +369,3 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-@contextlib.contextmanager
-def locked(path: Path, purpose: str) -> Iterator[FileLock]:
-    lock = FileLock(path, purpose)
-    with lock:
-        yield lock

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -566,7 +565,3 @@ def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: 
     new_ce = F.cross_entropy(restricted_logits(logits, current), pos, reduction="none")
     full = batch.from_buffer | ctx.seen_revisited.index_select(0, targets_in(batch.labels, ctx.seen))
     return torch.where(full, seen_ce, new_ce).mean()
-
-
-def plugin_states(plugins: Sequence[Plugin]) -> dict[str, Any]:
-    return {p.name: p.state_dict() for p in plugins}
