@@ -577,6 +577,17 @@ def plot_fleet(root: Path, plots: Path) -> list[str]:
         for r in mine:
             curve = r.get("fleet_accuracy_per_round") or [r["fleet_accuracy"]] * rounds
             line = ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", ms=3, label=r["merge"])
+            routed = r.get("routed_top1_accuracy_per_round")
+            if routed:  # fusion's per-device models, routed top-1 by their prototypes (fleet/fused.py)
+                ax.plot(
+                    r.get("routed_rounds") or range(1, len(routed) + 1),
+                    [100 * a for a in routed],
+                    ls=":",
+                    marker="^",
+                    ms=3,
+                    c=line[0].get_color(),
+                    label="fusion, routed top-1",
+                )
             # each family's own reference: the analytic learner or the gradient head on the union
             family = "analytic" if r["merge"] == "analytic" else "gradient"
             if family not in drawn:
