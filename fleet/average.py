@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.merge import require_quorum
+from fleet.merge import checked
 from fleet.wire import ContributionError
 
 GRADIENT_MERGES = ("fedavg", "fusion")
@@ -182,16 +182,7 @@ def merge_weights(
     ``quorum`` (a share of ``asked``) contributed: nothing is published then."""
     if how not in GRADIENT_MERGES:
         raise ValueError(f"a gradient merge is one of {GRADIENT_MERGES}, not {how!r}")
-    refused: dict[str, str] = dict(failed or {})
-    accepted: list[WeightsUpload] = []
-    for u in uploads:
-        try:
-            check_upload(u, expected)
-        except ContributionError as exc:
-            refused[u.device] = str(exc)
-            continue
-        accepted.append(u)
-    require_quorum(len(accepted), asked, quorum, refused)
+    accepted, refused = checked(uploads, lambda u: check_upload(u, expected), asked, quorum, failed)
     ws = [u.weights for u in accepted]
     unified = None
     if how == "fedavg":

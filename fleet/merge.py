@@ -5,7 +5,8 @@ images (balanced accuracy over classes; ties go to the larger, smoother lambda).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -40,21 +41,43 @@ def merge_round(
     """``current`` plus every contribution that matches ``expected``. ``asked`` are the devices the
     round asked; ``failed`` those that sent no answer (dropped out, errors). Raises QuorumError when
     fewer than ``quorum`` (a share of ``asked``) contributed: nothing is published then."""
-    refused: dict[str, str] = dict(failed or {})
+    accepted, refused = checked(contributions, lambda c: check_contribution(c, expected), asked, quorum, failed)
     total = current.grown(expected.rows)
-    accepted: list[str] = []
-    ids: dict[str, str] = {}
-    for c in contributions:
-        try:
-            check_contribution(c, expected)
-        except ContributionError as exc:
-            refused[c.device] = str(exc)
-            continue
+    for c in accepted:
         total = total.merged(c.stats.grown(expected.rows))
-        accepted.append(c.device)
-        ids[c.device] = c.contribution_id
+    ids = {c.device: c.contribution_id for c in accepted}
+    return RoundMerge(total, tuple(c.device for c in accepted), refused, ids)
+
+
+class _FromDevice(Protocol):
+    @property
+    def device(self) -> str: ...
+
+
+_U = TypeVar("_U", bound=_FromDevice)
+
+
+def checked(
+    uploads: Sequence[_U],
+    check: Callable[[_U], None],
+    asked: Sequence[str],
+    quorum: float,
+    failed: Mapping[str, str] | None = None,
+) -> tuple[list[_U], dict[str, str]]:
+    """The uploads that pass ``check`` (it raises ContributionError), and every device left out with
+    why (``failed``: those that sent none). Raises QuorumError when the passing ones are fewer than
+    ``quorum`` of ``asked``: the one rule every merge, analytic or gradient, applies."""
+    refused: dict[str, str] = dict(failed or {})
+    accepted: list[_U] = []
+    for u in uploads:
+        try:
+            check(u)
+        except ContributionError as exc:
+            refused[u.device] = str(exc)
+            continue
+        accepted.append(u)
     require_quorum(len(accepted), asked, quorum, refused)
-    return RoundMerge(total, tuple(accepted), refused, ids)
+    return accepted, refused
 
 
 def require_quorum(accepted: int, asked: Sequence[str], quorum: float, refused: Mapping[str, str]) -> None:
