@@ -45,27 +45,25 @@ DEFAULT_BUFFER = 500
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> CvmModel:
-    try:
-        model = build_model(ckpt.model_config, ckpt.table.as_float32())
-        missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
-    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or an unknown backbone: a store edited by hand
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise StoreError(f"checkpoint v{ckpt.version} does not build into a model: {first}") from None
-    if missing or unexpected:
-        raise StoreError(f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.eval()
+    return _loaded(ckpt, lambda: build_model(ckpt.model_config, ckpt.table.as_float32()), ckpt.weights)
 
 
 def head_from_checkpoint(ckpt: Checkpoint) -> CvmModel:
     """The model of a store that keeps its backbone graph, without the backbone (no timm): features
     in, logits out (cvm_edge.model.FeatureInput). Its backbone runs in onnxruntime."""
-    if ckpt.backbone_graph is None:
+    graph = ckpt.backbone_graph
+    if graph is None:
         raise StoreError(f"checkpoint v{ckpt.version} keeps no backbone graph")
+    head = {k: v for k, v in ckpt.weights.items() if not k.startswith("backbone.")}
+    return _loaded(ckpt, lambda: build_head_model(ckpt.model_config, ckpt.table.as_float32(), graph_width(graph)), head)
+
+
+def _loaded(ckpt: Checkpoint, build: Callable[[], CvmModel], weights: dict[str, torch.Tensor]) -> CvmModel:
+    """``build()`` holding ``weights`` exactly, in eval mode; StoreError when they do not fit."""
     try:
-        model = build_head_model(ckpt.model_config, ckpt.table.as_float32(), graph_width(ckpt.backbone_graph))
-        head = {k: v for k, v in ckpt.weights.items() if not k.startswith("backbone.")}
-        missing, unexpected = model.load_state_dict(head, strict=False)
-    except (RuntimeError, ValueError, KeyError) as exc:  # shapes, or a graph of another width: edited by hand
+        model = build()
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or an unknown backbone: a store edited by hand
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise StoreError(f"checkpoint v{ckpt.version} does not build into a model: {first}") from None
     if missing or unexpected:

@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,17 @@ def python() -> str:
 def cvm_argv(*argv: str) -> list[str]:
     """The argv of a `cvm` command in its own process (this interpreter)."""
     return [sys.executable, "-m", "cvm_edge.cli", *argv]
+
+
+def table_by_process(folder: Path, names: Sequence[str]) -> Path:
+    """The concept table of ``names``, built by `cvm embed build` in its own process (the encoder
+    stays out of this one); ``folder/table.npz``."""
+    (folder / "classes.txt").write_text("\n".join(names) + "\n")
+    table = folder / "table.npz"
+    subprocess.run(
+        cvm_argv("-q", "embed", "build", "--classes", str(folder / "classes.txt"), "--out", str(table)), check=True
+    )
+    return table
 
 
 @contextlib.contextmanager

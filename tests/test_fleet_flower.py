@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cvm_argv, process_groups
+from conftest import cvm_argv, process_groups, table_by_process
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.demo import load_sample, write_class_folders
 from fleet.runtime import free_port
@@ -47,11 +47,7 @@ def test_a_device_on_another_base_is_left_out_by_name_and_the_quorum_decides(tmp
     sample = load_sample()
     names = [str(n) for n in sample["classes"]]
     x, y = sample["train_images"], sample["train_labels"]
-    (tmp_path / "classes.txt").write_text("\n".join(names[:4]) + "\n")
-    table = tmp_path / "table.npz"
-    subprocess.run(
-        cvm_argv("-q", "embed", "build", "--classes", str(tmp_path / "classes.txt"), "--out", str(table)), check=True
-    )
+    table = table_by_process(tmp_path, names[:4])
     coord = tmp_path / "coord"
     common = ["--image-size", "32", "--analytic-dim", "256"]
     subprocess.run(

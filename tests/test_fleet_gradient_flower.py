@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cvm_argv, process_groups
+from conftest import cvm_argv, process_groups, table_by_process
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.demo import load_sample, write_class_folders
 from cvm_edge.fusion_state import FusionState
@@ -98,11 +98,7 @@ def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on
     sample = load_sample()
     names = [str(n) for n in sample["classes"]]
     x, y = sample["train_images"], sample["train_labels"]
-    (tmp_path / "classes.txt").write_text("\n".join(names[:4]) + "\n")
-    table = tmp_path / "table.npz"
-    subprocess.run(
-        cvm_argv("-q", "embed", "build", "--classes", str(tmp_path / "classes.txt"), "--out", str(table)), check=True
-    )
+    table = table_by_process(tmp_path, names[:4])
     coord = tmp_path / "coord"
     init = cvm_argv("-q", "fleet", "init", "--workdir", str(coord), "--concepts", str(table), "--image-size", "32")
     subprocess.run([*init, "--learner", "gradient", "--mapper-hidden", "64"], check=True)
