@@ -294,19 +294,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cvm_edge.fsutil import MAX_IMAGE_BYTES, read_regular
     from cvm_edge.preprocess import load_pixels
     from cvm_edge.strategy import predict_logits
-    from cvm_edge.update import model_from_checkpoint
+    from cvm_edge.update import head_from_checkpoint, model_from_checkpoint, runs_backbone_graph
 
-    ckpt = CheckpointStore(args.workdir).load()
+    ckpt = CheckpointStore(args.workdir).load(ridge_statistics=False)  # an analytic store's sums are not needed
     if not ckpt.seen:
         raise UsageError("the model has not learned any class yet; run `cvm update` first")
-    model = model_from_checkpoint(ckpt)
     pixels = []
     for path in args.images:
         try:
             pixels.append(load_pixels(read_regular(Path(path), MAX_IMAGE_BYTES), ckpt.prep))  # no FIFO, no 2 GB file
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    logits = predict_logits(model, ckpt.prep, np.stack(pixels))
+    if runs_backbone_graph(ckpt) and ckpt.backbone_graph is not None:
+        # the store's backbone graph in onnxruntime and the head in torch: no timm module is built
+        import torch
+
+        from cvm_edge.frozen_features import GraphFeatures
+
+        model = head_from_checkpoint(ckpt)
+        features = GraphFeatures(ckpt.backbone_graph, ckpt.prep)(np.stack(pixels))
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(features)).numpy()
+    else:
+        model = model_from_checkpoint(ckpt)
+        logits = predict_logits(model, ckpt.prep, np.stack(pixels))
     seen = np.asarray(ckpt.seen)
     sub = logits[:, seen]
     probs = np.exp(sub - sub.max(axis=1, keepdims=True))

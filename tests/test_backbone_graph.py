@@ -115,6 +115,31 @@ def test_a_bundle_composed_from_the_graph_matches_the_whole_torch_model_on_real_
     assert old["opset"] == 17 and "backbone graph" not in old["exporter"] and old["parity"]["passed"]
 
 
+def test_cvm_predict_through_the_graph_gives_what_the_whole_torch_model_gives(
+    fashion_table: Path, class_folders, tmp_path: Path, capsys
+) -> None:
+    w = tmp_path / "w"
+    _init(w, fashion_table)
+    data = class_folders([0, 1, 8], per_class=30)
+    assert run_cli("-q", "update", "--workdir", str(w), "--data", str(data), "--no-progress", "--no-export") == 0
+    images = [str(p) for p in sorted(data.rglob("*.png"))[::9]]
+    capsys.readouterr()  # what init and update printed
+
+    def predict() -> list[dict]:
+        assert run_cli("predict", "--workdir", str(w), *images, "--json", "--top-k", "3") == 0
+        return json.loads(capsys.readouterr().out)["results"]
+
+    graph_run = predict()
+    for p in _graphs(w):
+        p.unlink()  # the same store without its graph: the timm backbone in torch
+    torch_run = predict()
+    assert len(graph_run) == len(images) > 5
+    for g, t in zip(graph_run, torch_run, strict=True):
+        assert [x["label"] for x in g["predictions"]] == [x["label"] for x in t["predictions"]]
+        assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(g["predictions"], t["predictions"], strict=True))
+        assert g["unknown"] == t["unknown"] and abs(g["best_score"] - t["best_score"]) < 1e-4
+
+
 def test_a_tampered_or_linked_graph_is_never_run(fashion_table: Path, class_folders, tmp_path: Path, caplog) -> None:
     w = tmp_path / "w"
     _init(w, fashion_table)
