@@ -33,6 +33,15 @@ def _init(workdir: Path, table: Path) -> None:
     assert run_cli(*args, "--analytic-dim", "256") == 0
 
 
+def _learned(tmp_path: Path, table: Path, class_folders, classes: list[int], *extra: str) -> tuple[Path, Path]:
+    """A store made by `cvm init` that learnt ``classes`` (30 images each) in one `cvm update`; (store, data)."""
+    w = tmp_path / "w"
+    _init(w, table)
+    data = class_folders(classes, per_class=30)
+    assert run_cli("-q", "update", "--workdir", str(w), "--data", str(data), "--no-progress", *extra) == 0
+    return w, data
+
+
 def _graphs(workdir: Path) -> list[Path]:
     return sorted((workdir / "checkpoints" / GRAPHS_DIR).glob("*.onnx"))
 
@@ -85,10 +94,7 @@ def test_an_update_and_its_export_run_the_stores_graph_without_timm_and_learn_wh
 def test_a_bundle_composed_from_the_graph_matches_the_whole_torch_model_on_real_images(
     fashion_table: Path, class_folders, tmp_path: Path, sample
 ) -> None:
-    w = tmp_path / "w"
-    _init(w, fashion_table)
-    data = class_folders([2, 5, 9], per_class=30)
-    assert run_cli("-q", "update", "--workdir", str(w), "--data", str(data), "--no-progress") == 0
+    w, data = _learned(tmp_path, fashion_table, class_folders, [2, 5, 9])
     manifest = json.loads((w / "bundles" / "v000002" / "manifest.json").read_text())
     assert "backbone graph" in manifest["exporter"] and manifest["parity"]["passed"]
     ckpt = CheckpointStore(w).load()
@@ -118,10 +124,7 @@ def test_a_bundle_composed_from_the_graph_matches_the_whole_torch_model_on_real_
 def test_cvm_predict_through_the_graph_gives_what_the_whole_torch_model_gives(
     fashion_table: Path, class_folders, tmp_path: Path, capsys
 ) -> None:
-    w = tmp_path / "w"
-    _init(w, fashion_table)
-    data = class_folders([0, 1, 8], per_class=30)
-    assert run_cli("-q", "update", "--workdir", str(w), "--data", str(data), "--no-progress", "--no-export") == 0
+    w, data = _learned(tmp_path, fashion_table, class_folders, [0, 1, 8], "--no-export")
     images = [str(p) for p in sorted(data.rglob("*.png"))[::9]]
     capsys.readouterr()  # what init and update printed
 
