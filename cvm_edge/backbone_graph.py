@@ -1,11 +1,12 @@
-"""The frozen backbone of an analytic store as an ONNX graph kept in the store (``backbone.onnx``).
+"""The frozen backbone of an analytic store as an ONNX graph kept in the store.
 
 An analytic update runs only the frozen backbone and a small head. With the backbone's graph in the
 store, ``cvm update`` builds no timm model: onnxruntime runs the graph and torch only the head. At
 the peak of a device's update that is the timm/torchvision imports (~200 MB), the backbone module
 and its in-memory export less (bench/update.py). The graph is made once, when the store is made (or
 by the first update of a store from before), and checked against torch there on the images at hand;
-after that its sha256 in the version's meta.json vouches for it, as for every other file."""
+after that its sha256, which each version's meta.json names (``checkpoints/graphs/<sha256>.onnx``:
+one file for all versions, cvm_edge.checkpoints), vouches for it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import torch
 from cvm_edge.augment import to_input
 from cvm_edge.preprocess import Preprocessing, normalise
 
-GRAPH_FILE = "backbone.onnx"
 # The bundle's default opset (deploy.export.DEFAULT_OPSET): the head is exported at the graph's own
 # opset and composed with it, so the common export needs no conversion.
 GRAPH_OPSET = 18

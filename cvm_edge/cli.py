@@ -294,7 +294,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cvm_edge.fsutil import MAX_IMAGE_BYTES, read_regular
     from cvm_edge.preprocess import load_pixels
     from cvm_edge.strategy import predict_logits
-    from cvm_edge.update import head_from_checkpoint, model_from_checkpoint, runs_backbone_graph
+    from cvm_edge.update import graph_to_run, head_from_checkpoint, model_from_checkpoint
 
     ckpt = CheckpointStore(args.workdir).load(ridge_statistics=False)  # an analytic store's sums are not needed
     if not ckpt.seen:
@@ -305,14 +305,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             pixels.append(load_pixels(read_regular(Path(path), MAX_IMAGE_BYTES), ckpt.prep))  # no FIFO, no 2 GB file
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    if runs_backbone_graph(ckpt) and ckpt.backbone_graph is not None:
+    graph = graph_to_run(ckpt)
+    if graph is not None:
         # the store's backbone graph in onnxruntime and the head in torch: no timm module is built
         import torch
 
         from cvm_edge.frozen_features import GraphFeatures
 
         model = head_from_checkpoint(ckpt)
-        features = GraphFeatures(ckpt.backbone_graph, ckpt.prep)(np.stack(pixels))
+        features = GraphFeatures(graph, ckpt.prep)(np.stack(pixels))
         with torch.inference_mode():
             logits = model(torch.from_numpy(features)).numpy()
     else:

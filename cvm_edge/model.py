@@ -421,8 +421,8 @@ def build_model(config: ModelConfig, table: np.ndarray, pretrained_backbone: nn.
 
 
 class FeatureInput(nn.Module):
-    """Stands in for a frozen backbone whose graph runs elsewhere (the store's ``backbone.onnx`` in
-    onnxruntime): the model's input is then the backbone's features, and it holds no timm module."""
+    """Stands in for a frozen backbone whose graph runs elsewhere (the store's backbone graph in
+    onnxruntime, cvm_edge.backbone_graph): the model's input is then the backbone's features, and it holds no timm module."""
 
     def __init__(self, width: int) -> None:
         super().__init__()

@@ -84,10 +84,12 @@ def version_weights(prev: Checkpoint, model: CvmModel) -> dict[str, torch.Tensor
     return {**backbone, **model.weights_state()}
 
 
-def runs_backbone_graph(ckpt: Checkpoint, device: str = "cpu") -> bool:
-    """Whether an update or export of ``ckpt`` runs the store's backbone graph instead of a timm module:
-    analytic stores that keep one, on the CPU (on a GPU the torch module is faster)."""
-    return ckpt.model_config.analytic and ckpt.backbone_graph is not None and torch.device(device).type == "cpu"
+def graph_to_run(ckpt: Checkpoint, device: str = "cpu") -> bytes | None:
+    """The store's backbone graph where an update, export or prediction of ``ckpt`` runs it instead of a
+    timm module: analytic stores that keep one, on the CPU (on a GPU the torch module is faster); else None."""
+    if ckpt.model_config.analytic and torch.device(device).type == "cpu":
+        return ckpt.backbone_graph
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,11 +373,13 @@ def run_update(
         table = _load_table_for_update(prev.table, opts.concepts)
         # An analytic store with its backbone graph builds no backbone module (no timm): onnxruntime
         # runs the graph, torch the head.
-        graph_run = runs_backbone_graph(prev, opts.device)
-        model = (head_from_checkpoint(prev) if graph_run else model_from_checkpoint(prev)).to(torch.device(opts.device))
+        run_graph = graph_to_run(prev, opts.device)
+        model = (head_from_checkpoint(prev) if run_graph is not None else model_from_checkpoint(prev)).to(
+            torch.device(opts.device)
+        )
         if table is not prev.table:
             model.set_table(table.as_float32())
-        data, graph = _read_update_data(opts, table, prev, model)
+        data, graph = _read_update_data(opts, table, prev, model, run_graph)
         release_freed_memory()  # the reading's activations: the peak is the largest step's, not their sum
         train, val = holdout_split(data, opts.holdout, opts.seed)
         trained_classes = data.classes
@@ -566,12 +570,12 @@ def parity_sample(
 
 
 def _read_update_data(
-    opts: UpdateOptions, table: ConceptTable, prev: Checkpoint, model: CvmModel
+    opts: UpdateOptions, table: ConceptTable, prev: Checkpoint, model: CvmModel, run_graph: bytes | None
 ) -> tuple[ImageSet | FeatureSet, bytes | None]:
     """The update folder as pixels (gradient learner), or for the analytic learner as frozen backbone
-    features, decoded and run a batch at a time so that no image set is held in memory; and the
-    backbone graph the new version keeps (the store's, or for a store from before one the update
-    made and checked on its images)."""
+    features (from ``run_graph`` where given, else from ``model``'s backbone), decoded and run a batch
+    at a time so that no image set is held in memory; and the backbone graph the new version keeps
+    (the store's, or for a store from before one the update made and checked on its images)."""
     hint = str(opts.concepts or "TABLE.npz")
     if not prev.model_config.analytic:
         images = load_image_folder(
@@ -580,8 +584,8 @@ def _read_update_data(
         return images, None
     pairs = list_labelled_files(opts.data_dir, table, hint)
     extract: GraphFeatures | BackboneFeatures
-    if runs_backbone_graph(prev, opts.device) and prev.backbone_graph is not None:
-        extract = GraphFeatures(prev.backbone_graph, prev.prep)
+    if run_graph is not None:
+        extract = GraphFeatures(run_graph, prev.prep)
     else:
         extract = BackboneFeatures(model.backbone, prev.prep, opts.device)
     log.info("extracting features of %d images (frozen backbone, %s)", len(pairs), extract.engine)

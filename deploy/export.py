@@ -40,7 +40,7 @@ from cvm_edge.model import MAX_LOGIT_SCALE, CvmModel
 from cvm_edge.preprocess import Preprocessing, normalise
 from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import eval_batch_for
-from cvm_edge.update import head_from_checkpoint, model_from_checkpoint, runs_backbone_graph
+from cvm_edge.update import graph_to_run, head_from_checkpoint, model_from_checkpoint
 from deploy.bundle import (
     CONCEPTS_FILE,
     FORMAT,
@@ -291,21 +291,19 @@ def onnx_outputs(model_bytes: bytes, x: Inputs, batch_size: int) -> tuple[np.nda
 
 
 # ----- export ------------------------------------------------------------------------------------
+def image_example(image_size: int) -> torch.Tensor:
+    """An input of the whole model's shape for the exporter: two images of ``image_size``."""
+    return torch.zeros(2, 3, image_size, image_size)
+
+
 def export_fp32(
-    graph: ExportGraph,
-    image_size: int,
-    opset: int,
-    work: Path,
-    exporter: str = "dynamo",
-    example: torch.Tensor | None = None,
+    graph: ExportGraph, example: torch.Tensor, opset: int, work: Path, exporter: str = "dynamo"
 ) -> tuple[bytes, str]:
     """ONNX bytes of ``graph`` with a dynamic batch axis, and a description of the exporter used.
-    ``example`` is an input of its shape (default: two images of ``image_size``).
+    ``example`` is an input of the graph's shape (:func:`image_example`, or a head's features).
 
     Opset 18 and newer use torch's torch.export-based exporter unless ``exporter`` is
     ``"torchscript"``; it cannot produce opset 17, so that one goes through the TorchScript exporter."""
-    if example is None:
-        example = torch.zeros(2, 3, image_size, image_size)
     path = work / "fp32.onnx"
     names = {"input_names": [INPUT_NAME], "output_names": [LOGITS_NAME, EMBEDDING_NAME]}
     with warnings.catch_warnings(), quiet_stdout():
@@ -609,13 +607,9 @@ def export_bundle(
     # ON_DEVICE): the head is exported alone and composed with the graph, and the reference is torch's
     # head on the graph's features. Other exporters, and opsets below the graph's (onnx cannot
     # down-convert every operator), export the whole model through the timm module as before.
-    graph_run = (
-        runs_backbone_graph(ckpt)
-        and opts.routing == "none"
-        and opts.exporter == "torchscript"
-        and opts.opset >= GRAPH_OPSET
-    )
-    model = head_from_checkpoint(ckpt) if graph_run else model_from_checkpoint(ckpt)
+    composable = opts.routing == "none" and opts.exporter == "torchscript" and opts.opset >= GRAPH_OPSET
+    backbone = graph_to_run(ckpt) if composable else None
+    model = head_from_checkpoint(ckpt) if backbone is not None else model_from_checkpoint(ckpt)
     routing = None
     if opts.routing == "none":
         graph = ExportGraph(model, ckpt.seen).eval()
@@ -626,8 +620,8 @@ def export_bundle(
     x = LazyNormalised(parity.pixels, ckpt.prep)
     batch = opts.batch_size or parity_batch(ckpt.prep.image_size)
     features = None
-    if graph_run and ckpt.backbone_graph is not None:
-        features = GraphFeatures(ckpt.backbone_graph, ckpt.prep)(parity.pixels)
+    if backbone is not None:
+        features = GraphFeatures(backbone, ckpt.prep)(parity.pixels)
         ref = torch_outputs(graph, features, len(features))
     else:
         ref = torch_outputs(graph, x, batch)
@@ -645,14 +639,14 @@ def export_bundle(
         # own temp files: a killed export leaves ".tmp-*" entries that the next writer's clean_stale_tmp
         # removes, and a full store disk fails here, visibly.
         with scratch_dir(root) as work:
-            if features is not None and ckpt.backbone_graph is not None:
-                head, exporter = export_fp32(
-                    graph, 0, GRAPH_OPSET, work, opts.exporter, example=torch.from_numpy(features[:2])
-                )
-                fp32 = compose_backbone(ckpt.backbone_graph, head, opts.opset)
+            if backbone is not None and features is not None:
+                head, exporter = export_fp32(graph, torch.from_numpy(features[:2]), GRAPH_OPSET, work, opts.exporter)
+                fp32 = compose_backbone(backbone, head, opts.opset)
                 exporter = f"the store's backbone graph + the head by {exporter}"
             else:
-                fp32, exporter = export_fp32(graph, ckpt.prep.image_size, opts.opset, work, opts.exporter)
+                fp32, exporter = export_fp32(
+                    graph, image_example(ckpt.prep.image_size), opts.opset, work, opts.exporter
+                )
             gc.collect()  # the exporter's traced programs hold reference cycles
             release_freed_memory()
             if opts.precision == "fp32":

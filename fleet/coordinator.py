@@ -177,7 +177,7 @@ class Coordinator:
             # A fusion round also keeps each device's mask, rescale and routing prototype (fleet.fused),
             # for `cvm export --routing top-k`; any other round drops an earlier round's.
             plugins = {k: v for k, v in prev.plugin_state.items() if k != PLUGIN_KEY}
-            width = feature_width(head_weights(prev.weights))
+            width = feature_width(head_weights(prev.weights)) if merge.unified is not None else None
             state = fusion_state(merge, head_parameters(prev, table, width)) if width is not None else None
             if state is not None:
                 plugins[PLUGIN_KEY] = state.to_tensors()

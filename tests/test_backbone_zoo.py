@@ -16,7 +16,7 @@ from conftest import run_cli
 from cvm_edge.backbones import EDGE_ZOO, check_image_size, create_backbone, feature_dim
 from cvm_edge.errors import UsageError
 from cvm_edge.model import CvmModel, ModelConfig
-from deploy.export import ExportGraph, export_fp32, onnx_outputs, torch_outputs
+from deploy.export import ExportGraph, export_fp32, image_example, onnx_outputs, torch_outputs
 
 SIZE = 32
 # Models with a 1x1 head conv after pooling: timm's num_features is the width before it.
@@ -47,7 +47,7 @@ def test_zoo_backbone_forward_and_onnx_export(name: str, tmp_path: Path) -> None
     x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     ref = torch_outputs(graph, x, 2)
     assert ref[0].shape == (2, 3) and ref[1].shape == (2, 16)
-    onnx_bytes, _ = export_fp32(graph, SIZE, 18, tmp_path)
+    onnx_bytes, _ = export_fp32(graph, image_example(SIZE), 18, tmp_path)
     got = onnx_outputs(onnx_bytes, x, 2)
     assert np.abs(ref[1] - got[1]).max() <= 1e-4
     assert (ref[0].argmax(1) == got[0].argmax(1)).all()
