@@ -36,6 +36,7 @@ from bench.datasets import REPO, load_dataset
 from bench.provenance import git_commit
 from bench.run import versions
 from bench.tables import table_path
+from cvm_edge.analytic import DEFAULT_DIM
 from cvm_edge.fsutil import atomic_write_text
 
 RESULTS = REPO / "bench" / "results" / "update"
@@ -74,6 +75,7 @@ def one(
     export: bool = True,
     device: str = "cpu",
     learner: str = "gradient",
+    analytic_dim: int = DEFAULT_DIM,
 ) -> dict[str, object]:
     import torch
 
@@ -102,6 +104,7 @@ def one(
                 pretrained="offline",
                 buffer_size=buffer,
                 learner=learner,
+                analytic_dim=analytic_dim,
             ),
         )
         run_update(store, UpdateOptions(data_dir=old_dir, epochs=1, progress=False, force=True, device=device))
@@ -125,6 +128,7 @@ def one(
         e = update_status(store)["history"][-1]
         return {
             "learner": learner,
+            "analytic_dim": analytic_dim if learner == "analytic" else None,
             "store_mb": e.get("store_mb"),
             "train_backbone": train_backbone,
             "image_size": image_size,
@@ -180,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("gradient", "analytic"),
         help="analytic: closed form (frozen backbone)",
     )
+    ap.add_argument("--analytic-dim", type=int, default=DEFAULT_DIM, help="analytic: width M of the random projection")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.learner == "analytic" and args.train_backbone != "none":
@@ -205,11 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         not args.no_export,
         args.device,
         args.learner,
+        args.analytic_dim,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     size_tag = f"-n{rec['n_images']}" if args.per_class else ""
     export_tag = ("-noexport" if args.no_export else "") + ("" if args.device == "cpu" else f"-{args.device}")
-    stem = "lite0-analytic" if args.learner == "analytic" else f"lite0-{args.train_backbone}"
+    dim_tag = f"-m{args.analytic_dim}" if args.analytic_dim != DEFAULT_DIM else ""
+    stem = f"lite0-analytic{dim_tag}" if args.learner == "analytic" else f"lite0-{args.train_backbone}"
     epochs_tag = "" if args.learner == "analytic" else f"-e{args.epochs}"
     path = args.out / f"{stem}-{args.image_size}{epochs_tag}{size_tag}{export_tag}.json"
     atomic_write_text(path, json.dumps(rec, indent=1) + "\n")

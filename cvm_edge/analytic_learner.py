@@ -11,12 +11,13 @@ import dataclasses
 import io
 import logging
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cvm_edge.analytic import HeldOut, LambdaChoice, RidgePath, RidgeStats, choose_lambda, class_targets
+from cvm_edge.analytic import HeldOut, LambdaChoice, RidgePath, RidgeStats, choose_lambda, class_targets, save_npz
 from cvm_edge.analytic import projection_digest as digest_of
 from cvm_edge.augment import to_input
 from cvm_edge.backbones import feature_dim
@@ -48,16 +49,22 @@ class AnalyticState:
             digest_of(mapper.projection.cpu().numpy()),
         )
 
-    def to_bytes(self) -> bytes:
+    def write(self, file: BinaryIO) -> None:
+        """The state as an .npz, streamed into ``file``: no in-memory copy of the archive (at M = 4,096
+        G's upper triangle alone is 67 MB, and a bytes buffer of it would be two more copies)."""
         arrays: dict[str, np.ndarray] = {
-            **self.stats.to_arrays(),
+            "class_sums": self.stats.class_sums,
+            "counts": self.stats.counts,
             "val_features": self.held_out.features,
             "val_labels": self.held_out.labels,
             "val_tasks": self.held_out.tasks,
             "projection_digest": np.asarray(self.projection_digest),
         }
+        save_npz(file, arrays, gram=self.stats.gram)  # G's upper triangle, as RidgeStats.to_arrays packs it
+
+    def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        self.write(buf)
         return buf.getvalue()
 
     @staticmethod
@@ -182,9 +189,11 @@ def learn(
     val_labels: np.ndarray,
     seen: Sequence[int],
     task: int,
+    reuse_sums: bool = False,
 ) -> Learned:
     """Add the training images to the sums, choose lambda on every held-out image so far, and set
-    the model's ridge weight (in place). Returns the new state; the old one is untouched."""
+    the model's ridge weight (in place). Returns the new state; the old one is untouched, unless
+    ``reuse_sums`` lets the new G be the old one's array (:meth:`RidgeStats.add_chunks`)."""
     digest = digest_of(analytic_mapper(model).projection.cpu().numpy())
     if digest != state.projection_digest:
         raise ValueError(f"the rebuilt random projection ({digest}) is not the store's ({state.projection_digest})")
@@ -193,7 +202,7 @@ def learn(
         (lifted(model, train_features[i : i + LIFT_CHUNK]), train_labels[i : i + LIFT_CHUNK])
         for i in range(0, len(train_labels), LIFT_CHUNK)
     )
-    stats = state.stats.grown(model.table_rows).add_chunks(chunks)
+    stats = state.stats.grown(model.table_rows).add_chunks(chunks, reuse=reuse_sums)
     held_out = state.held_out.added(val_features, val_labels, task)
     targets = class_targets(table, model.config.analytic_targets)
     path = RidgePath.of(stats, targets)

@@ -203,7 +203,8 @@ class CheckpointStore:
             (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
             _save_imageset(tmp / "val.npz", ckpt.val)
             if ckpt.analytic is not None:
-                (tmp / ANALYTIC_FILE).write_bytes(ckpt.analytic.to_bytes())
+                with (tmp / ANALYTIC_FILE).open("wb") as f:  # streamed: G is the largest file of a store
+                    ckpt.analytic.write(f)
             if ckpt.backbone_graph is not None:
                 meta["backbone_graph"] = self._keep_graph(ckpt.backbone_graph)
             fault_point("checkpoint_files_written")

@@ -711,7 +711,11 @@ def _learn_analytic(
     predict = lambda keep: al.predict_rows(model, all_f[keep], seen)  # noqa: E731 - the model's weight at call time
     scorer = _ValidationScorer(all_labels, len(state.held_out), predict)
     pred_before = scorer.predict(scorer.rows(old_classes, revisited))
-    learned = al.learn(model, table.as_float32(), state, train_f, train.labels, val_f, val.labels, seen, task)
+    # The previous version's sums are on disk and replaced by the new ones: G grows in place rather
+    # than beside a copy (134 MB at M = 4,096). Nothing reads prev.analytic after this.
+    learned = al.learn(
+        model, table.as_float32(), state, train_f, train.labels, val_f, val.labels, seen, task, reuse_sums=True
+    )
     pred_after = scorer.predict(np.ones(len(all_labels), bool))
     return _Learned(
         scorer,

@@ -17,7 +17,7 @@ import io
 import logging
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -336,44 +336,81 @@ def export_fp32(
     got = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:
         raise CvmError(f"asked for opset {opset} but the exporter wrote opset {got}")
-    onnx.checker.check_model(model)
-    _name_batch_axis(model)
-    return model.SerializeToString(), exporter
+    _name_batch_axis((*model.graph.input, *model.graph.output))
+    data = bytes(model.SerializeToString())
+    del model
+    onnx.checker.check_model(data)  # the bytes: checking the proto would serialise another copy
+    return data, exporter
 
 
 def compose_backbone(backbone: bytes, head: bytes, opset: int) -> bytes:
     """One graph of the store's backbone graph (``input`` -> ``features``) and an exported head
     (features as its ``input`` -> ``logits``, ``embedding``), converted to ``opset``: the bundle of
-    a store that keeps its backbone graph, made without a timm module."""
-    import onnx.compose
-    import onnx.version_converter
+    a store that keeps its backbone graph, made without a timm module.
 
-    b, h = onnx.load_from_string(backbone), onnx.load_from_string(head)
-    # Both exporters write standard ONNX: the newer IR version of the two reads both graphs.
-    b.ir_version = h.ir_version = max(b.ir_version, h.ir_version)
-    prefix = "head/"
-    merged = onnx.compose.merge_models(b, h, io_map=[(BACKBONE_OUTPUT, INPUT_NAME)], prefix2=prefix)
-    renamed = {prefix + n: n for n in (LOGITS_NAME, EMBEDDING_NAME)}
-    for node in merged.graph.node:
-        node.output[:] = [renamed.get(o, o) for o in node.output]
-        node.input[:] = [renamed.get(i, i) for i in node.input]
-    for value in (*merged.graph.output, *merged.graph.value_info):
-        value.name = renamed.get(value.name, value.name)
-    # merge_models lists each graph's opset imports (the same ones twice); a model names each domain once
-    versions: dict[str, int] = {}
-    for imp in merged.opset_import:
+    Composed on the wire: protobuf parses two concatenated messages as the first merged with the
+    second (repeated fields appended). So the backbone without its outputs, followed by a model that
+    holds only the head's renamed nodes, weights and outputs, is the composed model. Composing the
+    protos (``onnx.compose.merge_models``) held both models, their merge and serialised copies at
+    once: with the analytic head's projection (21 MB at M = 4,096) that was the peak of a whole
+    ``cvm update``."""
+    b = onnx.load_from_string(backbone)
+    h = onnx.load_from_string(head)
+    if (
+        h.graph.sparse_initializer
+        or h.functions
+        or any(a.HasField("g") or a.graphs for n in h.graph.node for a in n.attribute)
+    ):
+        raise CvmError(
+            "the exported head has subgraphs, functions or sparse weights, which the composition does not handle"
+        )
+    versions = {imp.domain: imp.version for imp in b.opset_import}
+    for imp in h.opset_import:
         versions[imp.domain] = max(versions.get(imp.domain, 0), imp.version)
-    del merged.opset_import[:]
-    merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in versions.items())
+    # The backbone part: every field of the model but the graph's outputs (the head's replace them).
+    b.ir_version = max(b.ir_version, h.ir_version)  # both exporters write standard ONNX: the newer reads both
+    del b.opset_import[:]
+    b.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in versions.items())
+    del b.graph.output[:]
+    _name_batch_axis(b.graph.input)
+    # The head part: only what is appended to the backbone's graph; a singular field set here would
+    # overwrite the backbone's (last one wins), a repeated one be listed twice.
+    kept = (LOGITS_NAME, EMBEDDING_NAME)
+
+    def renamed(name: str) -> str:
+        """The head's tensor names inside the composed graph: its input is the backbone's output, its
+        outputs keep their names, everything else gets a prefix (no clash with the backbone's)."""
+        if not name or name in kept:
+            return name
+        return BACKBONE_OUTPUT if name == INPUT_NAME else "head/" + name
+
+    for node in h.graph.node:
+        node.name = "head/" + node.name if node.name else ""
+        node.input[:] = [renamed(n) for n in node.input]
+        node.output[:] = [renamed(n) for n in node.output]
+    for tensor in (*h.graph.initializer, *h.graph.value_info):
+        tensor.name = renamed(tensor.name)
+    _name_batch_axis(h.graph.output)
+    for field in [f.name for f, _ in h.ListFields() if f.name != "graph"]:
+        h.ClearField(field)
+    for field in [
+        f.name for f, _ in h.graph.ListFields() if f.name not in ("node", "initializer", "value_info", "output")
+    ]:
+        h.graph.ClearField(field)
+    data = b.SerializeToString() + h.SerializeToString()
+    del b, h
     if opset != GRAPH_OPSET:
-        merged = onnx.version_converter.convert_version(merged, opset)
-    onnx.checker.check_model(merged)
-    _name_batch_axis(merged)
-    return bytes(merged.SerializeToString())
+        from onnx import version_converter
+
+        model = version_converter.convert_version(onnx.load_from_string(data), opset)
+        data = model.SerializeToString()
+        del model
+    onnx.checker.check_model(data)  # the bytes: checking a proto would serialise another copy
+    return bytes(data)
 
 
-def _name_batch_axis(model: onnx.ModelProto) -> None:
-    for value in (*model.graph.input, *model.graph.output):
+def _name_batch_axis(values: Iterable[onnx.ValueInfoProto]) -> None:
+    for value in values:
         dim = value.type.tensor_type.shape.dim[0]
         if not dim.dim_param:
             raise CvmError(f"exported {value.name!r} has a fixed batch axis")
@@ -641,7 +678,10 @@ def export_bundle(
         with scratch_dir(root) as work:
             if backbone is not None and features is not None:
                 head, exporter = export_fp32(graph, torch.from_numpy(features[:2]), GRAPH_OPSET, work, opts.exporter)
+                gc.collect()  # the exporter's traced programs hold reference cycles
+                release_freed_memory()
                 fp32 = compose_backbone(backbone, head, opts.opset)
+                del head
                 exporter = f"the store's backbone graph + the head by {exporter}"
             else:
                 fp32, exporter = export_fp32(

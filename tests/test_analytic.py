@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -59,6 +60,25 @@ def test_ridge_solution_equals_a_direct_solve_on_all_features() -> None:
     np.testing.assert_allclose(an.solve(stats, targets, 1e-2), direct, rtol=1e-8, atol=1e-10)
 
 
+def test_the_in_place_solve_solves_every_lambda_of_one_g_and_leaves_g_as_the_store_keeps_it() -> None:
+    feats, labels, p = _random_problem(n=600, m=300)
+    h = an.lift(feats, p)
+    stats = an.RidgeStats.empty(300, 5).add(h, labels)
+    stored = stats.to_arrays()["gram_triu"].copy()
+    path = an.RidgePath.of(stats, np.eye(5))
+    for rel in (1e-5, 1e-2, 1.0):  # one G, several lambdas: each must see G itself, not the last factor
+        lam = rel * np.trace(h.T @ h) / 300
+        direct = np.linalg.solve(h.T @ h + lam * np.eye(300), h.T @ np.eye(5)[labels])
+        np.testing.assert_allclose(path.solve(rel), direct, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(stats.to_arrays()["gram_triu"], stored)
+    np.testing.assert_array_equal(stats.gram, stats.gram.T)  # the work triangle is restored
+    # a matrix LAPACK cannot factor takes the general solve and is restored all the same
+    bad = an.RidgeStats(-np.eye(300), stats.class_sums, stats.counts)
+    w = an.RidgePath(bad.gram, np.ones((300, 2)), 1.0).solve(0.5)
+    np.testing.assert_allclose(w, np.full((300, 2), -2.0))
+    np.testing.assert_array_equal(bad.gram, -np.eye(300))
+
+
 def test_targets_concepts_are_unit_rows_and_multi_prototype_means() -> None:
     t = np.zeros((2, 3, 4))
     t[0, 0] = [1, 0, 0, 0]
@@ -84,6 +104,13 @@ def test_stats_round_trip_and_tampered_shapes_are_refused() -> None:
     stats = an.RidgeStats.empty(64, 5).add(an.lift(feats, p), labels)
     back = an.RidgeStats.from_arrays(stats.to_arrays())
     np.testing.assert_array_equal(back.gram, stats.gram)
+    # the store's file streams G's triangle a row at a time: np.load reads what to_arrays packs
+    buf = io.BytesIO()
+    an.save_npz(buf, {"class_sums": stats.class_sums, "counts": stats.counts}, gram=stats.gram)
+    with np.load(io.BytesIO(buf.getvalue()), allow_pickle=False) as z:
+        assert sorted(z.files) == ["class_sums", "counts", "gram_triu"]
+        for key, arr in stats.to_arrays().items():
+            np.testing.assert_array_equal(z[key], arr)
     bad = stats.to_arrays()
     bad["gram_triu"] = bad["gram_triu"][:-1]
     with pytest.raises(ValueError, match="inconsistent shapes"):

@@ -119,6 +119,9 @@ def test_a_bundle_composed_from_the_graph_matches_the_whole_torch_model_on_real_
     images = load_image_folder(data, ckpt.table, prep)
     old = export_bundle(w, None, dataclasses.replace(ON_DEVICE, opset=17), images).manifest
     assert old["opset"] == 17 and "backbone graph" not in old["exporter"] and old["parity"]["passed"]
+    # a newer opset than the graph's: the composed model is up-converted and passes the same gate
+    newer = export_bundle(w, None, dataclasses.replace(ON_DEVICE, opset=19), images).manifest
+    assert newer["opset"] == 19 and "backbone graph" in newer["exporter"] and newer["parity"]["passed"]
 
 
 def test_cvm_predict_through_the_graph_gives_what_the_whole_torch_model_gives(
