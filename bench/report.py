@@ -474,9 +474,11 @@ UPDATE_RSS_NOTE = (
     "Peak RSS: rows from 2026-12-05 on are the `cvm update` process's own, read by `bench.child_rss` (a small "
     "launcher). Earlier rows read `RUSAGE_CHILDREN` in the harness, and a forked child's `ru_maxrss` starts at the "
     "resident size of the process it was forked from (the harness, holding the dataset and torch: over 1 GB), so "
-    "those figures are upper bounds. The analytic rows side by side, both with the launcher: 1,115 MB and 23.4 s "
-    "with the timm backbone built in the update (commit 37a1c1a), 926 MB and 20.0 s running the store's "
-    "backbone graph in onnxruntime (no timm, no torchvision)."
+    "those figures are upper bounds. The analytic rows side by side, all with the launcher: 1,115 MB and 23.4 s "
+    "with the timm backbone built in the update (commit 37a1c1a, M = 2,048); 926 MB and 20.0 s running the store's "
+    "backbone graph in onnxruntime (no timm, no torchvision; commit 6f8d540). At M = 4,096 that was 1,261 MB and "
+    "24.6 s; since the solve factors G in place, G grows in place, the store streams G's triangle to disk and the "
+    "bundle is composed on the wire (commit bb9e52b), it is 907-930 MB and 23.5-25.8 s (M = 2,048: 914-918 MB)."
 )
 
 
@@ -486,14 +488,16 @@ def render_updates(root: Path) -> list[str]:
     if not files:
         return []
     lines = [
-        "| learner | train_backbone | image size | images | epochs | buffer | export | wall s | img/s | peak RSS MB "
+        "| learner | M | train_backbone | image size | images | epochs | buffer | export | wall s | img/s | peak RSS MB "
         "| new-class acc % | version MB | command | commit | machine | date |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in files:
         r = json.loads(f.read_text())
+        analytic = r.get("learner") == "analytic"
+        dim = f"{r.get('analytic_dim') or 2048:,}" if analytic else "-"  # rows before the field: 2,048
         lines.append(
-            f"| {r.get('learner', 'gradient')} | {r['train_backbone']} | {r['image_size']} | {r['n_images']} "
+            f"| {r.get('learner', 'gradient')} | {dim} | {r['train_backbone']} | {r['image_size']} | {r['n_images']} "
             f"| {'-' if r.get('learner') == 'analytic' else r['epochs']} | {'-' if r.get('learner') == 'analytic' else r['buffer']} "
             f"| {'yes' if r.get('export') else 'no'} | {r['wall_s']:.1f} | {r['images_per_s']:.1f} "
             f"| {r['peak_rss_mb']:.0f} | {r['new_accuracy']:.1f} | {r.get('store_mb') or '-'} | `{r['command']}` "
