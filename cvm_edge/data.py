@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import logging
 import os
@@ -245,3 +246,23 @@ def holdout_split(data: _L, fraction: float, seed: int, max_per_class: int = 100
     """``data`` split by :func:`holdout_indices` into (train, validation)."""
     train_idx, val_idx = holdout_indices(data.labels, fraction, seed, max_per_class)
     return data.subset(train_idx), data.subset(val_idx)
+
+
+def content_holdout_indices(
+    keys: Sequence[bytes], labels: np.ndarray, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, validation) indices where each image's side is a function of its own content:
+    held out when its sha256 falls in the lowest ``fraction`` of the hash range. A folder that keeps
+    growing (a fleet device retrains on all its images every round) then never moves an image it held
+    out into training, which a seeded split of the grown folder would. A class of two or more images
+    whose hashes all miss the range holds out its lowest-hashed one (stable until a lower one arrives);
+    no per-class cap, which would move images as a class grows."""
+    u = np.asarray([int.from_bytes(hashlib.sha256(k).digest()[:8], "big") / 2.0**64 for k in keys])
+    val = u < fraction
+    for cls in {int(c) for c in labels}:
+        idx = np.flatnonzero(labels == cls)
+        if len(idx) >= 2 and not val[idx].any():
+            val[idx[np.argmin(u[idx])]] = True
+        if val[idx].all():  # every class keeps a training image
+            val[idx[np.argmax(u[idx])]] = False
+    return np.flatnonzero(~val), np.flatnonzero(val)

@@ -19,7 +19,7 @@ from cvm_edge.backbones import check_image_size
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.checkpoints import DEFAULT_KEEP_VERSIONS, Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
-from cvm_edge.data import ImageSet, holdout_split, list_labelled_files, load_image_folder
+from cvm_edge.data import ImageSet, content_holdout_indices, holdout_split, list_labelled_files, load_image_folder
 from cvm_edge.display import printable
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError, UsageError
 from cvm_edge.evaluate import classes_from_logits, mean_over, trained_classes
@@ -200,6 +200,10 @@ class UpdateOptions:
     force: bool = False
     seed: int = 0
     holdout: float = 0.2
+    # "seeded": a seeded per-class split of this update's images; "content": each image's side follows
+    # from its pixels (cvm_edge.data.content_holdout_indices), for a caller that retrains on a folder
+    # that keeps growing (a fleet device), so an image once held out is never trained on.
+    holdout_by: str = "seeded"
     skip_bad_images: bool = False
     concepts: Path | None = None
     device: str = "cpu"
@@ -381,7 +385,7 @@ def run_update(
             model.set_table(table.as_float32())
         data, graph = _read_update_data(opts, table, prev, model, run_graph)
         release_freed_memory()  # the reading's activations: the peak is the largest step's, not their sum
-        train, val = holdout_split(data, opts.holdout, opts.seed)
+        train, val = _holdout(data, opts)
         trained_classes = data.classes
         del data  # train and val are copies: at 224 px the full set of pixels is hundreds of MB
         # Every class the previous version knew is old, also when this update brings new images of
@@ -682,6 +686,18 @@ def _learn_gradient(
             "images_seen": result.images_seen,
         },
     )
+
+
+def _holdout(data: ImageSet | FeatureSet, opts: UpdateOptions) -> tuple[ImageSet | FeatureSet, ImageSet | FeatureSet]:
+    """(training, held-out) parts of an update's images, as ``opts.holdout_by`` says."""
+    if opts.holdout_by == "seeded":
+        return holdout_split(data, opts.holdout, opts.seed)
+    if opts.holdout_by != "content" or not isinstance(data, ImageSet):
+        # features are not a stable key (another onnxruntime may round them differently)
+        raise UsageError(f"holdout_by {opts.holdout_by!r}: 'seeded', or 'content' for a gradient store's images")
+    keys = [data.pixels[i].tobytes() for i in range(len(data))]
+    train_idx, val_idx = content_holdout_indices(keys, data.labels, opts.holdout)
+    return data.subset(train_idx), data.subset(val_idx)
 
 
 def _learn_analytic(

@@ -107,6 +107,8 @@ class WeightsDevice:
             lr=local.lr,
             batch_size=local.batch_size,
             max_forgetting=self.max_forgetting,
+            # every round retrains on the whole, growing folder: an image held out once stays held out
+            holdout_by="content",
         )
         ckpt = self.store.load(report.version)
         return WeightsUpload(

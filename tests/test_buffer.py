@@ -71,3 +71,20 @@ def test_tags_roundtrip_and_untagged_files_load_as_one_earlier_experience(tmp_pa
     old = ReplayBuffer.load(tmp_path / "old.npz")
     assert np.array_equal(old.tasks, np.full(10, -1, np.int32))
     assert old.updated(_set([0] * 30), None, seed=0, task=1).task_counts(0) == {-1: 3, 1: 2}
+
+
+def test_a_content_split_keeps_every_image_on_its_side_as_the_folder_grows() -> None:
+    from cvm_edge.data import content_holdout_indices
+
+    rng = np.random.default_rng(0)
+    keys = [rng.bytes(16) for _ in range(600)]
+    labels = np.repeat(np.arange(3), 200)
+    _, val_small = content_holdout_indices(keys[:300], labels[:300], 0.2)
+    train_big, val_big = content_holdout_indices(keys, labels, 0.2)
+    assert set(val_small) <= set(val_big) and not set(val_small) & set(train_big)
+    assert 0.15 < len(val_big) / len(keys) < 0.25  # the hash range's share
+    # every class of two or more images holds one out and keeps one for training, whatever the hashes
+    four = np.asarray([0, 0, 1, 1])
+    for fraction in (0.0, 1.0):
+        train, val = content_holdout_indices(keys[:4], four, fraction)
+        assert sorted(four[val]) == [0, 1] and sorted(four[train]) == [0, 1]

@@ -428,3 +428,46 @@ def test_a_second_cvm_fleet_run_on_the_same_coordinator_is_refused_before_flower
         code = run_cli("fleet", "run", "--workdir", str(coord), "--merge", "fedavg")
     assert code == 1 and started == []
     assert "cvm fleet run" in capsys.readouterr().err
+
+
+def test_a_gradient_device_whose_folder_grows_never_trains_on_an_image_it_held_out(tmp_path: Path) -> None:
+    """Each round a gradient device retrains on its whole folder. Images that arrive between rounds
+    must not move an earlier held-out image (the forgetting gate's reference) into training, as a
+    seeded split of the grown folder did."""
+    from conftest import run_cli
+    from cvm_edge.checkpoints import CheckpointStore
+    from cvm_edge.demo import load_sample, write_class_folders
+    from fleet.weights_device import LocalTraining, WeightsDevice
+
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    x, y = sample["train_images"], sample["train_labels"]
+    first = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(2)])
+    later = np.concatenate([np.flatnonzero(y == c)[20:45] for c in range(2)])
+    table = _table(tmp_path, tuple(names[:2]))
+    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
+    assert run_cli(*init, "--workdir", str(tmp_path / "coord"), "--mapper-hidden", "16") == 0
+    from fleet.coordinator import Coordinator
+
+    coord = Coordinator(tmp_path / "coord")
+    data = tmp_path / "a-data"
+    write_class_folders(data, x[first], y[first], names, [0, 1])
+    device = WeightsDevice(tmp_path / "a", data, max_forgetting=100.0)
+    store = CheckpointStore(tmp_path / "a")
+
+    def held_out_of_a_round(rnd: int) -> set[bytes]:
+        base, _ = coord.base()
+        assert device.sync(base, coord.table(), None) == []
+        before = len(store.load().val) if store.latest() is not None else 0
+        device.train(coord.weights(), coord.latest().seen, coord.table(), {"fleet_round": rnd}, LocalTraining(epochs=1))
+        val = store.load().val
+        return {val.pixels[i].tobytes() for i in range(before, len(val))}
+
+    held1 = held_out_of_a_round(0)
+    # more images of the same classes arrive (write_class_folders numbers files per class: new names)
+    write_class_folders(tmp_path / "more", x[later], y[later], names, [0, 1])
+    for f in (tmp_path / "more").rglob("*.png"):
+        f.rename(data / f.parent.name / f"later-{f.name}")
+    held2 = held_out_of_a_round(1)
+    assert held1 and len(held2) > len(held1)
+    assert held1 <= held2, f"{len(held1 - held2)} of {len(held1)} held-out images moved into training"
