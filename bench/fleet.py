@@ -35,7 +35,8 @@ from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, holdout_split
 from cvm_edge.fsutil import atomic_write_text
-from cvm_edge.update import InitOptions, model_from_checkpoint
+from cvm_edge.loading import model_from_checkpoint
+from cvm_edge.update import InitOptions
 from fleet.app import make_client_app, make_server_app
 from fleet.base import base_fingerprint
 from fleet.coordinator import init_coordinator

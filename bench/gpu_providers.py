@@ -65,7 +65,7 @@ def save_torch_graph(workdir: Path, path: Path) -> None:
     import torch
 
     from cvm_edge.checkpoints import CheckpointStore
-    from cvm_edge.update import model_from_checkpoint
+    from cvm_edge.loading import model_from_checkpoint
 
     ckpt = CheckpointStore(workdir).load()
     model = model_from_checkpoint(ckpt)

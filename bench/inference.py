@@ -361,7 +361,7 @@ def preprocess_figures(prep_dict: dict[str, Any], image: bytes, repeats: int) ->
 # ----- one model --------------------------------------------------------------------------------------
 def run_model(spec: ModelSpec, work: Path, settings: Settings, progress: tqdm) -> dict[str, Any]:
     from cvm_edge.checkpoints import CheckpointStore
-    from cvm_edge.update import model_from_checkpoint
+    from cvm_edge.loading import model_from_checkpoint
     from deploy.export import ExportGraph
 
     workdir = ensure_store(spec, work)

@@ -81,7 +81,7 @@ def one(
 
     from bench.tables import concept_vectors
     from cvm_edge.update import InitOptions, UpdateOptions, init_store, run_update
-    from cvm_edge.update import status as update_status
+    from cvm_edge.update_report import status as update_status
 
     if threads:
         torch.set_num_threads(threads)

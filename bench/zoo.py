@@ -81,7 +81,7 @@ def model_figures(workdir: Path) -> dict[str, Any]:
     from bench.inference import count_flops
     from cvm_edge.backbones import count_parameters
     from cvm_edge.checkpoints import CheckpointStore
-    from cvm_edge.update import model_from_checkpoint
+    from cvm_edge.loading import model_from_checkpoint
 
     ckpt = CheckpointStore(workdir).load()
     model = model_from_checkpoint(ckpt)

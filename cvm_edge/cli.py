@@ -210,7 +210,7 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from cvm_edge.evaluate import accuracy_matrix, format_matrix
-    from cvm_edge.update import describe_update, status
+    from cvm_edge.update_report import describe_update, status
 
     info = status(args.workdir)
     if args.json:
@@ -292,9 +292,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cvm_edge.analytic_learner import logit_scale
     from cvm_edge.checkpoints import CheckpointStore
     from cvm_edge.fsutil import MAX_IMAGE_BYTES, read_regular
+    from cvm_edge.loading import graph_to_run, head_from_checkpoint, model_from_checkpoint
     from cvm_edge.preprocess import load_pixels
     from cvm_edge.strategy import predict_logits
-    from cvm_edge.update import graph_to_run, head_from_checkpoint, model_from_checkpoint
 
     ckpt = CheckpointStore(args.workdir).load(ridge_statistics=False)  # an analytic store's sums are not needed
     if not ckpt.seen:

@@ -1,4 +1,7 @@
-"""``cvm init`` and ``cvm update``: create the store, then learn new classes without forgetting."""
+"""``cvm init`` and ``cvm update``, the use cases: create the store; read an update folder, learn it
+through the store's learner (cvm_edge.learners), hold it to the forgetting gate (cvm_edge.gate) and
+publish a version. The report and ``cvm status``: cvm_edge.update_report; a version as a model:
+cvm_edge.loading."""
 
 from __future__ import annotations
 
@@ -14,82 +17,35 @@ import torch
 
 from cvm_edge.analytic import DEFAULT_DIM
 from cvm_edge.analytic_learner import AnalyticState
-from cvm_edge.backbone_graph import checked_graph, graph_width
+from cvm_edge.backbone_graph import checked_graph
 from cvm_edge.backbones import check_image_size
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.checkpoints import DEFAULT_KEEP_VERSIONS, Checkpoint, CheckpointStore, version_name
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet, content_holdout_indices, holdout_split, list_labelled_files, load_image_folder
-from cvm_edge.display import printable
 from cvm_edge.errors import ConceptError, ForgettingGateError, StoreError, UsageError
-from cvm_edge.evaluate import classes_from_logits, mean_over, trained_classes
+from cvm_edge.evaluate import mean_over
 from cvm_edge.frozen_features import BackboneFeatures, FeatureSet, GraphFeatures, decode_files, read_features
 from cvm_edge.fsutil import FileLock, fault_point
+from cvm_edge.gate import forgetting_gate, revisited_figures, worst_drops
+from cvm_edge.learners import learner_for
+from cvm_edge.loading import graph_to_run, head_from_checkpoint, model_from_checkpoint, version_weights
 from cvm_edge.memory import release_freed_memory
 from cvm_edge.model import (
     DEFAULT_PROTOTYPE_TEMPERATURE,
     DEFAULT_ROUTING_TEMPERATURE,
     CvmModel,
     ModelConfig,
-    build_head_model,
     build_model,
 )
-from cvm_edge.plugins import PluginOptions, make_plugins
+from cvm_edge.plugins import PluginOptions
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.similarity import class_vectors, task_similarity
-from cvm_edge.strategy import Strategy, TrainConfig, predict_logits
+from cvm_edge.update_report import UpdateReport, update_kind
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER = 500
-
-
-def model_from_checkpoint(ckpt: Checkpoint) -> CvmModel:
-    return _loaded(ckpt, lambda: build_model(ckpt.model_config, ckpt.table.as_float32()), ckpt.weights)
-
-
-def head_from_checkpoint(ckpt: Checkpoint) -> CvmModel:
-    """The model of a store that keeps its backbone graph, without the backbone (no timm): features
-    in, logits out (cvm_edge.model.FeatureInput). Its backbone runs in onnxruntime."""
-    graph = ckpt.backbone_graph
-    if graph is None:
-        raise StoreError(f"checkpoint v{ckpt.version} keeps no backbone graph")
-    head = {k: v for k, v in ckpt.weights.items() if not k.startswith("backbone.")}
-    return _loaded(ckpt, lambda: build_head_model(ckpt.model_config, ckpt.table.as_float32(), graph_width(graph)), head)
-
-
-def _loaded(ckpt: Checkpoint, build: Callable[[], CvmModel], weights: dict[str, torch.Tensor]) -> CvmModel:
-    """``build()`` holding ``weights`` exactly, in eval mode; StoreError when they do not fit."""
-    try:
-        model = build()
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or an unknown backbone: a store edited by hand
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise StoreError(f"checkpoint v{ckpt.version} does not build into a model: {first}") from None
-    if missing or unexpected:
-        raise StoreError(f"checkpoint weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.eval()
-
-
-def analytic_model(ckpt: Checkpoint) -> CvmModel:
-    """The model an analytic computation on features needs (a solve, a vote, a score): the head alone
-    where the store keeps its backbone graph (no timm), else the whole model."""
-    return head_from_checkpoint(ckpt) if ckpt.backbone_graph is not None else model_from_checkpoint(ckpt)
-
-
-def version_weights(prev: Checkpoint, model: CvmModel) -> dict[str, torch.Tensor]:
-    """The weights of ``prev``'s next version: ``model``'s, and the frozen backbone's from ``prev``
-    where the model was built without it (:func:`head_from_checkpoint`)."""
-    backbone = {k: v for k, v in prev.weights.items() if k.startswith("backbone.")}
-    return {**backbone, **model.weights_state()}
-
-
-def graph_to_run(ckpt: Checkpoint, device: str = "cpu") -> bytes | None:
-    """The store's backbone graph where an update, export or prediction of ``ckpt`` runs it instead of a
-    timm module: analytic stores that keep one, on the CPU (on a GPU the torch module is faster); else None."""
-    if ckpt.model_config.analytic and torch.device(device).type == "cpu":
-        return ckpt.backbone_graph
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,140 +175,6 @@ class UpdateOptions:
     label: str = ""
 
 
-CLASS_INCREMENTAL, DOMAIN_INCREMENTAL, MIXED = "class-incremental", "domain-incremental", "mixed"
-
-
-def update_kind(new_classes: Sequence[int], revisited: Sequence[int]) -> str:
-    """What an update brings: only new classes, only new images of known classes, or both."""
-    if revisited and new_classes:
-        return MIXED
-    return DOMAIN_INCREMENTAL if revisited else CLASS_INCREMENTAL
-
-
-def _shown(names: list[str]) -> str:
-    """Class names for a terminal: ANSI escapes and newlines in a name are printed escaped."""
-    return ", ".join(printable(str(n)) for n in names)
-
-
-def describe_update(entry: dict[str, Any]) -> str:
-    """One line naming an update's new and revisited classes (history entries from before revisited
-    classes were recorded read as class-incremental: their ``new_classes`` were all the classes trained)."""
-    kind = entry.get("kind", CLASS_INCREMENTAL)
-    parts = []
-    if entry.get("new_class_names"):
-        parts.append(f"new {_shown(entry['new_class_names'])}")
-    if entry.get("revisited_class_names"):
-        parts.append(f"new images of known {_shown(entry['revisited_class_names'])}")
-    return f"update {entry['task']} ({kind}): {'; '.join(parts) or 'no classes'}"
-
-
-@dataclasses.dataclass(frozen=True)
-class UpdateReport:
-    version: int | None  # None when nothing was published
-    entry: dict[str, Any]
-    pruned: tuple[int, ...] = ()  # versions removed after the publish (--keep-versions)
-
-    def summary(self) -> str:
-        e = self.entry
-        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-        lines = [
-            f"update {e['task']} ({e['kind']}): {len(e['trained_classes'])} class(es) trained on {e['n_train']} images "
-            f"in {e['wall_s']:.1f} s"
-        ]
-        if e["new_classes"]:
-            lines.append(f"  new classes ({_shown(e['new_class_names'])}): {pct(e['new_accuracy'])}")
-        rev = e.get("revisited")
-        if rev:
-            lines.append(
-                f"  known classes with new images ({_shown(e['revisited_class_names'])}): on this update's held-out "
-                f"images {pct(rev['new_data_before'])} -> {pct(rev['new_data_after'])}, on their earlier held-out "
-                f"images {pct(rev['earlier_data_before'])} -> {pct(rev['earlier_data_after'])}"
-            )
-        lines.append(
-            f"  old classes on their earlier held-out images: {pct(e['old_accuracy'])} "
-            f"(before this update: {pct(e['old_accuracy_before'])})"
-        )
-        sim = e.get("similarity") or {}
-        if sim.get("at_risk"):  # task similarity (cvm_edge.similarity)
-            risky = ", ".join(
-                f"{printable(r['class'])} ({r['cosine']:.2f} to {printable(r['nearest_new'])})"
-                for r in sim["at_risk"][:3]
-            )
-            lines.append(f"  old classes most at risk: {risky}; scaling factor {sim['factor']:g}")
-        if self.version is not None:
-            size = f" ({e['store_mb']:.1f} MB)" if "store_mb" in e else ""
-            lines.append(f"  published {version_name(self.version)}{size}")
-        if self.pruned:
-            lines.append(f"  removed older versions {', '.join(map(version_name, self.pruned))} (--keep-versions)")
-        return "\n".join(lines)
-
-
-class _ValidationScorer:
-    """Per-class validation accuracy before and after learning.
-
-    Rows are the earlier updates' held-out images first, then this update's (``n_earlier`` splits
-    them). ``predict(keep)`` gives the predicted table rows (among the seen classes) of the rows
-    where ``keep``: each learner supplies its own (cached features for a frozen backbone)."""
-
-    def __init__(self, labels: np.ndarray, n_earlier: int, predict: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.labels = labels
-        self.earlier = np.arange(len(labels)) < n_earlier
-        self._predict = predict
-
-    def predict(self, keep: np.ndarray) -> np.ndarray:
-        """Predicted table rows of the rows where ``keep``; -1 elsewhere."""
-        pred = np.full(len(self.labels), -1, np.int64)
-        if keep.any():
-            pred[keep] = self._predict(keep)
-        return pred
-
-    def rows(self, earlier_classes: Sequence[int], current_classes: Sequence[int]) -> np.ndarray:
-        """Earlier held-out rows of ``earlier_classes`` and this update's rows of ``current_classes``."""
-        return (self.earlier & np.isin(self.labels, list(earlier_classes))) | (
-            ~self.earlier & np.isin(self.labels, list(current_classes))
-        )
-
-    def accuracy(self, pred: np.ndarray, classes: Sequence[int], part: str) -> dict[int, float]:
-        """Per-class accuracy of ``pred`` on the ``earlier`` or ``current`` rows, or on ``all``."""
-        rows = {"earlier": self.earlier, "current": ~self.earlier, "all": np.ones(len(self.labels), bool)}[part]
-        out = {}
-        for c in classes:
-            mask = rows & (self.labels == c)
-            if mask.any():
-                if (pred[mask] < 0).any():
-                    raise AssertionError(f"class {c} was not predicted on the {part} rows")  # a caller's bug
-                out[int(c)] = float((pred[mask] == c).mean())
-        return out
-
-
-def _gradient_predictor(strategy: Strategy, val: ImageSet, seen: list[int]) -> Callable[[np.ndarray], np.ndarray]:
-    """Predictions of the strategy's model; with a frozen backbone the validation features are
-    computed once and only the head is rerun (the gate costs no second backbone pass)."""
-    feats = strategy.features(val.pixels) if strategy.model.backbone_frozen and len(val) else None
-
-    def predict(keep: np.ndarray) -> np.ndarray:
-        if feats is not None:
-            logits = strategy.head_logits(feats[torch.from_numpy(keep).to(feats.device)])
-        else:
-            s = strategy
-            logits = predict_logits(s.model, s.prep, val.pixels[keep], s.device, s.config.eval_batch(s.prep.image_size))
-        return classes_from_logits(logits, seen)
-
-    return predict
-
-
-@dataclasses.dataclass(frozen=True)
-class _Learned:
-    """One learner's update: the scorer, predictions before and after, what replaces the previous
-    checkpoint's fields, and the learner's own history-entry fields."""
-
-    scorer: _ValidationScorer
-    pred_before: np.ndarray
-    pred_after: np.ndarray
-    checkpoint: dict[str, Any]
-    entry: dict[str, Any]
-
-
 def _load_table_for_update(current: ConceptTable, path: Path | None) -> ConceptTable:
     if path is None:
         return current
@@ -400,12 +222,8 @@ def run_update(
         # distill/ewc plugins apply when --similarity-scaling is on (they compute it the same way).
         similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
         log.info("task similarity: %s", similarity.summary(table.names))
-        if isinstance(train, FeatureSet) and isinstance(val, FeatureSet):
-            learned = _learn_analytic(prev, model, table, train, val, seen, old_classes, revisited, opts)
-        elif isinstance(train, ImageSet) and isinstance(val, ImageSet):
-            learned = _learn_gradient(prev, model, table, train, val, seen, old_classes, revisited, opts)
-        else:  # pragma: no cover - _read_update_data returns one kind
-            raise TypeError("training and held-out sets of different kinds")
+        learn = learner_for(prev.model_config)
+        learned = learn(prev, model, table, train, val, seen, old_classes, revisited, opts)
         scorer, pred_before, pred = learned.scorer, learned.pred_before, learned.pred_after
         acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
         revisited_new_before = scorer.accuracy(pred_before, revisited, "current")
@@ -421,7 +239,7 @@ def run_update(
             "revisited_classes": list(revisited),
             "revisited_class_names": [table.names[c] for c in revisited],
             "trained_classes": list(trained_classes),
-            "revisited": _revisited_figures(
+            "revisited": revisited_figures(
                 revisited, revisited_new_before, scorer.accuracy(pred, revisited, "current"), acc_before, acc_earlier
             ),
             "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
@@ -445,7 +263,7 @@ def run_update(
             if not opts.force:
                 raise ForgettingGateError(
                     f"{gate.describe()}, over --max-forgetting {opts.max_forgetting:g}; nothing was published."
-                    f"{_worst_drops(gate.reference, acc_earlier, table.names)} Train with replay/distill, or pass --force"
+                    f"{worst_drops(gate.reference, acc_earlier, table.names)} Train with replay/distill, or pass --force"
                 )
             entry["forced"] = True
             log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", worst)
@@ -486,68 +304,6 @@ def _prune(store: CheckpointStore, keep: int) -> list[int]:
     except (OSError, StoreError) as exc:
         log.warning("published, but older versions could not be removed (%s); the next update retries", exc)
         return []
-
-
-@dataclasses.dataclass(frozen=True)
-class ForgettingGate:
-    """Old-class accuracy on earlier held-out images: before this update, when each class was last
-    learned (the accuracy matrix's diagonal), and after; the falls since each, in points."""
-
-    before: float | None
-    learned: float | None
-    after: float | None
-    acc_before: dict[int, float]
-    acc_learned: dict[int, float]
-
-    @property
-    def since_previous(self) -> float:
-        return _points(self.before, self.after)
-
-    @property
-    def since_learned(self) -> float:
-        return _points(self.learned, self.after)
-
-    @property
-    def reference(self) -> dict[int, float]:
-        return self.acc_before if self.since_previous >= self.since_learned else self.acc_learned
-
-    def figures(self) -> dict[str, float | None]:
-        return {
-            "old_accuracy_when_learned": self.learned,
-            "forgetting_since_previous": round(self.since_previous, 3),
-            "forgetting_since_learned": round(self.since_learned, 3),
-        }
-
-    def describe(self) -> str:
-        since, ref = (
-            ("the previous version", self.before)
-            if self.since_previous >= self.since_learned
-            else ("when they were learned", self.learned)
-        )
-        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-        worst = max(self.since_previous, self.since_learned)
-        return (
-            f"old-class accuracy on earlier held-out images would fall by {worst:.1f} points since {since} "
-            f"({pct(ref)} -> {pct(self.after)})"
-        )
-
-
-def forgetting_gate(
-    history: Sequence[dict[str, Any]],
-    old_classes: Sequence[int],
-    acc_before: dict[int, float],
-    acc_after: dict[int, float],
-) -> ForgettingGate:
-    """Both gates' figures: a single step's fall, and the fall since each old class was learned, so
-    that several small steps cannot add up to more than --max-forgetting."""
-    learned = accuracy_when_learned(history, old_classes)
-    return ForgettingGate(
-        mean_over(acc_before, old_classes),
-        mean_over(learned, old_classes),
-        mean_over(acc_after, old_classes),
-        acc_before,
-        learned,
-    )
 
 
 # Images an analytic update hands its export for the fp32 parity check: a seeded sample, held-out images
@@ -600,94 +356,6 @@ def _read_update_data(
     return features, graph
 
 
-def _points(before: float | None, after: float | None) -> float:
-    return 100.0 * (before - after) if before is not None and after is not None else 0.0
-
-
-def accuracy_when_learned(history: Sequence[dict[str, Any]], classes: Sequence[int]) -> dict[int, float]:
-    """Each class's held-out accuracy right after the latest update that trained it."""
-    out: dict[int, float] = {}
-    for entry in history:
-        acc = entry.get("per_class_accuracy", {})
-        for c in trained_classes(entry):
-            if c in classes and str(c) in acc:
-                out[c] = float(acc[str(c)])
-    return out
-
-
-def _learn_gradient(
-    prev: Checkpoint,
-    model: CvmModel,
-    table: ConceptTable,
-    train: ImageSet,
-    val: ImageSet,
-    seen: list[int],
-    old_classes: list[int],
-    revisited: list[int],
-    opts: UpdateOptions,
-) -> _Learned:
-    """The Strategy's training loop with the configured plugins and the replay buffer."""
-    plugins = make_plugins(opts.plugins, opts.plugin_options)
-    for p in plugins:
-        if p.needs_concept_head and prev.model_config.head != "concepts":
-            raise UsageError(
-                f"the {p.name} plugin needs the concept head; this store's head is {prev.model_config.head}"
-            )
-    for p in plugins:
-        if p.name in prev.plugin_state:
-            p.load_state_dict(prev.plugin_state[p.name])
-    buffer = prev.buffer if opts.buffer_size is None else dataclasses.replace(prev.buffer, capacity=opts.buffer_size)
-    cfg = TrainConfig(
-        epochs=opts.epochs,
-        batch_size=opts.batch_size,
-        replay_batch_size=opts.batch_size,
-        lr=opts.lr,
-        optimizer=opts.optimizer,
-        augment=opts.augment,
-        crop_pad=max(1, prev.prep.image_size // 8),
-        seed=opts.seed,
-        device=opts.device,
-        progress=opts.progress,
-        loss=opts.loss,
-        balance_epochs=opts.balance_epochs,
-        channels_last=opts.channels_last,
-    )
-    strategy = Strategy(model, prev.prep, plugins, cfg)
-    all_val = ImageSet.concat([prev.val, val], prev.prep.image_size)
-    scorer = _ValidationScorer(all_val.labels, len(prev.val), _gradient_predictor(strategy, all_val, seen))
-    # Old classes are judged on the held-out images of earlier updates only (for a revisited
-    # class: its earlier domains), so an update that ruins what the previous version knew is
-    # caught even when it does well on the new images of the same class.
-    pred_before = scorer.predict(scorer.rows(old_classes, revisited))
-    # phase lines: the operator sees where a long update is; the kill tests aim at each phase
-    log.info(
-        "training on %d images of %d class(es), starting from %s",
-        len(train),
-        len(train.classes),
-        version_name(prev.version),
-    )
-    fault_point("update_training")
-    result = strategy.train_experience(train, buffer, seen, old_classes, task_index=len(prev.history) + 1)
-    pred_after = scorer.predict(np.ones(len(all_val), bool))
-    return _Learned(
-        scorer,
-        pred_before,
-        pred_after,
-        checkpoint={
-            "buffer": result.buffer,
-            "val": all_val,
-            "plugin_state": {p.name: p.state_dict() for p in plugins},
-        },
-        entry={
-            "learner": "gradient",
-            "plugins": list(opts.plugins),
-            "epochs": opts.epochs,
-            "steps": result.steps,
-            "images_seen": result.images_seen,
-        },
-    )
-
-
 def _holdout(data: ImageSet | FeatureSet, opts: UpdateOptions) -> tuple[ImageSet | FeatureSet, ImageSet | FeatureSet]:
     """(training, held-out) parts of an update's images, as ``opts.holdout_by`` says."""
     if opts.holdout_by == "seeded":
@@ -700,57 +368,6 @@ def _holdout(data: ImageSet | FeatureSet, opts: UpdateOptions) -> tuple[ImageSet
     return data.subset(train_idx), data.subset(val_idx)
 
 
-def _learn_analytic(
-    prev: Checkpoint,
-    model: CvmModel,
-    table: ConceptTable,
-    train: FeatureSet,
-    val: FeatureSet,
-    seen: list[int],
-    old_classes: list[int],
-    revisited: list[int],
-    opts: UpdateOptions,
-) -> _Learned:
-    """Closed form (cvm_edge.analytic_learner) on the features computed while the folder was read
-    (one backbone pass): sums added, lambda chosen, solved. No images are kept: the held-out
-    images' backbone features are."""
-    from cvm_edge import analytic_learner as al
-
-    if prev.analytic is None:
-        raise StoreError(f"version {version_name(prev.version)} is an analytic store without its ridge statistics")
-    state = prev.analytic
-    task = len(prev.history) + 1
-    fault_point("update_training")
-    train_f, val_f = train.features, val.features  # computed once while the folder was read
-    all_f = np.concatenate([state.held_out.features.astype(np.float32), val_f])
-    all_labels = np.concatenate([state.held_out.labels, val.labels])
-    predict = lambda keep: al.predict_rows(model, all_f[keep], seen)  # noqa: E731 - the model's weight at call time
-    scorer = _ValidationScorer(all_labels, len(state.held_out), predict)
-    pred_before = scorer.predict(scorer.rows(old_classes, revisited))
-    # The previous version's sums are on disk and replaced by the new ones: G grows in place rather
-    # than beside a copy (134 MB at M = 4,096). Nothing reads prev.analytic after this.
-    learned = al.learn(
-        model, table.as_float32(), state, train_f, train.labels, val_f, val.labels, seen, task, reuse_sums=True
-    )
-    pred_after = scorer.predict(np.ones(len(all_labels), bool))
-    return _Learned(
-        scorer,
-        pred_before,
-        pred_after,
-        checkpoint={"analytic": learned.state},
-        entry={
-            "learner": "analytic",
-            "targets": prev.model_config.analytic_targets,
-            "relative_lambda": learned.choice.relative_lambda,
-            "lambda_scores": learned.choice.scores,
-            "images_seen": len(train),
-            "analytic_bytes": learned.state.nbytes,
-            # best class score below this: `cvm predict` (and the bundle manifest) flag the image unknown
-            "unknown_threshold": al.unknown_threshold(model, learned.state, seen),
-        },
-    )
-
-
 def _log_update_kind(kind: str, new_classes: Sequence[int], revisited: Sequence[int], names: Sequence[str]) -> None:
     label = lambda cs: ", ".join(names[c] for c in cs) or "none"  # noqa: E731
     log.info(
@@ -761,66 +378,3 @@ def _log_update_kind(kind: str, new_classes: Sequence[int], revisited: Sequence[
         len(revisited),
         label(revisited),
     )
-
-
-def _revisited_figures(
-    revisited: Sequence[int],
-    new_before: dict[int, float],
-    new_after: dict[int, float],
-    earlier_before: dict[int, float],
-    earlier_after: dict[int, float],
-) -> dict[str, float | None] | None:
-    """Mean accuracy of the revisited classes on this update's held-out images (the new domain)
-    and on their earlier held-out images (the domains the previous version knew), before and after."""
-    if not revisited:
-        return None
-    return {
-        "new_data_before": mean_over(new_before, revisited),
-        "new_data_after": mean_over(new_after, revisited),
-        "earlier_data_before": mean_over(earlier_before, revisited),
-        "earlier_data_after": mean_over(earlier_after, revisited),
-    }
-
-
-def _worst_drops(before: dict[int, float], after: dict[int, float], names: Sequence[str], top: int = 3) -> str:
-    drops = sorted(((before[c] - after[c], c) for c in before), reverse=True)[:top]
-    listed = ", ".join(f"{names[c]} {100 * before[c]:.0f}% -> {100 * after[c]:.0f}%" for d, c in drops if d > 0)
-    return f" Fell most: {listed}." if listed else ""
-
-
-def status(workdir: Path) -> dict[str, Any]:
-    store = CheckpointStore(workdir)
-    latest = store.latest()
-    keep = store.keep_setting()
-    serving = store.serving_version()
-    versions = []
-    for v in store.versions():
-        meta = store.read_meta(v)
-        versions.append(
-            {
-                "version": v,
-                "parent": meta.get("parent"),
-                "created_at": meta.get("created_at"),
-                "classes": len(meta.get("seen", [])),
-                "latest": v == latest,
-                "serving": v == serving,
-                "bytes": store.version_bytes(v),
-            }
-        )
-    meta = store.read_meta(latest)
-    graph = None
-    if "backbone_graph" in meta:  # kept once for all versions (cvm_edge.backbone_graph), not in their bytes
-        path = store.graph_path(meta["backbone_graph"])
-        graph = {"sha256": meta["backbone_graph"], "bytes": path.stat().st_size if path.is_file() else None}
-    return {
-        "keep_versions": keep,
-        "backbone_graph": graph,
-        "kept_versions": store.kept_versions(keep),
-        "workdir": str(workdir),
-        "latest": latest,
-        "versions": versions,
-        "model": meta["model"],
-        "preprocessing": meta["preprocessing"],
-        "classes": meta.get("seen_names", []),
-        "history": meta.get("history", []),
-    }

@@ -35,12 +35,12 @@ from cvm_edge.errors import CvmError, UsageError
 from cvm_edge.frozen_features import GraphFeatures
 from cvm_edge.fsutil import FileLock, clean_stale_tmp, scratch_dir
 from cvm_edge.fusion_state import FusionState
+from cvm_edge.loading import graph_to_run, head_from_checkpoint, model_from_checkpoint
 from cvm_edge.memory import release_freed_memory
 from cvm_edge.model import MAX_LOGIT_SCALE, CvmModel
 from cvm_edge.preprocess import Preprocessing, normalise
 from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import eval_batch_for
-from cvm_edge.update import graph_to_run, head_from_checkpoint, model_from_checkpoint
 from deploy.bundle import (
     CONCEPTS_FILE,
     FORMAT,

@@ -97,7 +97,7 @@ def fleet_version(
 ) -> Checkpoint:
     """``prev``'s next version holding the fleet's solution (``model``'s weights, ``state``'s sums):
     the history fields every fleet version carries, then ``entry``'s (the caller's own)."""
-    from cvm_edge.update import version_weights
+    from cvm_edge.loading import version_weights
 
     seen = tuple(int(c) for c in np.flatnonzero(state.stats.counts))
     full = {

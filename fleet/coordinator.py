@@ -16,7 +16,8 @@ from cvm_edge.checkpoints import Checkpoint, CheckpointStore
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.errors import ConceptError, StoreError, UsageError
 from cvm_edge.fsutil import FileLock, atomic_write_bytes, read_regular
-from cvm_edge.update import InitOptions, analytic_model, init_store
+from cvm_edge.loading import analytic_model
+from cvm_edge.update import InitOptions, init_store
 from fleet import state as st
 from fleet.average import ExpectedWeights, Weights, WeightsMerge, head_weights
 from fleet.base import base_description, base_fingerprint, fleet_version, weights_version

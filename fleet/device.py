@@ -30,7 +30,9 @@ from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import load_image_folder
 from cvm_edge.errors import CvmError, StoreError
 from cvm_edge.fsutil import FileLock
-from cvm_edge.update import PARITY_SAMPLE, UpdateOptions, UpdateReport, analytic_model, run_update
+from cvm_edge.loading import analytic_model
+from cvm_edge.update import PARITY_SAMPLE, UpdateOptions, run_update
+from cvm_edge.update_report import UpdateReport
 from fleet import state as st
 from fleet.base import base_fingerprint, fleet_version, init_on_base
 from fleet.merge import Votes

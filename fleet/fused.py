@@ -60,7 +60,7 @@ def mean_feature(ckpt: Checkpoint, data_dir: Path, table: ConceptTable) -> np.nd
     """A device's routing prototype: the mean frozen-backbone feature of its images (float32 ``[F]``)."""
     from cvm_edge.data import list_labelled_files
     from cvm_edge.frozen_features import BackboneFeatures, read_features
-    from cvm_edge.update import model_from_checkpoint
+    from cvm_edge.loading import model_from_checkpoint
 
     model = model_from_checkpoint(ckpt)
     pairs = list_labelled_files(data_dir, table, "the fleet's table")

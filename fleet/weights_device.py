@@ -30,8 +30,8 @@ from cvm_edge.data import ImageSet
 from cvm_edge.errors import StoreError
 from cvm_edge.evaluate import classes_from_logits
 from cvm_edge.fsutil import FileLock
+from cvm_edge.loading import model_from_checkpoint
 from cvm_edge.strategy import predict_logits
-from cvm_edge.update import model_from_checkpoint
 from fleet import state as st
 from fleet.average import WeightsUpload, head_weights, weights_digest
 from fleet.base import base_fingerprint, init_on_base, weights_version

@@ -296,7 +296,7 @@ def test_refused_analytic_update_leaves_the_store_bit_identical(
 def test_small_steps_cannot_add_up_past_the_forgetting_gate() -> None:
     """Three updates of 4 points each: every step passes a 10-point gate against the previous version,
     the third fails against the accuracy the class had when it was learned."""
-    from cvm_edge.update import forgetting_gate
+    from cvm_edge.gate import forgetting_gate
 
     history = [{"trained_classes": [0], "per_class_accuracy": {"0": 0.90}}]
     now = 0.90
@@ -310,7 +310,7 @@ def test_small_steps_cannot_add_up_past_the_forgetting_gate() -> None:
 
 
 def test_forgetting_gate_compares_with_accuracy_when_learned() -> None:
-    from cvm_edge.update import accuracy_when_learned
+    from cvm_edge.gate import accuracy_when_learned
 
     history = [
         {"trained_classes": [0, 1], "per_class_accuracy": {"0": 0.9, "1": 0.8}},

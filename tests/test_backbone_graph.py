@@ -20,9 +20,9 @@ from conftest import run_cli
 from cvm_edge.augment import to_input
 from cvm_edge.checkpoints import GRAPHS_DIR, CheckpointStore
 from cvm_edge.data import load_image_folder
+from cvm_edge.loading import model_from_checkpoint
 from cvm_edge.preprocess import normalise
 from cvm_edge.pretrained import offline_weights_available
-from cvm_edge.update import model_from_checkpoint
 from deploy.export import ON_DEVICE, export_bundle
 
 pytestmark = pytest.mark.skipif(not offline_weights_available(), reason="offline Lite0 weights not installed")

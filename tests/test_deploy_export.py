@@ -18,8 +18,8 @@ from test_deploy_helpers import PHOTOS, generated_images, trained_store, update,
 from conftest import run_cli
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.errors import ModelLoadError
+from cvm_edge.loading import model_from_checkpoint
 from cvm_edge.preprocess import load_pixels, normalise
-from cvm_edge.update import model_from_checkpoint
 from deploy import export as export_mod
 from deploy.bundle import current_bundle_dir, load_bundle, sha256_bytes
 from deploy.predictor import Predictor, PredictorOptions, resolve_providers

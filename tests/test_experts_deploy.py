@@ -18,8 +18,8 @@ from bench.reliability.common import running_server
 from conftest import FASHION_NAMES, init_store, run_cli
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.fsutil import FileLock
+from cvm_edge.loading import model_from_checkpoint
 from cvm_edge.preprocess import normalise
-from cvm_edge.update import model_from_checkpoint
 from deploy.bundle import current_bundle_dir, load_bundle
 from deploy.predictor import Predictor, PredictorOptions
 

@@ -335,9 +335,9 @@ def test_a_fusion_round_keeps_each_devices_mask_and_prototype_and_the_coordinato
     from cvm_edge.checkpoints import CheckpointStore
     from cvm_edge.demo import load_sample, write_class_folders
     from cvm_edge.fusion_state import FusionState
+    from cvm_edge.loading import model_from_checkpoint
     from cvm_edge.preprocess import normalise
     from cvm_edge.routing import FusedRoutedModel
-    from cvm_edge.update import model_from_checkpoint
     from fleet.coordinator import Coordinator
     from fleet.fused import PLUGIN_KEY, mean_feature
     from fleet.weights_device import LocalTraining, WeightsDevice

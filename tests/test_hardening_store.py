@@ -359,7 +359,7 @@ def test_non_latin_class_names_are_accepted_with_safe_slugs(tmp_path: Path) -> N
 
 
 def test_names_are_printed_with_control_characters_escaped(tmp_path: Path, capsys) -> None:
-    from cvm_edge.update import UpdateReport, describe_update
+    from cvm_edge.update_report import UpdateReport, describe_update
 
     evil = "cat\x1b[2J\x1b[31m\nfake: line\r\u202etxt"
     assert printable(evil) == "cat\\x1b[2J\\x1b[31m\\nfake: line\\r\\u202etxt"
