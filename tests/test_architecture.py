@@ -1,0 +1,72 @@
+"""ARCHITECTURE.md's import rules between the rooms, checked on every source file."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+USE_CASES = ("cvm_edge.update", "cvm_edge.update_report")
+BELOW_USE_CASES = ("learners", "gate", "strategy", "analytic_learner", "analytic", "loading", "model")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or inside functions; not those under
+    ``if TYPE_CHECKING:`` (annotations only)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for child in node.body for n in ast.walk(child))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def _offenders(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    bad = []
+    for f in files:
+        for m in sorted(_imports(f)):
+            if any(m == p or m.startswith(p + ".") for p in forbidden):
+                bad.append(f"{f.relative_to(ROOT)} imports {m}")
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("room", "forbidden"),
+    [
+        ("cvm_edge", ("deploy", "fleet", "llm_embeddings", "bench")),
+        ("deploy", ("fleet", "bench")),
+        ("fleet", ("bench",)),
+        ("llm_embeddings", ("deploy", "fleet", "bench")),
+    ],
+)
+def test_each_room_imports_only_the_rooms_below_it(room: str, forbidden: tuple[str, ...]) -> None:
+    files = [f for f in (ROOT / room).rglob("*.py") if f != ROOT / "cvm_edge" / "cli.py"]
+    assert files
+    assert _offenders(files, forbidden) == []
+
+
+def test_learners_and_models_never_import_the_use_cases() -> None:
+    files = [ROOT / "cvm_edge" / f"{name}.py" for name in BELOW_USE_CASES]
+    assert _offenders(files, USE_CASES) == []
+
+
+def test_the_check_sees_imports_inside_functions_and_ignores_annotation_only_ones(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from cvm_edge.update import UpdateOptions\n"
+        "def g():\n    from deploy.export import export_bundle\n"
+    )
+    got = _imports(f)
+    assert "deploy.export" in got and "cvm_edge.update" not in got
