@@ -152,7 +152,8 @@ def learn_analytic(
 ) -> LearnedUpdate:
     """Closed form (cvm_edge.analytic_learner) on the features computed while the folder was read
     (one backbone pass): sums added, lambda chosen, solved. No images are kept: the held-out
-    images' backbone features are."""
+    images' backbone features are. ``prev``'s ridge sums are consumed (G grows in place): the caller
+    publishes the returned state or nothing, and never reads ``prev.analytic`` again."""
     if not (isinstance(train, FeatureSet) and isinstance(val, FeatureSet)):
         raise TypeError("the analytic learner learns from backbone features")
     from cvm_edge import analytic_learner as al
@@ -169,7 +170,7 @@ def learn_analytic(
     scorer = ValidationScorer(all_labels, len(state.held_out), predict)
     pred_before = scorer.predict(scorer.rows(old_classes, revisited))
     # The previous version's sums are on disk and replaced by the new ones: G grows in place rather
-    # than beside a copy (134 MB at M = 4,096). Nothing reads prev.analytic after this.
+    # than beside a copy (134 MB at M = 4,096).
     learned = al.learn(
         model, table.as_float32(), state, train_f, train.labels, val_f, val.labels, seen, task, reuse_sums=True
     )
@@ -193,6 +194,9 @@ def learn_analytic(
 
 
 class Learner(Protocol):
+    """Learn an update's training set into ``model`` (in place) from version ``prev``, and score the
+    held-out images of every update so far before and after: what ``cvm update`` gates and publishes."""
+
     def __call__(
         self,
         prev: Checkpoint,
