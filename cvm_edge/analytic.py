@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -32,6 +32,8 @@ TARGETS = ("concepts", "whitened", "onehot")
 # mean, so directions the table barely spans are not blown up without bound.
 WHITEN_SHRINK = 0.01
 DEFAULT_DIM = 2048
+# The .npz key of G's packed upper triangle (RidgeStats.to_arrays, RidgeStats.write_npz).
+GRAM_KEY = "gram_triu"
 # Ridge strengths relative to the mean diagonal of G (the mean squared projected activation), so
 # one grid fits any backbone's feature scale; picked on held-out images per update.
 RELATIVE_LAMBDAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -131,13 +133,30 @@ class RidgeStats:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """G's upper triangle only (it is symmetric): half the bytes on flash."""
-        return {"gram_triu": upper_triangle(self.gram), "class_sums": self.class_sums, "counts": self.counts}
+        return {GRAM_KEY: upper_triangle(self.gram), **self._sums()}
+
+    def _sums(self) -> dict[str, np.ndarray]:
+        return {"class_sums": self.class_sums, "counts": self.counts}
+
+    def write_npz(self, file: BinaryIO, extra: Mapping[str, np.ndarray]) -> None:
+        """:meth:`to_arrays` and ``extra`` as one .npz (what ``np.savez`` writes, and ``np.load``
+        reads), streamed into ``file`` with G's upper triangle written a row at a time: never packed
+        in memory (67 MB at M = 4,096, at the peak of an update's save)."""
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, arr in {**self._sums(), **extra}.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as out:
+                    np.lib.format.write_array(out, np.asanyarray(arr), allow_pickle=False)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)), "fortran_order": False}
+            with z.open(f"{GRAM_KEY}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_2_0(out, {**header, "shape": (self.dim * (self.dim + 1) // 2,)})
+                for row in upper_rows(self.gram):
+                    out.write(np.ascontiguousarray(row, dtype=np.float64).data)
 
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray]) -> RidgeStats:
         sums = np.asarray(arrays["class_sums"], np.float64)
         counts = np.asarray(arrays["counts"], np.int64)
-        triu = np.asarray(arrays["gram_triu"], np.float64)
+        triu = np.asarray(arrays[GRAM_KEY], np.float64)
         dim = sums.shape[1] if sums.ndim == 2 else -1
         if sums.ndim != 2 or counts.shape != (sums.shape[0],) or triu.shape != (dim * (dim + 1) // 2,):
             raise ValueError(
@@ -157,14 +176,20 @@ class RidgeStats:
 
 # G's upper triangle is packed and unpacked a row at a time: np.triu_indices of M = 2,048 alone is two
 # 34 MB index arrays, and G + triu(G, 1).T two more copies of G (~150 MB at the peak of loading a store).
+def upper_rows(a: np.ndarray) -> Iterator[np.ndarray]:
+    """The rows of square ``a``'s upper triangle, in the packed order (that of ``a[np.triu_indices(n)]``):
+    :func:`upper_triangle` and :meth:`RidgeStats.write_npz` both lay G out by it."""
+    return (a[i, i:] for i in range(a.shape[0]))
+
+
 def upper_triangle(a: np.ndarray) -> np.ndarray:
-    """The upper triangle of square ``a``, row by row (the order of ``a[np.triu_indices(n)]``)."""
+    """The upper triangle of square ``a``, packed row by row (:func:`upper_rows`)."""
     n = a.shape[0]
     out = np.empty(n * (n + 1) // 2, a.dtype)
     k = 0
-    for i in range(n):
-        out[k : k + n - i] = a[i, i:]
-        k += n - i
+    for row in upper_rows(a):
+        out[k : k + len(row)] = row
+        k += len(row)
     return out
 
 
@@ -178,24 +203,6 @@ def symmetric_from_upper(triu: np.ndarray, n: int) -> np.ndarray:
         out[i:, i] = row
         k += n - i
     return out
-
-
-def save_npz(file: BinaryIO, arrays: Mapping[str, np.ndarray], gram: np.ndarray | None = None) -> None:
-    """What ``np.savez(file, **arrays, gram_triu=upper_triangle(gram))`` writes, an .npz that
-    ``np.load`` reads, but with G's upper triangle streamed a row at a time: never packed in memory
-    (67 MB at M = 4,096, at the peak of an update's save)."""
-    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-        for name, arr in arrays.items():
-            with z.open(f"{name}.npy", "w", force_zip64=True) as out:
-                np.lib.format.write_array(out, np.asanyarray(arr), allow_pickle=False)
-        if gram is None:
-            return
-        n = gram.shape[0]
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)), "fortran_order": False}
-        with z.open("gram_triu.npy", "w", force_zip64=True) as out:
-            np.lib.format.write_array_header_2_0(out, {**header, "shape": (n * (n + 1) // 2,)})
-            for i in range(n):
-                out.write(np.ascontiguousarray(gram[i, i:], dtype=np.float64).data)
 
 
 def whiten_table(table: np.ndarray, shrink: float = WHITEN_SHRINK) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cvm_edge.analytic import HeldOut, LambdaChoice, RidgePath, RidgeStats, choose_lambda, class_targets, save_npz
+from cvm_edge.analytic import HeldOut, LambdaChoice, RidgePath, RidgeStats, choose_lambda, class_targets
 from cvm_edge.analytic import projection_digest as digest_of
 from cvm_edge.augment import to_input
 from cvm_edge.backbones import feature_dim
@@ -52,20 +52,13 @@ class AnalyticState:
     def write(self, file: BinaryIO) -> None:
         """The state as an .npz, streamed into ``file``: no in-memory copy of the archive (at M = 4,096
         G's upper triangle alone is 67 MB, and a bytes buffer of it would be two more copies)."""
-        arrays: dict[str, np.ndarray] = {
-            "class_sums": self.stats.class_sums,
-            "counts": self.stats.counts,
+        held_out = {
             "val_features": self.held_out.features,
             "val_labels": self.held_out.labels,
             "val_tasks": self.held_out.tasks,
             "projection_digest": np.asarray(self.projection_digest),
         }
-        save_npz(file, arrays, gram=self.stats.gram)  # G's upper triangle, as RidgeStats.to_arrays packs it
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        self.write(buf)
-        return buf.getvalue()
+        self.stats.write_npz(file, held_out)
 
     @staticmethod
     def from_bytes(data: bytes) -> AnalyticState:
