@@ -179,6 +179,16 @@ def _table(tmp_path: Path, names: tuple[str, ...] = ("cat", "dog")) -> Path:
     return path
 
 
+def _gradient_coordinator(tmp_path: Path, table: Path) -> Path:
+    """``cvm fleet init`` of a gradient coordinator at ``tmp_path/coord`` on ``table`` (32 px, a small mapper)."""
+    from conftest import run_cli
+
+    coord = tmp_path / "coord"
+    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
+    assert run_cli(*init, "--workdir", str(coord), "--mapper-hidden", "16") == 0
+    return coord
+
+
 def test_cvm_fleet_refuses_incompatible_merge_options_with_a_usage_error(tmp_path: Path, capsys) -> None:
     from conftest import run_cli
 
@@ -215,9 +225,7 @@ def test_cvm_fleet_run_fails_when_the_serverapp_ends_before_every_round_ran(
     from fleet.report import RoundReport, save_rounds
 
     table = _table(tmp_path)
-    coord = tmp_path / "coord"
-    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
-    assert run_cli(*init, "--workdir", str(coord), "--mapper-hidden", "16") == 0
+    coord = _gradient_coordinator(tmp_path, table)
 
     def one_round_then_crash(argv: list[str], env: dict[str, str], replace: bool = False) -> int:
         assert "merge='fedavg'" in " ".join(argv) or 'merge="fedavg"' in " ".join(argv)
@@ -262,7 +270,6 @@ def test_a_device_that_missed_a_fusion_publish_trains_from_the_fleets_weights_ne
     """Two fusion rounds driven in-process through the calls fleet.app makes (on real stores): the
     coordinator publishes the fusion of what the devices uploaded, and a device that never heard
     of round 1's publish adopts its weights before its next `cvm update`."""
-    from conftest import run_cli
     from cvm_edge.checkpoints import CheckpointStore
     from cvm_edge.demo import load_sample, write_class_folders
     from fleet.average import head_weights
@@ -274,9 +281,7 @@ def test_a_device_that_missed_a_fusion_publish_trains_from_the_fleets_weights_ne
     keep = np.concatenate([np.flatnonzero(sample["train_labels"] == c)[:15] for c in range(4)])
     x, y = sample["train_images"][keep], sample["train_labels"][keep]
     table = _table(tmp_path, tuple(names[:4]))
-    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
-    assert run_cli(*init, "--workdir", str(tmp_path / "coord"), "--mapper-hidden", "16") == 0
-    coord = Coordinator(tmp_path / "coord")
+    coord = Coordinator(_gradient_coordinator(tmp_path, table))
     devices = {}
     for k, classes in (("a", [0, 1]), ("b", [2, 3])):
         write_class_folders(tmp_path / f"{k}-data", x, y, names, classes)
@@ -347,9 +352,7 @@ def test_a_fusion_round_keeps_each_devices_mask_and_prototype_and_the_coordinato
     keep = np.concatenate([np.flatnonzero(sample["train_labels"] == c)[:20] for c in (0, 1, 7, 9)])
     x, y = sample["train_images"][keep], sample["train_labels"][keep]
     table = _table(tmp_path, tuple(names))
-    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
-    assert run_cli(*init, "--workdir", str(tmp_path / "coord"), "--mapper-hidden", "16") == 0
-    coord = Coordinator(tmp_path / "coord")
+    coord = Coordinator(_gradient_coordinator(tmp_path, table))
     base, _ = coord.base()
     fleet_table = coord.table()
     current, seen = coord.weights(), coord.latest().seen
@@ -418,9 +421,7 @@ def test_a_second_cvm_fleet_run_on_the_same_coordinator_is_refused_before_flower
     from fleet.state import fleet_dir
 
     table = _table(tmp_path)
-    coord = tmp_path / "coord"
-    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
-    assert run_cli(*init, "--workdir", str(coord), "--mapper-hidden", "16") == 0
+    coord = _gradient_coordinator(tmp_path, table)
     started: list[list[str]] = []
     monkeypatch.setattr(fleet.commands, "_exec", lambda argv, env, replace=False: started.append(argv) or 0)
     capsys.readouterr()
@@ -434,9 +435,9 @@ def test_a_gradient_device_whose_folder_grows_never_trains_on_an_image_it_held_o
     """Each round a gradient device retrains on its whole folder. Images that arrive between rounds
     must not move an earlier held-out image (the forgetting gate's reference) into training, as a
     seeded split of the grown folder did."""
-    from conftest import run_cli
     from cvm_edge.checkpoints import CheckpointStore
     from cvm_edge.demo import load_sample, write_class_folders
+    from fleet.coordinator import Coordinator
     from fleet.weights_device import LocalTraining, WeightsDevice
 
     sample = load_sample()
@@ -445,11 +446,7 @@ def test_a_gradient_device_whose_folder_grows_never_trains_on_an_image_it_held_o
     first = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(2)])
     later = np.concatenate([np.flatnonzero(y == c)[20:45] for c in range(2)])
     table = _table(tmp_path, tuple(names[:2]))
-    init = ["fleet", "init", "--concepts", str(table), "--image-size", "32", "--learner", "gradient"]
-    assert run_cli(*init, "--workdir", str(tmp_path / "coord"), "--mapper-hidden", "16") == 0
-    from fleet.coordinator import Coordinator
-
-    coord = Coordinator(tmp_path / "coord")
+    coord = Coordinator(_gradient_coordinator(tmp_path, table))
     data = tmp_path / "a-data"
     write_class_folders(data, x[first], y[first], names, [0, 1])
     device = WeightsDevice(tmp_path / "a", data, max_forgetting=100.0)
