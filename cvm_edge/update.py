@@ -196,6 +196,7 @@ def run_update(
     with FileLock(store.lock_path, "cvm update"):
         store.clean_stale()
         prev = store.load()
+        _check_holdout(opts, prev.model_config)  # before the folder is read
         table = _load_table_for_update(prev.table, opts.concepts)
         # An analytic store with its backbone graph builds no backbone module (no timm): onnxruntime
         # runs the graph, torch the head.
@@ -356,16 +357,21 @@ def _read_update_data(
     return features, graph
 
 
-def _holdout(data: ImageSet | FeatureSet, opts: UpdateOptions) -> tuple[ImageSet | FeatureSet, ImageSet | FeatureSet]:
-    """(training, held-out) parts of an update's images, as ``opts.holdout_by`` says."""
-    if opts.holdout_by == "seeded":
-        return holdout_split(data, opts.holdout, opts.seed)
-    if opts.holdout_by != "content" or not isinstance(data, ImageSet):
-        # features are not a stable key (another onnxruntime may round them differently)
+def _check_holdout(opts: UpdateOptions, config: ModelConfig) -> None:
+    if opts.holdout_by not in ("seeded", "content") or (opts.holdout_by == "content" and config.analytic):
+        # an analytic update holds features, not pixels, and features are not a stable key (another
+        # onnxruntime may round them differently)
         raise UsageError(f"holdout_by {opts.holdout_by!r}: 'seeded', or 'content' for a gradient store's images")
-    keys = [data.pixels[i].tobytes() for i in range(len(data))]
-    train_idx, val_idx = content_holdout_indices(keys, data.labels, opts.holdout)
-    return data.subset(train_idx), data.subset(val_idx)
+
+
+def _holdout(data: ImageSet | FeatureSet, opts: UpdateOptions) -> tuple[ImageSet | FeatureSet, ImageSet | FeatureSet]:
+    """(training, held-out) parts of an update's images, as ``opts.holdout_by`` says (checked by
+    :func:`_check_holdout`: "content" only reaches here with a gradient store's pixels)."""
+    if opts.holdout_by == "content" and isinstance(data, ImageSet):
+        keys = [data.pixels[i].tobytes() for i in range(len(data))]
+        train_idx, val_idx = content_holdout_indices(keys, data.labels, opts.holdout)
+        return data.subset(train_idx), data.subset(val_idx)
+    return holdout_split(data, opts.holdout, opts.seed)
 
 
 def _log_update_kind(kind: str, new_classes: Sequence[int], revisited: Sequence[int], names: Sequence[str]) -> None:

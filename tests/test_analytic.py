@@ -197,6 +197,12 @@ def test_cvm_init_defaults_to_the_analytic_learner_on_a_pretrained_backbone(
         "all",
     )
     assert code == 2
+    # a split by image content is for a gradient store's pixels: refused before the folder is read
+    from cvm_edge.errors import UsageError
+    from cvm_edge.update import UpdateOptions, run_update
+
+    with pytest.raises(UsageError, match="holdout_by 'content'"):
+        run_update(tmp_path / "w", UpdateOptions(data_dir=tmp_path / "no-such-folder", holdout_by="content"))
 
 
 @needs_lite0
