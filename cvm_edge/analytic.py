@@ -265,6 +265,11 @@ class RidgePath:
     rhs: np.ndarray  # S^T T, [M, K] float64
     scale: float  # mean diagonal of G: lambdas are relative to it
 
+    def __post_init__(self) -> None:
+        # Once, not per lambda: G built by BLAS need not be bitwise symmetric, and from here on every
+        # lambda factors exactly the matrix a store keeps (its upper triangle, mirrored).
+        mirror_upper(self.gram)
+
     @staticmethod
     def of(stats: RidgeStats, targets: np.ndarray) -> RidgePath:
         rhs = stats.class_sums.T @ targets[: stats.rows]
@@ -279,9 +284,7 @@ class RidgePath:
         g = self.gram
         diag = np.diag(g).copy()
         # G's transpose is a Fortran-ordered view of the same memory: LAPACK factors it in place, and
-        # its "upper" triangle is G's lower one. Mirroring first makes every lambda factor exactly the
-        # matrix a store keeps (G built by BLAS need not be bitwise symmetric).
-        mirror_upper(g)
+        # its "upper" triangle is G's lower one, restored from G's upper triangle afterwards.
         a = g.T
         try:
             a[np.diag_indices_from(a)] += lam
