@@ -35,7 +35,6 @@ class ReservoirPlugin(Plugin):
     """The reservoir itself: storage on the device, algorithm R, draws without replacement."""
 
     name = "reservoir"
-    keeps_configured_loss = True  # the concept head keeps ACE, as with the product buffer
 
     def __init__(self, capacity: int) -> None:
         if capacity <= 0:
@@ -47,6 +46,9 @@ class ReservoirPlugin(Plugin):
         self.logits = torch.zeros(0)
         self.seen_count = torch.zeros(0)  # stream samples offered so far (a device scalar)
         self.offered = 0  # the same on the host; only read as "anything yet?" (see the module doc)
+
+    def loss_kind(self, configured: str) -> str | None:
+        return configured  # the concept head keeps ACE, as with the product buffer
 
     def __len__(self) -> int:
         """Filled rows (as ``len`` of a ReplayBuffer)."""

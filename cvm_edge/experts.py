@@ -18,12 +18,21 @@ All experts are evaluated with two matmuls over their concatenated weights, what
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from cvm_edge.buffer import ReplayBuffer
+    from cvm_edge.data import ImageSet
+    from cvm_edge.model import CvmModel
+
+log = logging.getLogger(__name__)
 
 ROUTING_CHOICES = ("soft", "hard")
 EXPERT_CHOICES = ("none", "adapter")
@@ -220,3 +229,27 @@ class ExpertMixture(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def add_task_expert(model: CvmModel, new_data: ImageSet, buffer: ReplayBuffer) -> int:
+    """A new expert for this experience's classes (see :meth:`CvmModel.add_expert`). Replayed
+    images go through their own class's expert, so every buffer class must have one."""
+    experts = model.experts
+    if experts is None:
+        raise ValueError("this model has no experts (ModelConfig.experts is 'none')")
+    # Checked before the model changes: a refused experience leaves it as it was.
+    new = set(new_data.classes)
+    revisited = sorted(new - set(experts.unmapped(sorted(new))))
+    if revisited:
+        # Experts are per task of new classes and route replayed images by class: a domain update of
+        # known classes would send every old domain of them through the new expert.
+        raise ValueError(
+            f"classes {revisited} already have an expert: per-task experts do not support updates with new images "
+            "of known classes (domain-incremental) yet"
+        )
+    orphans = [c for c in experts.unmapped(np.unique(buffer.labels).tolist()) if c not in new]
+    if orphans:
+        raise ValueError(f"replay-buffer classes {orphans} belong to no expert; this buffer predates the experts")
+    index = model.add_expert(new_data.classes)
+    log.info("expert %d added for classes %s (%d bytes of experts)", index, list(new_data.classes), experts.nbytes)
+    return index

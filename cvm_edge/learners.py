@@ -21,7 +21,7 @@ import torch
 from cvm_edge.checkpoints import Checkpoint, version_name
 from cvm_edge.concepts import ConceptTable
 from cvm_edge.data import ImageSet
-from cvm_edge.errors import StoreError, UsageError
+from cvm_edge.errors import StoreError
 from cvm_edge.evaluate import classes_from_logits
 from cvm_edge.frozen_features import FeatureSet
 from cvm_edge.fsutil import fault_point
@@ -80,10 +80,7 @@ def learn_gradient(
         raise TypeError("the gradient learner trains on images")
     plugins = make_plugins(opts.plugins, opts.plugin_options)
     for p in plugins:
-        if p.needs_concept_head and prev.model_config.head != "concepts":
-            raise UsageError(
-                f"the {p.name} plugin needs the concept head; this store's head is {prev.model_config.head}"
-            )
+        p.check_head(prev.model_config.head)
     for p in plugins:
         if p.name in prev.plugin_state:
             p.load_state_dict(prev.plugin_state[p.name])
@@ -127,7 +124,7 @@ def learn_gradient(
         checkpoint={
             "buffer": result.buffer,
             "val": all_val,
-            "plugin_state": {p.name: p.state_dict() for p in plugins},
+            "plugin_state": {p.name: p.state_dict() for p in plugins if p.name in opts.plugins},
         },
         entry={
             "learner": "gradient",

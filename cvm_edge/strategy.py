@@ -7,11 +7,10 @@ an update) with a list of plugins. Plugins hook in at clearly named points and r
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from cvm_edge.backbones import feature_dim
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import TrainingDivergedError
+from cvm_edge.experts import add_task_expert
 from cvm_edge.graphed import GraphedStep
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
@@ -127,25 +127,23 @@ class Output:
     logits: torch.Tensor  # over all table rows
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Context:
-    """Everything plugins may read during one experience. Plugins never assign to it."""
+    """Everything plugins may read during one experience. What a plugin needs beyond it (replay's
+    buffer on the device, distillation's teacher, EWC's Fisher) it keeps itself."""
 
     model: CvmModel
-    teacher: CvmModel | None
-    buffer: ReplayBuffer
+    buffer: ReplayBuffer  # the store's buffer as it came in; the replay plugins load and rebuild it
     seen: torch.Tensor  # table rows of every class seen so far, sorted
     old_classes: torch.Tensor  # rows seen before this experience
     current_classes: torch.Tensor  # rows present in this experience's data, sorted
     revisited_classes: torch.Tensor  # rows present in this experience's data and seen before, sorted
     new_data: ImageSet
+    train_inputs: torch.Tensor  # the new data as the loop trains on it (pixels, or features), on device
     config: TrainConfig
     prep: Preprocessing
     device: torch.device
     cached: bool  # inputs are backbone features (frozen backbone)
-    buffer_inputs: torch.Tensor  # buffer pixels or their features, on device
-    buffer_labels: torch.Tensor  # int64 table rows, on device
-    buffer_logits: torch.Tensor  # float32 logits recorded at insertion, on device
     rng: np.random.Generator  # host randomness: the epoch's data order (drawn once per epoch)
     gen: torch.Generator  # on the training device: crops, flips and buffer draws never wait for the host
     task_index: int
@@ -156,14 +154,12 @@ class Context:
         ``isin`` of a batch against many classes sorts and synchronises, which a CUDA graph cannot hold."""
         return torch.isin(self.seen, self.revisited_classes)
 
-    def sample_buffer(self, n: int) -> torch.Tensor | None:
-        """Device indices of ``n`` buffer entries, without replacement when the buffer holds ``n``."""
-        m = len(self.buffer_labels)
-        if m == 0 or n <= 0:
-            return None
-        if m >= n:
-            return torch.randperm(m, generator=self.gen, device=self.gen.device)[:n]
-        return torch.randint(0, m, (n,), generator=self.gen, device=self.gen.device)
+    def inputs(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 pixels as the loop trains on them: on the device, or their backbone features when
+        the backbone is frozen (computed once, in eval mode)."""
+        if self.cached:
+            return backbone_features(self.model, self.prep, pixels, self.config)
+        return torch.from_numpy(pixels).to(self.device)
 
     def experts_for(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Oracle routing of training: the expert of each label's class (None without experts)."""
@@ -195,18 +191,17 @@ def prepare_inputs(ctx: Context, inputs: torch.Tensor) -> torch.Tensor:
 
 
 class Plugin:
-    """Base class: every hook is a no-op."""
+    """Base class: every hook is a no-op. A plugin owns its state (a buffer, a teacher, a Fisher
+    estimate); the loop only calls the hooks, in the order of the plugin list."""
 
     name = "base"
-    uses_buffer = False
-    needs_teacher = False
-    # Train with the configured loss (ACE) even without a buffer: for plugins that protect old
-    # classes by other means (fusion keeps each task's model; ACE keeps a task from pushing down
-    # the rows of classes it never sees).
-    keeps_configured_loss = False
-    # Only a concept head has fixed class rows (a linear head learns its own): `cvm update` refuses
-    # such a plugin on a linear-head store before training.
-    needs_concept_head = False
+
+    def check_head(self, head: str) -> None:
+        """Refuse a store this plugin cannot train (raise UsageError), before anything runs."""
+
+    def loss_kind(self, configured: str) -> str | None:
+        """The classification loss this plugin trains with (see :func:`choose_loss`); None: no say."""
+        return None
 
     def before_experience(self, ctx: Context) -> None:
         """Prepare per-experience values (never called twice for one experience)."""
@@ -218,7 +213,11 @@ class Plugin:
         return None
 
     def after_experience(self, ctx: Context) -> None:
-        """Update the plugin's own state after training (e.g. EWC's Fisher information)."""
+        """Update the plugin's own state from the trained model (e.g. EWC's Fisher information)."""
+
+    def kept_buffer(self) -> ReplayBuffer | None:
+        """The replay buffer to keep for the next experience, if this plugin keeps one."""
+        return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -244,6 +243,17 @@ def targets_in(labels: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(seen, labels)
 
 
+def choose_loss(configured: str, plugins: Sequence[Plugin]) -> str:
+    """The configured classification loss when a plugin trains with it (replay and DER keep old
+    classes in the softmax; fusion's task models only tell their own classes apart), else plain
+    cross-entropy: with nothing to protect old rows, the plain loss is the honest baseline."""
+    kinds = [k for p in plugins if (k := p.loss_kind(configured)) is not None]
+    return kinds[0] if kinds else "ce"
+
+
+StepFn = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Strategy:
     def __init__(self, model: CvmModel, prep: Preprocessing, plugins: Sequence[Plugin], config: TrainConfig) -> None:
         self.model = model
@@ -252,38 +262,13 @@ class Strategy:
         self.config = config
         self.device = torch.device(config.device)
 
-    # ----- input preparation -------------------------------------------------------------
-    def _eval_model(self) -> CvmModel:
-        self.model.eval()
-        if self.config.channels_last:
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        return self.model
-
-    @torch.no_grad()
     def features(self, pixels: np.ndarray) -> torch.Tensor:
         """Backbone features of uint8 pixels, in eval mode, batched (for a frozen backbone)."""
-        model = self._eval_model()
-        out = []
-        bs = self.config.eval_batch(self.prep.image_size)
-        for i in range(0, len(pixels), bs):
-            x = to_input(torch.from_numpy(pixels[i : i + bs]).to(self.device), self.prep)
-            if self.config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out.append(model.features(x))
-        if not out:
-            return torch.zeros((0, feature_dim(model.backbone)), device=self.device)
-        return torch.cat(out)
+        return backbone_features(self.model, self.prep, pixels, self.config)
 
-    @torch.no_grad()
     def head_logits(self, feats: torch.Tensor) -> np.ndarray:
         """Logits (over all table rows) of cached backbone features, in eval mode."""
-        model = self._eval_model()
-        bs = 1024
-        out = [model.head(feats[i : i + bs]).float().cpu().numpy() for i in range(0, len(feats), bs)]
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-    def _inputs(self, pixels: np.ndarray, cached: bool) -> torch.Tensor:
-        return self.features(pixels) if cached else torch.from_numpy(pixels).to(self.device)
+        return head_logits(self.model, feats, self.config)
 
     # ----- the loop ---------------------------------------------------------------------
     def train_experience(
@@ -294,67 +279,86 @@ class Strategy:
         old_classes: Sequence[int],
         task_index: int = 0,
     ) -> ExperienceResult:
+        """Train on one experience. The plugins prepare (replay loads its buffer, distillation copies
+        its teacher), the epochs run, the plugins finish in list order (EWC's Fisher, replay's new
+        buffer, head balancing last)."""
+        torch.manual_seed(self.config.seed)
+        model = self._ready_model()
+        # Lab (per-task experts): the new expert starts as the identity (its up-projection is 0).
+        expert = add_task_expert(model, new_data, buffer) if model.experts is not None else None
+        ctx = self._context(new_data, buffer, seen, old_classes, task_index)
+        for plugin in self.plugins:
+            plugin.before_experience(ctx)
+        last_loss, steps, images = self._run_epochs(ctx)
+        model.eval()
+        if expert is not None:
+            self._settle_anchors(ctx, expert)
+        for plugin in self.plugins:
+            plugin.after_experience(ctx)
+        self._check_outputs_finite(new_data, task_index)
+        kept = [b for p in self.plugins if (b := p.kept_buffer()) is not None]
+        return ExperienceResult(
+            buffer=kept[0] if kept else buffer,
+            final_loss=float("nan") if last_loss is None else float(last_loss),
+            steps=steps,
+            images_seen=images,
+        )
+
+    def _ready_model(self) -> CvmModel:
+        """The model on the training device, channels-last and compiled as configured."""
         cfg = self.config
-        torch.manual_seed(cfg.seed)
         model = self.model.to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        teacher = None
-        if any(p.needs_teacher for p in self.plugins) and len(old_classes):
-            teacher = copy.deepcopy(model).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-        cached = model.backbone_frozen
-        uses_buffer = any(p.uses_buffer for p in self.plugins)
-        expert = _add_expert(model, new_data, buffer) if model.experts is not None else None
-        if cfg.compile_mode and not cached and not getattr(model.backbone, "_cvm_compiled", False):
+        if cfg.compile_mode and not model.backbone_frozen and not getattr(model.backbone, "_cvm_compiled", False):
             # In place: state-dict keys stay those of the plain module, so checkpoints are unchanged.
             model.backbone.compile(mode=cfg.compile_mode)
             setattr(model.backbone, "_cvm_compiled", True)  # noqa: B010 (nn.Module typing)
+        return model
+
+    def _context(
+        self, new_data: ImageSet, buffer: ReplayBuffer, seen: Sequence[int], old_classes: Sequence[int], task_index: int
+    ) -> Context:
+        cfg, device, cached = self.config, self.device, self.model.backbone_frozen
         if cached:
-            log.info(
-                "backbone frozen: computing features once for %d new and %d replay images", len(new_data), len(buffer)
-            )
-        ctx = Context(
-            model=model,
-            teacher=teacher,
+            log.info("backbone frozen: computing features once for %d new images", len(new_data))
+
+        def rows(values: Sequence[int] | set[int]) -> torch.Tensor:
+            return torch.as_tensor(sorted(values), dtype=torch.long, device=device)
+
+        return Context(
+            model=self.model,
             buffer=buffer,
-            seen=torch.as_tensor(sorted(seen), dtype=torch.long, device=self.device),
-            old_classes=torch.as_tensor(sorted(old_classes), dtype=torch.long, device=self.device),
-            current_classes=torch.as_tensor(new_data.classes, dtype=torch.long, device=self.device),
-            revisited_classes=torch.as_tensor(
-                sorted(set(new_data.classes) & {int(c) for c in old_classes}), dtype=torch.long, device=self.device
-            ),
+            seen=rows(seen),
+            old_classes=rows(old_classes),
+            current_classes=rows(new_data.classes),
+            revisited_classes=rows(set(new_data.classes) & {int(c) for c in old_classes}),
             new_data=new_data,
+            train_inputs=backbone_features(self.model, self.prep, new_data.pixels, cfg)
+            if cached
+            else torch.from_numpy(new_data.pixels).to(device),
             config=cfg,
             prep=self.prep,
-            device=self.device,
+            device=device,
             cached=cached,
-            buffer_inputs=self._inputs(buffer.pixels, cached) if uses_buffer else torch.zeros(0),
-            buffer_labels=torch.from_numpy(buffer.labels if uses_buffer else buffer.labels[:0]).to(self.device),
-            buffer_logits=torch.from_numpy(buffer.logits.astype(np.float32)).to(self.device),
             rng=np.random.default_rng(cfg.seed),
-            gen=torch.Generator(device=self.device).manual_seed(cfg.seed),
+            gen=torch.Generator(device=device).manual_seed(cfg.seed),
             task_index=task_index,
         )
-        for plugin in self.plugins:
-            plugin.before_experience(ctx)
-        train_inputs = self._inputs(new_data.pixels, cached)
-        train_labels = torch.from_numpy(new_data.labels).to(self.device)
-        params = model.trainable_parameters()
-        opt = make_optimizer(params, cfg)
-        # Without replay there is nothing to protect old rows with; the plain loss is the honest baseline.
-        keeps_loss = uses_buffer or any(p.keeps_configured_loss for p in self.plugins)
-        loss_kind = cfg.loss if keeps_loss else "ce"
-        n = len(new_data)
-        steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"task {task_index}", unit="step", disable=not cfg.progress)
-        batch_sizes: dict[int, int] = {}  # indices per step -> images per step (with replayed ones)
+
+    def _step(self, ctx: Context) -> tuple[StepFn, torch.optim.Optimizer, dict[int, int]]:
+        """One training step on the new data at ``idx`` (the plugins extend the batch and add loss
+        terms), its optimiser, and the images per step by batch length (replayed ones included)."""
+        cfg, model = self.config, ctx.model
+        labels = torch.from_numpy(ctx.new_data.labels).to(self.device)
+        opt = make_optimizer(model.trainable_parameters(), cfg)
+        loss_kind = choose_loss(cfg.loss, self.plugins)
+        batch_sizes: dict[int, int] = {}
 
         def step(idx: torch.Tensor) -> torch.Tensor:
             batch = Batch(
-                inputs=train_inputs.index_select(0, idx),
-                labels=train_labels.index_select(0, idx),
+                inputs=ctx.train_inputs.index_select(0, idx),
+                labels=labels.index_select(0, idx),
                 from_buffer=torch.zeros(len(idx), dtype=torch.bool, device=self.device),
             )
             for plugin in self.plugins:
@@ -376,10 +380,18 @@ class Strategy:
             opt.step()
             return loss.detach()
 
+        return step, opt, batch_sizes
+
+    def _run_epochs(self, ctx: Context) -> tuple[torch.Tensor | None, int, int]:
+        """The configured epochs over the new data: (the last loss, steps, images trained on)."""
+        cfg, n = self.config, len(ctx.new_data)
+        step, opt, batch_sizes = self._step(ctx)
         run_step = GraphedStep(step, cfg.batch_size, self.device, generators=(ctx.gen,)) if cfg.cuda_graph else step
+        total = cfg.epochs * max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
+        bar = tqdm(total=total, desc=f"task {ctx.task_index}", unit="step", disable=not cfg.progress)
         last_loss: torch.Tensor | None = None
         steps, images = 0, 0
-        model.train()
+        ctx.model.train()
         for epoch in range(cfg.epochs):
             order = torch.from_numpy(ctx.rng.permutation(n)).to(self.device)
             for start in range(0, n, cfg.batch_size):
@@ -394,62 +406,31 @@ class Strategy:
             # publishing) NaN weights, which would only show later as one class predicted.
             if last_loss is not None and not bool(torch.isfinite(last_loss)):
                 raise TrainingDivergedError(
-                    f"task {task_index}, epoch {epoch + 1}: the training loss is {float(last_loss)}; {DIVERGED_HINT}"
+                    f"task {ctx.task_index}, epoch {epoch + 1}: the training loss is {float(last_loss)}; {DIVERGED_HINT}"
                 )
         if isinstance(run_step, GraphedStep):
             log.info(
                 "task %d: %d steps replayed from a CUDA graph, %d eager",
-                task_index,
+                ctx.task_index,
                 run_step.replays,
                 run_step.eager_steps,
             )
             opt.zero_grad(set_to_none=True)  # the gradients live in the graph's memory pool too
             del run_step  # frees the graph's private memory pool
         bar.close()
-        model.eval()
-        if model.experts is not None and expert is not None:
-            # The task's anchor: the mean backbone feature of its data, before the buffer records
-            # logits and the head is balanced, both of which then go through the anchor routing.
-            feats = train_inputs if cached else self.features(new_data.pixels)
-            model.experts.update_anchor(expert, feats)
-            if not cached and len(buffer):
-                # The backbone moved: earlier anchors are re-estimated from the replayed images.
-                labels = torch.from_numpy(buffer.labels).to(self.device)
-                refreshed = model.experts.refresh_anchors(self.features(buffer.pixels), labels, keep=expert)
-                log.info("anchors of experts %s re-estimated from %d replayed images", refreshed, len(buffer))
-            del feats
-        for plugin in self.plugins:
-            plugin.after_experience(ctx)
-        new_buffer = buffer
-        pool_feats: torch.Tensor | None = None
-        if uses_buffer:
-            # With a frozen backbone the features are already here: the logits to store and the
-            # features for head balancing cost no second backbone pass.
-            if cached:
-                new_logits = self.head_logits(train_inputs)
-            else:
-                new_logits = predict_logits(
-                    model, self.prep, new_data.pixels, self.device, cfg.eval_batch(self.prep.image_size)
-                )
-            new_buffer, sel = buffer.updated_with_selection(
-                new_data, new_logits.astype(np.float16), seed=cfg.seed + 7919 * (task_index + 1), task=task_index
-            )
-            if cached:
-                pool_feats = torch.cat([ctx.buffer_inputs, train_inputs]).index_select(
-                    0, torch.from_numpy(sel).to(self.device)
-                )
-        # Free the cached inputs before head balancing: on a device they are the biggest allocation.
-        train_inputs = torch.zeros(0)  # (the step closure holds this name too: rebinding frees it)
-        ctx.buffer_inputs = torch.zeros(0)
-        if cfg.balance_epochs and len(new_buffer):
-            self._balance_head(ctx, new_buffer, pool_feats)
-        self._check_outputs_finite(new_data, task_index)
-        return ExperienceResult(
-            buffer=new_buffer,
-            final_loss=float("nan") if last_loss is None else float(last_loss),
-            steps=steps,
-            images_seen=images,
-        )
+        return last_loss, steps, images
+
+    def _settle_anchors(self, ctx: Context, expert: int) -> None:
+        """The task's anchor: the mean backbone feature of its data, before the buffer records
+        logits and the head is balanced, both of which then go through the anchor routing."""
+        experts = ctx.model.experts
+        assert experts is not None
+        experts.update_anchor(expert, ctx.train_inputs if ctx.cached else self.features(ctx.new_data.pixels))
+        if not ctx.cached and len(ctx.buffer):
+            # The backbone moved: earlier anchors are re-estimated from the replayed images.
+            labels = torch.from_numpy(ctx.buffer.labels).to(self.device)
+            refreshed = experts.refresh_anchors(self.features(ctx.buffer.pixels), labels, keep=expert)
+            log.info("anchors of experts %s re-estimated from %d replayed images", refreshed, len(ctx.buffer))
 
     def _check_outputs_finite(self, data: ImageSet, task_index: int) -> None:
         """The per-epoch check reads each epoch's last loss, taken before that step's update: the last
@@ -462,52 +443,38 @@ class Strategy:
                 f"task {task_index}: after training the model's outputs are not finite; {DIVERGED_HINT}"
             )
 
-    def _balance_head(self, ctx: Context, buffer: ReplayBuffer, feats: torch.Tensor | None) -> None:
-        """Tune only the head on the class-balanced buffer, backbone features computed once."""
-        cfg = self.config
-        model = self.model
-        if feats is None:
-            feats = self.features(buffer.pixels)
-        labels = torch.from_numpy(buffer.labels).to(self.device)
-        params = [p for p in model.head.parameters() if p.requires_grad]
-        # The run's own optimiser at half its rate (an SGD run's rate would be far too large for Adam).
-        opt = make_optimizer(params, dataclasses.replace(cfg, lr=cfg.lr * 0.5, cuda_graph=False))
-        model.head.train()
-        for _ in range(cfg.balance_epochs):
-            order = torch.from_numpy(ctx.rng.permutation(len(labels))).to(self.device)
-            for start in range(0, len(labels), cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                logits = model.head(feats.index_select(0, idx))
-                y = labels.index_select(0, idx)
-                loss = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(y, ctx.seen))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        model.eval()
+
+def _eval_model(model: CvmModel, config: TrainConfig) -> CvmModel:
+    model.eval()
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
 
 
-def _add_expert(model: CvmModel, new_data: ImageSet, buffer: ReplayBuffer) -> int:
-    """A new expert for this experience's classes (see :meth:`CvmModel.add_expert`). Replayed
-    images go through their own class's expert, so every buffer class must have one."""
-    experts = model.experts
-    if experts is None:
-        raise ValueError("this model has no experts (ModelConfig.experts is 'none')")
-    # Checked before the model changes: a refused experience leaves it as it was.
-    new = set(new_data.classes)
-    revisited = sorted(new - set(experts.unmapped(sorted(new))))
-    if revisited:
-        # Experts are per task of new classes and route replayed images by class: a domain update of
-        # known classes would send every old domain of them through the new expert.
-        raise ValueError(
-            f"classes {revisited} already have an expert: per-task experts do not support updates with new images "
-            "of known classes (domain-incremental) yet"
-        )
-    orphans = [c for c in experts.unmapped(np.unique(buffer.labels).tolist()) if c not in new]
-    if orphans:
-        raise ValueError(f"replay-buffer classes {orphans} belong to no expert; this buffer predates the experts")
-    index = model.add_expert(new_data.classes)
-    log.info("expert %d added for classes %s (%d bytes of experts)", index, list(new_data.classes), experts.nbytes)
-    return index
+@torch.no_grad()
+def backbone_features(model: CvmModel, prep: Preprocessing, pixels: np.ndarray, config: TrainConfig) -> torch.Tensor:
+    """Backbone features of uint8 pixels, in eval mode, batched (for a frozen backbone)."""
+    model = _eval_model(model, config)
+    device = torch.device(config.device)
+    out = []
+    bs = config.eval_batch(prep.image_size)
+    for i in range(0, len(pixels), bs):
+        x = to_input(torch.from_numpy(pixels[i : i + bs]).to(device), prep)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model.features(x))
+    if not out:
+        return torch.zeros((0, feature_dim(model.backbone)), device=device)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def head_logits(model: CvmModel, feats: torch.Tensor, config: TrainConfig) -> np.ndarray:
+    """Logits (over all table rows) of cached backbone features, in eval mode."""
+    model = _eval_model(model, config)
+    bs = 1024
+    out = [model.head(feats[i : i + bs]).float().cpu().numpy() for i in range(0, len(feats), bs)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 @torch.no_grad()

@@ -123,7 +123,8 @@ def process_groups() -> Iterator[list[subprocess.Popen[bytes]]]:
 def der_context(model: Any) -> Any:
     """A Strategy Context for DER++ loss tests: 12 random 16-px buffer images of classes 0 and 1 with
     random stored logits over 4 rows, classes 2 and 3 arriving, buffer draws from a generator seeded 7
-    (``torch.randperm(12, generator=Generator().manual_seed(7))`` repeats them)."""
+    (``torch.randperm(12, generator=Generator().manual_seed(7))`` repeats them). A replaying plugin
+    loads the buffer in its ``before_experience``."""
     import dataclasses
 
     import torch
@@ -142,20 +143,17 @@ def der_context(model: Any) -> Any:
     )
     return Context(
         model=model,
-        teacher=None,
         buffer=buffer,
         seen=torch.arange(4),
         old_classes=torch.arange(2),
         current_classes=torch.tensor([2, 3]),
         revisited_classes=torch.zeros(0, dtype=torch.long),
         new_data=ImageSet(pixels[:0], labels[:0]),
+        train_inputs=torch.from_numpy(pixels[:0]),
         config=TrainConfig(epochs=1, replay_batch_size=5, augment=False, progress=False, seed=3),
         prep=Preprocessing(16),
         device=torch.device("cpu"),
         cached=False,
-        buffer_inputs=torch.from_numpy(pixels),
-        buffer_labels=torch.from_numpy(labels),
-        buffer_logits=torch.from_numpy(logits.astype(np.float32)),
         rng=np.random.default_rng(7),
         gen=torch.Generator().manual_seed(7),
         task_index=1,

@@ -14,7 +14,7 @@ from conftest import der_context
 from cvm_edge.augment import to_input
 from cvm_edge.data import ImageSet
 from cvm_edge.model import ModelConfig, build_model
-from cvm_edge.plugins import PluginOptions, make_plugins
+from cvm_edge.plugins import HeadBalancePlugin, PluginOptions, make_plugins
 from cvm_edge.plugins.der import DerPlugin
 from cvm_edge.strategy import Batch, Context, Output, Strategy, TrainConfig, classification_loss
 
@@ -46,8 +46,10 @@ def test_der_loss_matches_its_definition() -> None:
 
 
 def test_der_is_registered_and_trains_through_the_strategy() -> None:
-    (plugin,) = make_plugins(["der"], PluginOptions(der_alpha=0.2, der_beta=0.0))
+    plugin, balance = make_plugins(["der"], PluginOptions(der_alpha=0.2, der_beta=0.0))
     assert isinstance(plugin, DerPlugin) and plugin.alpha == 0.2 and plugin.beta == 0.0
+    # head balancing runs last, on the same replay memory
+    assert isinstance(balance, HeadBalancePlugin) and balance.memory is plugin.memory
     ctx, _ = _setup(0.1, 0.5)
     model = ctx.model
     strategy = Strategy(model, ctx.prep, [DerPlugin()], TrainConfig(epochs=1, progress=False, balance_epochs=0))
@@ -95,6 +97,7 @@ def test_head_balancing_uses_the_runs_optimiser_at_half_its_rate(
     optimizer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An SGD run's rate (0.1) would wreck the head under Adam: balancing follows ``cfg.optimizer``."""
+    import cvm_edge.plugins.balance as balance_module
     import cvm_edge.strategy as strategy_module
 
     made: list[tuple[str, float, bool]] = []
@@ -105,9 +108,10 @@ def test_head_balancing_uses_the_runs_optimiser_at_half_its_rate(
         return real(params, cfg)
 
     monkeypatch.setattr(strategy_module, "make_optimizer", spy)
+    monkeypatch.setattr(balance_module, "make_optimizer", spy)
     ctx, _ = _setup(0.1, 0.5)
     cfg = TrainConfig(epochs=1, progress=False, balance_epochs=1, optimizer=optimizer, lr=0.1, momentum=0.0)
-    strategy = Strategy(ctx.model, ctx.prep, [DerPlugin()], cfg)
+    strategy = Strategy(ctx.model, ctx.prep, make_plugins(["der"]), cfg)
     new = ImageSet(ctx.buffer.pixels[:6], np.full(6, 2, np.int64))
     strategy.train_experience(new, ctx.buffer, [0, 1, 2], [0, 1], task_index=1)
     assert made == [(optimizer, 0.1, False), (optimizer, 0.05, False)]  # training, then head balancing

@@ -287,7 +287,9 @@ def test_der_replays_buffer_samples_through_their_own_experts() -> None:
     pixels, labels, logits, prep = ctx.buffer.pixels, ctx.buffer.labels, ctx.buffer.logits, ctx.prep
     dummy = Output(x=torch.zeros(1), embeddings=torch.zeros(1), logits=torch.zeros(1))
     batch = Batch(torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool))
-    loss = DerPlugin(0.3, 0.5).loss(ctx, batch, dummy)
+    der = DerPlugin(0.3, 0.5)
+    der.before_experience(ctx)
+    loss = der.loss(ctx, batch, dummy)
     assert loss is not None
     gen = torch.Generator().manual_seed(7)
     idx = torch.cat([torch.randperm(12, generator=gen)[:5] for _ in range(2)])

@@ -78,12 +78,12 @@ def test_class_vectors_of_a_padded_table_are_normalised_means() -> None:
 
 # ----- plugins ----------------------------------------------------------------------------------
 def _ctx(table: np.ndarray, new: list[int], old: list[int], head: torch.nn.Module | None = None) -> SimpleNamespace:
-    head = head if head is not None else ConceptHead(8, table, hidden=0, init_logit_scale=math.log(16.0))
+    model = torch.nn.Module()  # a model with only a head (distillation copies it as its teacher)
+    model.head = head if head is not None else ConceptHead(8, table, hidden=0, init_logit_scale=math.log(16.0))
     return SimpleNamespace(
-        model=SimpleNamespace(head=head, named_parameters=head.named_parameters),
+        model=model,
         current_classes=torch.tensor(new),
         old_classes=torch.tensor(old),
-        teacher=object(),
         device=torch.device("cpu"),
     )
 
@@ -118,10 +118,10 @@ def test_ewc_scaling_multiplies_lambda_and_the_penalty(fashion_table: Path) -> N
         torch.manual_seed(0)
         head = ConceptHead(8, t.as_float32(), hidden=0, init_logit_scale=math.log(16.0))
         plugin = EwcPlugin(lam=10.0, similarity_scaling=power)
-        params = dict(head.named_parameters())
+        ctx = _ctx(t.as_float32(), new, old, head)
+        params = dict(ctx.model.named_parameters())
         plugin.fisher = {k: torch.ones_like(p) for k, p in params.items()}
         plugin.star = {k: p.detach() + 0.1 for k, p in params.items()}
-        ctx = _ctx(t.as_float32(), new, old, head)
         plugin.before_experience(ctx)  # type: ignore[arg-type]
         penalties[power] = float(plugin.loss(ctx, None, None).detach())  # type: ignore[arg-type]
         assert plugin.effective_lambda == pytest.approx(10.0 * (expected if power else 1.0))

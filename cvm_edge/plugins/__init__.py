@@ -6,11 +6,12 @@ import dataclasses
 from collections.abc import Sequence
 
 from cvm_edge.plugins.align import AlignPlugin
+from cvm_edge.plugins.balance import HeadBalancePlugin
 from cvm_edge.plugins.der import DerPlugin
 from cvm_edge.plugins.distill import DistillPlugin
 from cvm_edge.plugins.ewc import EwcPlugin
 from cvm_edge.plugins.fusion import FusionPlugin
-from cvm_edge.plugins.replay import ReplayPlugin
+from cvm_edge.plugins.replay import ReplayMemory, ReplayPlugin
 from cvm_edge.strategy import Plugin
 
 PLUGIN_NAMES = ("replay", "distill", "ewc", "der", "fusion", "align")
@@ -52,11 +53,14 @@ def _check_combination(names: Sequence[str]) -> None:
 
 
 def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions()) -> list[Plugin]:
+    """The named plugins, in order. Those that replay share one :class:`ReplayMemory`, and head
+    balancing on it comes last (it runs when ``TrainConfig.balance_epochs`` > 0)."""
     _check_combination(names)
     plugins: list[Plugin] = []
+    memory = ReplayMemory()
     for name in names:
         if name == "replay":
-            plugins.append(ReplayPlugin())
+            plugins.append(ReplayPlugin(memory))
         elif name == "distill":
             plugins.append(
                 DistillPlugin(
@@ -71,13 +75,15 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
                 EwcPlugin(options.ewc_lambda, options.ewc_decay, options.ewc_samples, options.similarity_scaling)
             )
         elif name == "der":
-            plugins.append(DerPlugin(options.der_alpha, options.der_beta))
+            plugins.append(DerPlugin(options.der_alpha, options.der_beta, memory))
         elif name == "fusion":
             plugins.append(FusionPlugin(options.fusion_start))
         elif name == "align":
             plugins.append(AlignPlugin(options.align_weight))
         else:
             raise ValueError(f"unknown plugin {name!r}")
+    if {"replay", "der"} & set(names):
+        plugins.append(HeadBalancePlugin(memory))
     return plugins
 
 
@@ -88,7 +94,9 @@ __all__ = [
     "DistillPlugin",
     "EwcPlugin",
     "FusionPlugin",
+    "HeadBalancePlugin",
     "PluginOptions",
+    "ReplayMemory",
     "ReplayPlugin",
     "make_plugins",
     "parse_plugin_list",

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import torch
 
+from cvm_edge.errors import UsageError
 from cvm_edge.model import ConceptHead
 from cvm_edge.strategy import Batch, Context, Output, Plugin
 
 
 class AlignPlugin(Plugin):
     name = "align"
-    needs_concept_head = True
 
     def __init__(self, weight: float = 1.0) -> None:
         if weight < 0:
             raise ValueError("align weight must be >= 0")
         self.weight = weight
+
+    def check_head(self, head: str) -> None:
+        if head != "concepts":
+            raise UsageError(f"the {self.name} plugin needs the concept head; this store's head is {head}")
 
     def before_experience(self, ctx: Context) -> None:
         if not isinstance(ctx.model.head, ConceptHead):

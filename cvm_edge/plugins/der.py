@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cvm_edge.strategy import Batch, Context, Output, Plugin, prepare_inputs, restricted_logits, targets_in
+from cvm_edge.plugins.replay import MemoryPlugin, ReplayMemory
+from cvm_edge.strategy import Batch, Context, Output, prepare_inputs, restricted_logits, targets_in
 
 
 def replay_ce(ctx: Context, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -27,13 +28,13 @@ def replay_ce(ctx: Context, logits: torch.Tensor, labels: torch.Tensor) -> torch
     return F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(labels, ctx.seen))
 
 
-class DerPlugin(Plugin):
+class DerPlugin(MemoryPlugin):
     name = "der"
-    uses_buffer = True
 
-    def __init__(self, alpha: float = 0.1, beta: float = 0.5) -> None:
+    def __init__(self, alpha: float = 0.1, beta: float = 0.5, memory: ReplayMemory | None = None) -> None:
         if alpha < 0 or beta < 0:
             raise ValueError("der alpha and beta must be >= 0")
+        super().__init__(memory)
         self.alpha = alpha
         self.beta = beta
 
@@ -41,24 +42,25 @@ class DerPlugin(Plugin):
         n = ctx.config.replay_batch_size
         if self.alpha == 0 and self.beta == 0:
             return None
-        idx_mse = ctx.sample_buffer(n)
+        mem = self.memory
+        idx_mse = mem.sample(ctx, n)
         if idx_mse is None:
             return None
         # Two independent draws (as in the paper), one forward pass for both.
-        idx_ce = ctx.sample_buffer(n) if self.beta > 0 else idx_mse[:0]
+        idx_ce = mem.sample(ctx, n) if self.beta > 0 else idx_mse[:0]
         assert idx_ce is not None
         idx = torch.cat([idx_mse, idx_ce])
-        x = prepare_inputs(ctx, ctx.buffer_inputs.index_select(0, idx))
+        x = prepare_inputs(ctx, mem.inputs.index_select(0, idx))
         # with per-task experts, replayed samples go through their own class's expert
-        _, logits = ctx.forward_head(ctx.model, x, ctx.experts_for(ctx.buffer_labels.index_select(0, idx)))
+        _, logits = ctx.forward_head(ctx.model, x, ctx.experts_for(mem.labels.index_select(0, idx)))
         logits = logits.float()
         m = len(idx_mse)
         total = torch.zeros((), device=logits.device)
         if self.alpha > 0:
-            stored = ctx.buffer_logits.index_select(0, idx_mse)
+            stored = mem.logits.index_select(0, idx_mse)
             width = min(stored.shape[1], logits.shape[1])
             total = total + self.alpha * F.mse_loss(logits[:m, :width], stored[:, :width])
         if self.beta > 0:
-            y = ctx.buffer_labels.index_select(0, idx_ce)
+            y = mem.labels.index_select(0, idx_ce)
             total = total + self.beta * replay_ce(ctx, logits[m:], y)
         return total

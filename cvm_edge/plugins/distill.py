@@ -11,11 +11,13 @@ similarity factor of :mod:`cvm_edge.similarity` (new classes close to old ones: 
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
 import torch.nn.functional as F
 
+from cvm_edge.model import CvmModel
 from cvm_edge.similarity import experience_factor
 from cvm_edge.strategy import Batch, Context, Output, Plugin
 
@@ -26,7 +28,6 @@ TARGETS = ("embedding", "logits")
 
 class DistillPlugin(Plugin):
     name = "distill"
-    needs_teacher = True
 
     def __init__(
         self, weight: float = 1.0, target: str = "embedding", temperature: float = 2.0, similarity_scaling: float = 0.0
@@ -40,12 +41,18 @@ class DistillPlugin(Plugin):
         self.temperature = temperature
         self.similarity_scaling = similarity_scaling
         self.factor = 1.0  # this experience's similarity factor (1 unless scaling is on)
+        self.teacher: CvmModel | None = None  # the model as it was before this experience (frozen)
 
     @property
     def effective_weight(self) -> float:
         return self.weight * self.factor
 
     def before_experience(self, ctx: Context) -> None:
+        self.teacher = None
+        if len(ctx.old_classes):
+            self.teacher = copy.deepcopy(ctx.model).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
         self.factor = experience_factor(ctx, self.similarity_scaling)
         if self.similarity_scaling:
             log.info(
@@ -53,10 +60,10 @@ class DistillPlugin(Plugin):
             )
 
     def loss(self, ctx: Context, batch: Batch, out: Output) -> torch.Tensor | None:
-        if ctx.teacher is None or self.effective_weight == 0:
+        if self.teacher is None or self.effective_weight == 0:
             return None
         with torch.no_grad():
-            z_t, logits_t = ctx.forward_head(ctx.teacher, out.x)
+            z_t, logits_t = ctx.forward_head(self.teacher, out.x)
         if self.target == "embedding":
             return self.effective_weight * (1.0 - (out.embeddings * z_t).sum(dim=-1)).mean()
         old = ctx.old_classes
@@ -64,3 +71,6 @@ class DistillPlugin(Plugin):
         student = F.log_softmax(out.logits.index_select(1, old) / t, dim=-1)
         teacher = F.softmax(logits_t.index_select(1, old) / t, dim=-1)
         return self.effective_weight * F.kl_div(student, teacher, reduction="batchmean") * (t * t)
+
+    def after_experience(self, ctx: Context) -> None:
+        self.teacher = None  # a whole model's memory: free it as soon as training is over

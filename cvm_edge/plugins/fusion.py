@@ -44,7 +44,6 @@ STARTS = ("unified", "base")
 
 class FusionPlugin(Plugin):
     name = "fusion"
-    keeps_configured_loss = True  # ACE: a task does not push down the rows of classes it never sees
 
     def __init__(self, start: str = "unified") -> None:
         if start not in STARTS:
@@ -52,6 +51,9 @@ class FusionPlugin(Plugin):
         self.start = start
         self.state: FusionState | None = None
         self.reports: list[dict[str, Any]] = []  # one per experience of this process (not persisted)
+
+    def loss_kind(self, configured: str) -> str | None:
+        return configured  # ACE: a task does not push down the rows of classes it never sees
 
     def before_experience(self, ctx: Context) -> None:
         if ctx.model.experts is not None:

@@ -1,0 +1,49 @@
+"""Class-balanced head tuning (as in EEIL, Castro et al. 2018) on the rebuilt replay buffer.
+
+After an experience the mapper and scale are tuned for ``TrainConfig.balance_epochs`` epochs on
+the class-balanced buffer, which removes the bias towards the classes just trained on. It runs
+after every other plugin finished (``make_plugins`` puts it last): EWC's Fisher and replay's new
+buffer are taken from the model as trained, before the head moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from cvm_edge.plugins.replay import ReplayMemory
+from cvm_edge.strategy import Context, Plugin, backbone_features, make_optimizer, restricted_logits, targets_in
+
+
+class HeadBalancePlugin(Plugin):
+    name = "balance"
+
+    def __init__(self, memory: ReplayMemory) -> None:
+        self.memory = memory
+
+    def after_experience(self, ctx: Context) -> None:
+        self.memory.rebuild(ctx)
+        buffer, cfg, model = self.memory.buffer, ctx.config, ctx.model
+        if buffer is None or not cfg.balance_epochs or not len(buffer):
+            return
+        feats = self.memory.pool_feats
+        if feats is None:
+            feats = backbone_features(model, ctx.prep, buffer.pixels, cfg)
+        labels = torch.from_numpy(buffer.labels).to(ctx.device)
+        params = [p for p in model.head.parameters() if p.requires_grad]
+        # The run's own optimiser at half its rate (an SGD run's rate would be far too large for Adam).
+        opt = make_optimizer(params, dataclasses.replace(cfg, lr=cfg.lr * 0.5, cuda_graph=False))
+        model.head.train()
+        for _ in range(cfg.balance_epochs):
+            order = torch.from_numpy(ctx.rng.permutation(len(labels))).to(ctx.device)
+            for start in range(0, len(labels), cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                logits = model.head(feats.index_select(0, idx))
+                y = labels.index_select(0, idx)
+                loss = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(y, ctx.seen))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        model.eval()
