@@ -29,18 +29,14 @@ from cvm_edge.data import ImageSet
 from cvm_edge.errors import StoreError
 from cvm_edge.fsutil import (
     TMP_PREFIX,
-    InjectedFault,
     atomic_write_bytes,
     clean_stale_tmp,
     fault_point,
     fsync_dir,
-    make_tmp_dir,
-    publish_dir,
     read_pointer,
     read_regular,
     remove_tmp_dir,
     sha256_regular,
-    write_error,
     write_pointer,
 )
 from cvm_edge.image_codec import decode_images, encode_images
@@ -48,6 +44,7 @@ from cvm_edge.model import ModelConfig
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.schema import strict_json
 from cvm_edge.store_checks import check_meta, file_digests, read_meta_file, verify_files
+from cvm_edge.workdir import Publication, layout, publish_version
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +59,6 @@ BACKBONE_FILE = "backbone.pt"
 # Content-addressed backbone graphs (cvm_edge.backbone_graph), ``<root>/graphs/<sha256>.onnx``: derived
 # from the frozen backbone, the same for every version, so kept once beside the versions and named
 # by sha256 in each version's meta.json, not copied into each version.
-GRAPHS_DIR = "graphs"
 MAX_GRAPH_BYTES = 1 << 30
 # How many of the newest versions a store keeps (``cvm init/update --keep-versions``; 0 keeps all).
 DEFAULT_KEEP_VERSIONS = 5
@@ -128,12 +124,13 @@ def _load_imageset(path: Path) -> ImageSet:
 class CheckpointStore:
     def __init__(self, workdir: Path) -> None:
         self.workdir = Path(workdir)
-        self.root = self.workdir / "checkpoints"
-        self.lock_path = self.workdir / ".lock"
+        self.layout = layout(self.workdir)
+        self.root = self.layout.checkpoints
+        self.lock_path = self.layout.lock
 
     @property
     def latest_pointer(self) -> Path:
-        return self.root / "LATEST"
+        return self.layout.latest
 
     def exists(self) -> bool:
         return self.latest_pointer.is_file()
@@ -142,7 +139,7 @@ class CheckpointStore:
         """Remove temp dirs of crashed writers, checkpoints and bundles alike (a writer killed while
         exporting leaves ``bundles/.tmp-*``; the next start of any writer must remove it). Call
         while holding the lock."""
-        return clean_stale_tmp(self.root) + clean_stale_tmp(self.workdir / "bundles")
+        return clean_stale_tmp(self.root) + clean_stale_tmp(self.layout.bundles)
 
     def versions(self) -> list[int]:
         if not self.root.is_dir():
@@ -172,16 +169,26 @@ class CheckpointStore:
         version = (versions[-1] if versions else 0) + 1
         parent = read_pointer(self.latest_pointer)
         parent_version = parse_version(parent) if parent else None
-        try:
-            tmp = make_tmp_dir(self.root, version_name(version))
-        except OSError as exc:
-            raise StoreError(f"{write_error('a new checkpoint', self.root, exc)}; nothing was written") from None
-        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        name = version_name(version)
+        pub = Publication(
+            parent=self.root,
+            name=name,
+            pointer=self.latest_pointer,
+            what=f"checkpoint {name}",
+            keeps=f"{parent or 'the previous version'} stays current",
+            pointer_fault="before_pointer",
+        )
+        publish_version(pub, lambda tmp: self._write_version(tmp, ckpt, version, parent_version, pub.keeps))
+        log.info("published checkpoint %s", name)
+        return version
+
+    def _write_version(self, tmp: Path, ckpt: Checkpoint, version: int, parent_version: int | None, keeps: str) -> None:
+        """Every file of a version into ``tmp``, ``meta.json`` (with their sha256) last."""
         meta = {
             "format": FORMAT,
             "version": version,
             "parent": parent_version,
-            "created_at": created,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": ckpt.model_config.to_dict(),
             "preprocessing": ckpt.prep.to_dict(),
             "table_fingerprint": ckpt.table.fingerprint,
@@ -191,61 +198,40 @@ class CheckpointStore:
             "history": list(ckpt.history),
             "keep_versions": ckpt.keep_versions,
         }
+        frozen = ckpt.model_config.train_backbone == "none"
+        backbone = {k: v for k, v in ckpt.weights.items() if frozen and k.startswith("backbone.")}
+        torch.save({k: v for k, v in ckpt.weights.items() if k not in backbone}, tmp / "model.pt")
+        if backbone:
+            torch.save(backbone, tmp / BACKBONE_FILE)
+        torch.save(ckpt.plugin_state, tmp / "plugins.pt")
+        (tmp / "concepts.npz").write_bytes(ckpt.table.to_bytes())
+        (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
+        _save_imageset(tmp / "val.npz", ckpt.val)
+        if ckpt.analytic is not None:
+            with (tmp / ANALYTIC_FILE).open("wb") as f:  # streamed: G is the largest file of a store
+                ckpt.analytic.write(f)
+        if ckpt.backbone_graph is not None:
+            meta["backbone_graph"] = self._keep_graph(ckpt.backbone_graph)
+        fault_point("checkpoint_files_written")
+        files = file_digests(tmp)  # sha256 of every file above, checked on every load
+        meta["files"] = files
+        if parent_version is not None and BACKBONE_FILE in files:
+            self._share_unchanged(tmp / BACKBONE_FILE, self.path(parent_version) / BACKBONE_FILE)
+        # what the version costs on flash (meta.json aside), for `cvm status` and the update report
+        meta["files_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
+        # meta.json last: a version directory without it is never considered complete. It is checked
+        # as load() will read it back first (strict JSON, no NaN; the schema): a version that could
+        # not be loaded again is never published.
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
         name = version_name(version)
         try:
-            frozen = ckpt.model_config.train_backbone == "none"
-            backbone = {k: v for k, v in ckpt.weights.items() if frozen and k.startswith("backbone.")}
-            torch.save({k: v for k, v in ckpt.weights.items() if k not in backbone}, tmp / "model.pt")
-            if backbone:
-                torch.save(backbone, tmp / BACKBONE_FILE)
-            torch.save(ckpt.plugin_state, tmp / "plugins.pt")
-            (tmp / "concepts.npz").write_bytes(ckpt.table.to_bytes())
-            (tmp / "buffer.npz").write_bytes(ckpt.buffer.to_bytes())
-            _save_imageset(tmp / "val.npz", ckpt.val)
-            if ckpt.analytic is not None:
-                with (tmp / ANALYTIC_FILE).open("wb") as f:  # streamed: G is the largest file of a store
-                    ckpt.analytic.write(f)
-            if ckpt.backbone_graph is not None:
-                meta["backbone_graph"] = self._keep_graph(ckpt.backbone_graph)
-            fault_point("checkpoint_files_written")
-            files = file_digests(tmp)  # sha256 of every file above, checked on every load
-            meta["files"] = files
-            if parent_version is not None and BACKBONE_FILE in files:
-                self._share_unchanged(tmp / BACKBONE_FILE, self.path(parent_version) / BACKBONE_FILE)
-            # what the version costs on flash (meta.json aside), for `cvm status` and the update report
-            meta["files_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file())
-            # meta.json last: a version directory without it is never considered complete. It is checked
-            # as load() will read it back first (strict JSON, no NaN; the schema): a version that could
-            # not be loaded again is never published.
-            text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-            try:
-                check_meta(strict_json(text.encode()), f"{name}/meta.json", version)
-            except (ValueError, StoreError) as exc:
-                remove_tmp_dir(tmp)
-                raise StoreError(
-                    f"checkpoint {name} would not read back ({exc}); {parent or 'the previous version'} stays current"
-                ) from None
-            (tmp / "meta.json").write_text(text, encoding="utf-8")
-            publish_dir(tmp, self.path(version))
-        except InjectedFault:
-            raise
-        except (OSError, RuntimeError, ValueError) as exc:  # a full disk reaches torch/numpy as any of these
-            error = write_error(f"checkpoint {name}", self.root, exc)
-            remove_tmp_dir(tmp)  # give the space back; the previous version is untouched
-            raise StoreError(f"{error}; {parent or 'the previous version'} stays current") from None
-        fault_point("before_pointer")
-        try:
-            write_pointer(self.latest_pointer, name)
-        except OSError as exc:
-            error = write_error("the LATEST pointer", self.root, exc)
-            if read_pointer(self.latest_pointer) != name:  # nothing names the new version: free its space
-                remove_tmp_dir(self.path(version))
-            raise StoreError(f"{error}; {read_pointer(self.latest_pointer)} stays current") from None
-        log.info("published checkpoint %s", name)
-        return version
+            check_meta(strict_json(text.encode()), f"{name}/meta.json", version)
+        except (ValueError, StoreError) as exc:
+            raise StoreError(f"checkpoint {name} would not read back ({exc}); {keeps}") from None
+        (tmp / "meta.json").write_text(text, encoding="utf-8")
 
     def graph_path(self, sha256: str) -> Path:
-        return self.root / GRAPHS_DIR / f"{sha256}.onnx"
+        return self.layout.graphs / f"{sha256}.onnx"
 
     def _keep_graph(self, graph: bytes) -> str:
         """Write the backbone graph once for all versions (it never changes); returns its sha256."""
@@ -352,7 +338,7 @@ class CheckpointStore:
 
     def serving_version(self) -> int | None:
         """The checkpoint version of the bundle ``bundles/CURRENT`` names (None: no bundle published)."""
-        m = BUNDLE_VERSION_RE.match(read_pointer(self.workdir / "bundles" / "CURRENT") or "")
+        m = BUNDLE_VERSION_RE.match(read_pointer(self.layout.current) or "")
         return int(m.group(1)) if m else None
 
     def kept_versions(self, keep: int) -> list[int]:
@@ -374,8 +360,8 @@ class CheckpointStore:
         whole versions only, and LATEST and CURRENT name ones that are kept."""
         kept = set(self.kept_versions(keep))
         doomed = [v for v in self.versions() if v not in kept]
-        bundles = self.workdir / "bundles"
-        serving_bundle = read_pointer(bundles / "CURRENT")
+        bundles = self.layout.bundles
+        serving_bundle = read_pointer(self.layout.current)
         for v in doomed:
             self._retire(self.path(v))
             if bundles.is_dir():

@@ -24,6 +24,7 @@ from cvm_edge.cli import main as cvm
 from cvm_edge.concepts import slugify
 from cvm_edge.defaults import default_backbone
 from cvm_edge.evaluate import accuracy_matrix, format_matrix
+from cvm_edge.workdir import layout
 
 SAMPLE = "fashion_mnist_sample.npz"
 
@@ -60,9 +61,8 @@ def _run(argv: list[str]) -> None:
 
 
 def _history(workdir: Path) -> list[dict[str, object]]:
-    meta = json.loads(
-        (workdir / "checkpoints" / (workdir / "checkpoints" / "LATEST").read_text().strip() / "meta.json").read_text()
-    )
+    where = layout(workdir)
+    meta = json.loads((where.version_dir(where.latest.read_text().strip()) / "meta.json").read_text())
     return list(meta["history"])
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from cvm_edge.display import printable
 from cvm_edge.errors import UsageError
 from cvm_edge.fsutil import FileLock, read_pointer, read_regular
+from cvm_edge.workdir import layout
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,14 @@ def _is_job(path: Path) -> bool:
 
 def _latest(workdir: Path) -> str:
     try:
-        return read_pointer(Path(workdir) / "checkpoints" / "LATEST") or "none"
+        return read_pointer(layout(workdir).latest) or "none"
     except Exception:  # noqa: BLE001 - an unreadable pointer reads as unknown: the job is learned again
         return "unknown"
 
 
 def _current(workdir: Path) -> str:
     try:
-        return read_pointer(Path(workdir) / "bundles" / "CURRENT") or "none"
+        return read_pointer(layout(workdir).current) or "none"
     except Exception:  # noqa: BLE001
         return "none"
 

@@ -25,20 +25,16 @@ from cvm_edge.errors import ConceptError, ModelLoadError, StoreError
 from cvm_edge.fsutil import (
     MAX_MODEL_BYTES,
     MAX_SMALL_FILE_BYTES,
-    InjectedFault,
     atomic_write_text,
     fault_point,
-    make_tmp_dir,
-    publish_dir,
     read_pointer,
     read_regular,
-    remove_tmp_dir,
     sha256_regular,
-    write_error,
     write_pointer,
 )
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.schema import Checker, check_preprocessing, is_int, is_number, show, strict_json
+from cvm_edge.workdir import Publication, layout, publish_version
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +52,7 @@ REQUIRED_KEYS = ("format", "name", "version", "precision", "opset", "preprocessi
 
 
 def bundles_root(workdir: Path) -> Path:
-    return Path(workdir) / "bundles"
+    return layout(workdir).bundles
 
 
 def checkpoint_dir_name(version: int) -> str:
@@ -280,37 +276,29 @@ def current_bundle_dir(workdir: Path) -> Path | None:
 
 
 def publish_bundle(root: Path, name: str, files: Mapping[str, bytes], manifest: dict[str, Any]) -> Path:
-    """Write a bundle into a temp dir, fsync, rename it to ``root/name``, then move ``CURRENT``.
-
-    The manifest is written last: a directory without it is never a bundle. Call while holding
-    the store lock."""
+    """Write a bundle and publish it as ``root/name`` (:func:`cvm_edge.workdir.publish_version`),
+    then move ``CURRENT``. The manifest and its digest are written last: a directory without them
+    is never a bundle. Call while holding the store lock."""
     if not NAME_RE.match(name):
         raise ValueError(f"bad bundle name {name!r}")
     previous = read_pointer(root / POINTER)
-    keeps = f"the server keeps {previous or 'what it serves'}"
-    try:
-        tmp = make_tmp_dir(root, name)
-    except OSError as exc:
-        raise StoreError(f"{write_error(f'bundle {name}', root, exc)}; nothing was written, {keeps}") from None
-    try:
+    pub = Publication(
+        parent=root,
+        name=name,
+        pointer=root / POINTER,
+        what=f"bundle {name}",
+        keeps=f"the server keeps {previous or 'what it serves'}",
+        pointer_fault="before_bundle_pointer",
+    )
+
+    def write(tmp: Path) -> None:
         for fname, data in files.items():
             (tmp / fname).write_bytes(data)
         fault_point("bundle_files_written")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / DIGEST_FILE).write_text(digest_text(tmp), encoding="ascii")  # renamed into place with the rest
-        final = root / name
-        publish_dir(tmp, final)
-    except InjectedFault:
-        raise
-    except OSError as exc:
-        error = write_error(f"bundle {name}", root, exc)
-        remove_tmp_dir(tmp)  # give the space back
-        raise StoreError(f"{error}; {keeps}") from None
-    fault_point("before_bundle_pointer")
-    try:
-        write_pointer(root / POINTER, name)
-    except OSError as exc:
-        raise StoreError(f"{write_error('the CURRENT pointer', root, exc)}; {keeps}") from None
+
+    final = publish_version(pub, write)
     log.info("published bundle %s", name)
     return final
 

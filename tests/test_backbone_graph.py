@@ -18,11 +18,12 @@ import torch
 
 from conftest import run_cli
 from cvm_edge.augment import to_input
-from cvm_edge.checkpoints import GRAPHS_DIR, CheckpointStore
+from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.data import load_image_folder
 from cvm_edge.loading import model_from_checkpoint
 from cvm_edge.preprocess import normalise
 from cvm_edge.pretrained import offline_weights_available
+from cvm_edge.workdir import layout
 from deploy.export import ON_DEVICE, export_bundle
 
 pytestmark = pytest.mark.skipif(not offline_weights_available(), reason="offline Lite0 weights not installed")
@@ -43,7 +44,7 @@ def _learned(tmp_path: Path, table: Path, class_folders, classes: list[int], *ex
 
 
 def _graphs(workdir: Path) -> list[Path]:
-    return sorted((workdir / "checkpoints" / GRAPHS_DIR).glob("*.onnx"))
+    return sorted(layout(workdir).graphs.glob("*.onnx"))
 
 
 def _update_in_a_process(workdir: Path, data: Path, *extra: str) -> tuple[int, bool]:
