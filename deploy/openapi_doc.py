@@ -184,7 +184,7 @@ _ROUTES: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
         {
             "requestBody": _CLASSIFY_BODY,
             "ok": {"$ref": _REF + "ClassifyResult"},
-            # read by the route itself (deploy/server.py: parse_top_k), so FastAPI does not declare it
+            # read by the route itself (deploy/server/v1.py: parse_top_k), so FastAPI does not declare it
             "parameters": [
                 {
                     "name": "top_k",

@@ -2,12 +2,18 @@
 
 Images go through exactly the functions training used (``cvm_edge.preprocess.load_pixels`` and
 ``normalise``), so the server's answers match the trained model. No torch.
+
+It owns bytes to outputs for the server too: encoded images (decoded under the server's limits,
+:meth:`Predictor.images_input`) or a client's FP32 tensor (:meth:`Predictor.tensor_input`) become
+the model's input here, and :meth:`Outputs.require_finite` refuses outputs that overflowed; the
+routes in :mod:`deploy.server` only read requests and write answers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,7 @@ import onnxruntime as ort
 from cvm_edge.errors import DataError, ModelLoadError, UsageError
 from cvm_edge.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, load_pixels, normalise
 from deploy.bundle import Bundle, load_bundle
+from deploy.imagedecode import ImageDecoder
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +116,13 @@ def session_options(opts: PredictorOptions) -> ort.SessionOptions:
     return so
 
 
+class BadInputError(DataError):
+    """A tensor a client sent that cannot be this model's input (not numbers, too few or too many
+    of them, the wrong shape or batch size): a malformed request, so 400 rather than 422."""
+
+    http_status = 400
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     out: np.ndarray = e / e.sum(axis=1, keepdims=True)
@@ -123,6 +137,15 @@ class Outputs:
     @property
     def probabilities(self) -> np.ndarray:
         return softmax(self.logits)
+
+    def require_finite(self) -> Outputs:
+        """These outputs, refused when they overflowed (finite inputs near float32 max give inf/NaN
+        logits): a 200 with ``null`` scores is an answer no client can use."""
+        if not (np.isfinite(self.logits).all() and np.isfinite(self.embedding).all()):
+            raise DataError(
+                "the model's outputs are not finite (overflow) for this input; inputs this large are outside its range"
+            )
+        return self
 
 
 class Predictor:
@@ -181,6 +204,28 @@ class Predictor:
             raise DataError(f"batch size must be 1..{self.options.max_batch}, got {x.shape[0]}")
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def tensor_input(self, data: np.ndarray | list[Any], shape: list[int]) -> np.ndarray:
+        """A client's FP32 tensor -> the model input: ``data`` as JSON numbers (flat or nested lists)
+        or a float32 array already, in ``shape``. Non-numbers, an element count that is not the
+        shape's, a shape or batch size the model does not take are :class:`BadInputError` (400);
+        NaN or infinite values a :class:`DataError` (422)."""
+        x = data if isinstance(data, np.ndarray) else _fp32_array(data)
+        needed = math.prod(shape)  # exact: np.prod wraps around at 2**63 and lets a huge shape through
+        if x.size != needed:
+            raise BadInputError(f"FP32 data has {x.size} elements but shape {shape} needs {needed}")
+        x = x.reshape(shape)
+        if not np.isfinite(x).all():
+            raise DataError("FP32 data holds NaN or infinite values")
+        try:
+            return self.check_input(x)
+        except DataError as exc:  # the wrong shape from a client is a bad request, not bad data
+            raise BadInputError(str(exc)) from None
+
+    def images_input(self, images: Sequence[tuple[str | None, bytes]], decoder: ImageDecoder) -> np.ndarray:
+        """Encoded images (with a name each, for errors) -> the model input, decoded under the
+        limits of ``decoder`` (a server's: hostile input) by the training-side preprocessing."""
+        return normalise(decoder.decode_all(images, self.prep), self.prep)
+
     # ----- inference -----------------------------------------------------------------------------
     def run(self, x: np.ndarray) -> Outputs:
         """Normalised float32 NCHW -> logits and embeddings."""
@@ -205,6 +250,10 @@ class Predictor:
             for row, p in zip(order, probs, strict=True)
         ]
 
+    def labels(self, outputs: Outputs) -> list[str]:
+        """The class of each row: the largest logit's."""
+        return [self.classes[int(i)] for i in outputs.logits.argmax(1)]
+
     def classify(self, images: Sequence[bytes], k: int = 5) -> list[list[dict[str, Any]]]:
         """Top-``k`` labels and softmax scores (over the learned classes) for each encoded image."""
         return self.top_k(self.run_images(images), k)
@@ -213,3 +262,16 @@ class Predictor:
         """One inference on a grey frame, so the first real request does not pay for lazy init."""
         s = self.prep.image_size
         self.run_pixels(np.full((1, s, s, 3), 128, np.uint8))
+
+
+def _fp32_array(data: list[Any]) -> np.ndarray:
+    """JSON numbers (flat or nested lists) as float32; strings, booleans, nulls, objects, ragged
+    lists and integers beyond float range are refused (400), not coerced or crashed on."""
+    try:
+        raw = np.asarray(data)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise BadInputError("FP32 data must be numbers in flat or evenly nested lists") from None
+    if raw.dtype.kind not in "iuf":  # object (ragged, huge ints, nulls), str, bool
+        raise BadInputError("FP32 data must be numbers in flat or evenly nested lists")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused as NaN/inf
+        return raw.astype(np.float32)

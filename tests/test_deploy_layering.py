@@ -31,7 +31,16 @@ def test_serving_modules_do_not_import_torch() -> None:
     assert "onnxruntime" not in HEAVY
 
 
-@pytest.mark.parametrize("module", ["bundle.py", "predictor.py", "server.py", "commands.py"])
+# deploy/server/ is a package: every module of it is checked
+SERVING_SOURCES = [
+    "bundle.py",
+    "predictor.py",
+    *sorted(f"server/{p.name}" for p in (DEPLOY / "server").glob("*.py")),
+    "commands.py",
+]
+
+
+@pytest.mark.parametrize("module", SERVING_SOURCES)
 def test_no_torch_side_import_anywhere_in_serving_sources(module: str) -> None:
     """Static check, including imports inside functions (commands.py may import deploy.export
     only inside `cmd_export`, which runs the torch side on purpose)."""

@@ -55,7 +55,7 @@ def test_admin_reload_is_off_without_a_token_and_needs_the_exact_token(workdir: 
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("deploy.server.hmac.compare_digest", spy)
+    monkeypatch.setattr("deploy.server.v1.hmac.compare_digest", spy)
     off, on = (create_app(ServerSettings(bundle=bundle, admin_token=t)) for t in (None, TOKEN))
     with TestClient(off) as a, TestClient(on) as b:
         for headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
