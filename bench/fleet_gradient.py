@@ -29,8 +29,8 @@ from bench import provenance
 from bench.fleet import fleet_parser, load_features, partition, run_and_write
 from bench.protocols import PROTOCOLS
 from bench.tables import concept_vectors
+from cvm_edge.lab.routing import FusedRoutedModel
 from cvm_edge.model import ConceptHead, ModelConfig, build_head_model
-from cvm_edge.routing import FusedRoutedModel
 from fleet.average import Weights, WeightsMerge, WeightsUpload, fedavg, fuse, fuse_devices
 from fleet.fused import fusion_state
 
@@ -112,7 +112,7 @@ def routed_accuracy(
 ) -> dict[int, float]:
     """Top-k routed accuracy over the devices' models rebuilt from the round's fusion (each device's
     mask and rescale, ``fleet.fused.fusion_state``), routed by each device's prototype (the mean
-    feature of its images), through the product's ``cvm_edge.routing.FusedRoutedModel``."""
+    feature of its images), through the product's ``cvm_edge.lab.routing.FusedRoutedModel``."""
     start, states, devices = last_round
     prefixed = lambda w: {HEAD + k: v for k, v in w.items()}  # noqa: E731 - the CvmModel's names
     _, unified = fuse_devices(prefixed(start), [prefixed(w) for w in states])

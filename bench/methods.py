@@ -24,17 +24,17 @@ over the seen classes, the product's input (mean = std = 0.5) and timm's initial
 CVM variants use the product's own defaults (concept head with a 2-layer mapper, Adam lr 1e-3,
 asymmetric cross-entropy, 3 epochs of class-balanced head tuning after each task).
 
-``cvm-experts*`` are cvm-er plus per-task experts on the mapper (cvm_edge.experts, after HiDe-LLaVA,
+``cvm-experts*`` are cvm-er plus per-task experts on the mapper (cvm_edge.lab.experts, after HiDe-LLaVA,
 ACL 2025, and MLLM-CL, 2025): rank-8 adapters routed by the cosine of the backbone feature to each
 task's anchor, soft (softmax, T 0.1) or hard (top-1); the shared mapper trains with every expert, or
 with the first only (``cvm-experts-frozen``). ``cvm-experts-eqmem`` gives up as many replay
 images as the experts' bytes would hold (at the end of every task), so it runs at cvm-er's memory.
 
-Fusion methods (issue 7, after ConDU 2025; ``cvm_edge.plugins.fusion``) are data-free: no buffer,
+Fusion methods (issue 7, after ConDU 2025; ``cvm_edge.lab.fusion_plugin``) are data-free: no buffer,
 the same training (ACE on each task's classes, Adam lr 1e-3), each task's model kept as a masked,
 rescaled share of one unified delta. ``cvm-fusion`` evaluates the single unified model,
 ``cvm-fusion-routed`` the top-2 task models chosen by base-feature prototypes, each one's softmax
-over its own task's classes averaged (``cvm_edge.routing``; ``routed_combine="logits"`` gives the
+over its own task's classes averaged (``cvm_edge.lab.routing``; ``routed_combine="logits"`` gives the
 issue's plain mean of logits). The result JSON records the bytes fusion stores (``stored_bytes``), to set
 against the buffer's at equal memory.
 
@@ -50,14 +50,14 @@ little: ``cvm-er-distill-ce`` trains the stream's cross-entropy over every seen 
 ER optimiser (plain SGD, lr 0.1; Adam without weight decay over 50 epochs memorises each task).
 Measured (bench/BENCHMARKS.md): the first learns new tasks and forgets like ER, the second sits between.
 ``cvm-er-distill-align`` keeps ACE and adds the ``align`` plugin: ``1 - cos`` between each incoming
-image's embedding and its own fixed row (``cvm_edge.plugins.align``), which ACE's softmax over the new
+image's embedding and its own fixed row (``cvm_edge.lab.align``), which ACE's softmax over the new
 classes alone leaves free, without pushing any old row down.
 
 Two more issue-7 variants of the product default ``cvm-er-distill``: ``cvm-protos`` reads a
 multi-prototype concept table (MuproCL, 2025: the class name row plus one row per curated
 description shipped in ``llm_embeddings/descriptions``; class score = temperature-scaled LogSumExp
 of the prototype cosines), ``cvm-simscale`` multiplies each task's distillation weight by the
-task-similarity factor read off the concept table (He et al., 2023; ``cvm_edge.similarity``, power 1).
+task-similarity factor read off the concept table (He et al., 2023; ``cvm_edge.lab.similarity``, power 1).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Method:
     balance_epochs: int = 0
     joint: bool = False
     routed_k: int = 0  # fusion methods: evaluate the top-k routed task models instead of the unified one
-    routed_combine: str = "probs"  # cvm_edge.routing.COMBINES
+    routed_combine: str = "probs"  # cvm_edge.lab.routing.COMBINES
     options: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per buffer size: overrides
     base_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""

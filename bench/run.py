@@ -36,11 +36,11 @@ from bench.tables import concept_vectors, dummy_vectors
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.evaluate import predict_classes
-from cvm_edge.experts import ExpertMixture
+from cvm_edge.lab.experts import ExpertMixture
+from cvm_edge.lab.routing import FusedRoutedModel
 from cvm_edge.model import CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import DistillPlugin, EwcPlugin, FusionPlugin, PluginOptions, make_plugins
 from cvm_edge.preprocess import Preprocessing
-from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import Plugin, Strategy, TrainConfig
 
 log = logging.getLogger("bench.run")

@@ -21,7 +21,7 @@ from torch import nn
 
 from cvm_edge.analytic import DEFAULT_DIM, TARGETS, projection, whiten_table
 from cvm_edge.backbones import TRAIN_BACKBONE_CHOICES, create_backbone, feature_dim, set_trainable
-from cvm_edge.experts import EXPERT_CHOICES, ROUTING_CHOICES, ExpertMixture
+from cvm_edge.lab.experts import EXPERT_CHOICES, ROUTING_CHOICES, ExpertMixture
 
 HEAD_CHOICES = ("concepts", "linear")
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -30,7 +30,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 DEFAULT_PROTOTYPE_TEMPERATURE = 0.1
 # Stands in for the cosine of a padding slot: below any real cosine (unit vectors: >= -1).
 PAD_COSINE = -2.0
-# Per-task experts (cvm_edge.experts); off by default. The fields are left out of ``to_dict`` while
+# Per-task experts (cvm_edge.lab.experts); off by default. The fields are left out of ``to_dict`` while
 # off, so checkpoints and bundles of models without experts keep exactly today's metadata.
 EXPERT_FIELDS = ("experts", "expert_rank", "routing", "routing_temperature", "expert_shared_mapper")
 SHARED_MAPPER_CHOICES = ("always", "first")

@@ -23,8 +23,8 @@ from cvm_edge.backbones import feature_dim
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import TrainingDivergedError
-from cvm_edge.experts import add_task_expert
-from cvm_edge.graphed import GraphedStep
+from cvm_edge.lab.experts import add_task_expert
+from cvm_edge.lab.graphed import GraphedStep
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
 
@@ -72,7 +72,7 @@ class TrainConfig:
     # torch.compile mode for a trained backbone ("" off; e.g. "reduce-overhead" captures CUDA graphs,
     # which removes the per-kernel launch cost that dominates small-image GPU steps). Benchmarks only.
     compile_mode: str = ""
-    # Capture each full training step as one CUDA graph and replay it (cvm_edge.graphed): one launch
+    # Capture each full training step as one CUDA graph and replay it (cvm_edge.lab.graphed): one launch
     # per step instead of hundreds, for small-image GPU training where the host is the limit.
     cuda_graph: bool = False
     # Refresh the progress bar's loss every this many steps: reading the loss waits for the device.
@@ -486,7 +486,7 @@ def predict_logits(
     batch_size: int | None = None,
 ) -> np.ndarray:
     """Logits over all table rows for uint8 NHWC pixels, in eval mode (a CvmModel, or any module
-    that maps normalised images to such logits, e.g. :class:`cvm_edge.routing.FusedRoutedModel`)."""
+    that maps normalised images to such logits, e.g. :class:`cvm_edge.lab.routing.FusedRoutedModel`)."""
     model.eval()
     bs = batch_size or eval_batch_for(prep.image_size)
     out = []

@@ -28,6 +28,7 @@ from cvm_edge.evaluate import mean_over
 from cvm_edge.frozen_features import BackboneFeatures, FeatureSet, GraphFeatures, decode_files, read_features
 from cvm_edge.fsutil import FileLock, fault_point
 from cvm_edge.gate import forgetting_gate, revisited_figures, worst_drops
+from cvm_edge.lab.similarity import class_vectors, task_similarity
 from cvm_edge.learners import learner_for
 from cvm_edge.loading import graph_to_run, head_from_checkpoint, model_from_checkpoint, version_weights
 from cvm_edge.memory import release_freed_memory
@@ -40,7 +41,6 @@ from cvm_edge.model import (
 )
 from cvm_edge.plugins import PluginOptions
 from cvm_edge.preprocess import Preprocessing
-from cvm_edge.similarity import class_vectors, task_similarity
 from cvm_edge.update_report import UpdateReport, update_kind
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class InitOptions:
     buffer_size: int = DEFAULT_BUFFER
     seed: int = 0
     prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE  # multi-prototype tables only
-    experts: str = "none"  # per-task experts (cvm_edge.experts): none | adapter
+    experts: str = "none"  # per-task experts (cvm_edge.lab.experts): none | adapter
     expert_rank: int = 8
     routing: str = "soft"
     routing_temperature: float = DEFAULT_ROUTING_TEMPERATURE

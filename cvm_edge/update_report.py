@@ -65,7 +65,7 @@ class UpdateReport:
             f"(before this update: {pct(e['old_accuracy_before'])})"
         )
         sim = e.get("similarity") or {}
-        if sim.get("at_risk"):  # task similarity (cvm_edge.similarity)
+        if sim.get("at_risk"):  # task similarity (cvm_edge.lab.similarity)
             risky = ", ".join(
                 f"{printable(r['class'])} ({r['cosine']:.2f} to {printable(r['nearest_new'])})"
                 for r in sim["at_risk"][:3]

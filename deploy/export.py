@@ -34,12 +34,12 @@ from cvm_edge.data import ImageSet
 from cvm_edge.errors import CvmError, UsageError
 from cvm_edge.frozen_features import GraphFeatures
 from cvm_edge.fsutil import FileLock, clean_stale_tmp, scratch_dir
-from cvm_edge.fusion_state import FusionState
+from cvm_edge.lab.fusion_state import FusionState
+from cvm_edge.lab.routing import FusedRoutedModel
 from cvm_edge.loading import graph_to_run, head_from_checkpoint, model_from_checkpoint
 from cvm_edge.memory import release_freed_memory
 from cvm_edge.model import MAX_LOGIT_SCALE, CvmModel
 from cvm_edge.preprocess import Preprocessing, normalise
-from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import eval_batch_for
 from deploy.bundle import (
     CONCEPTS_FILE,
@@ -82,7 +82,7 @@ class ExportOptions:
     # Parity batches; None: :func:`parity_batch` (1 at 224 px).
     batch_size: int | None = None
     # "top-k": a store trained with the fusion plugin exports its routed task models
-    # (cvm_edge.routing.FusedRoutedModel) instead of the single unified model.
+    # (cvm_edge.lab.routing.FusedRoutedModel) instead of the single unified model.
     routing: str = "none"
     top_k: int = 2
     # Which torch exporter writes the graph at opset 18 and newer (opset 17 is always TorchScript):

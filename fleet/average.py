@@ -3,7 +3,7 @@ weights, then merge the accepted ones into the fleet's next weights.
 
 - ``fedavg``: the mean of the devices' weights, each weighted by its number of training images
   (McMahan et al.'s FedAvg); accumulated in float64, published in float32.
-- ``fusion``: ConDU's data-free fusion (``cvm_edge.fusion.unify``) of each device's delta from the
+- ``fusion``: ConDU's data-free fusion (``cvm_edge.lab.fusion.unify``) of each device's delta from the
   weights the round started from: sign consensus, the largest agreeing magnitude. Every device
   publishes the same unified weights. Each device's mask and rescale (where its delta agrees with the
   consensus) are kept too, with its routing prototype (the mean frozen-backbone feature of its
@@ -140,11 +140,11 @@ def fuse(current: Mapping[str, np.ndarray], weights: Sequence[Mapping[str, np.nd
 
 
 def fuse_devices(current: Mapping[str, np.ndarray], weights: Sequence[Mapping[str, np.ndarray]]) -> tuple[Weights, Any]:
-    """:func:`fuse`, and the ``cvm_edge.fusion.Unified`` it came from: the unified delta with each
+    """:func:`fuse`, and the ``cvm_edge.lab.fusion.Unified`` it came from: the unified delta with each
     device's mask and rescale, in the order of ``weights``."""
     import torch  # only here: `cvm fleet` imports this module for its choices, torch loads in the commands
 
-    from cvm_edge.fusion import unify
+    from cvm_edge.lab.fusion import unify
 
     # np.asarray around each difference and sum: on 0-d arrays (the logit scale) numpy returns scalars
     base = {k: np.asarray(v, np.float32) for k, v in current.items()}
@@ -160,7 +160,7 @@ class WeightsMerge:
     refused: Mapping[str, str]  # device -> why it was left out
     images: Mapping[str, int]  # accepted device -> its training images
     seen: tuple[int, ...]  # rows the merged model knows: every accepted device's, and earlier rounds'
-    # fusion: the round's start weights and the cvm_edge.fusion.Unified of the accepted devices' deltas
+    # fusion: the round's start weights and the cvm_edge.lab.fusion.Unified of the accepted devices' deltas
     # (their masks and rescales, in ``accepted`` order), for the store's fusion state (fleet.fused)
     start: Mapping[str, np.ndarray] | None = None
     unified: Any = None

@@ -5,8 +5,8 @@ agrees with the consensus sign) and rescale: ``start + rescale_d * mask_d * unif
 ``d``'s model (exactly for a device whose delta set every agreeing magnitude, approximately for the
 rest). With each device's routing prototype, the mean frozen-backbone feature of its images (a
 statistic: no image leaves the device), ``cvm export --routing top-k`` serves those rebuilt models,
-each input routed to the ``k`` devices whose prototypes are closest (``cvm_edge.routing``). The state
-has the fusion plugin's format (``cvm_edge.fusion_state``), so the export path is the plugin's own."""
+each input routed to the ``k`` devices whose prototypes are closest (``cvm_edge.lab.routing``). The state
+has the fusion plugin's format (``cvm_edge.lab.fusion_state``), so the export path is the plugin's own."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch
 
 from cvm_edge.checkpoints import Checkpoint
 from cvm_edge.concepts import ConceptTable
-from cvm_edge.fusion import Unified
-from cvm_edge.fusion_state import FusionState
+from cvm_edge.lab.fusion import Unified
+from cvm_edge.lab.fusion_state import FusionState
 from cvm_edge.model import build_head_model
 from fleet.average import WeightsMerge
 

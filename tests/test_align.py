@@ -1,4 +1,4 @@
-"""The ``align`` plugin (cvm_edge.plugins.align): 1 - cos(embedding, own concept row) on incoming
+"""The ``align`` plugin (cvm_edge.lab.align): 1 - cos(embedding, own concept row) on incoming
 images only, for single- and multi-prototype tables; refused on a linear head; run end to end by
 the harness's ``cvm-er-distill-align`` on the embedded Fashion-MNIST sample (real MiniLM table)."""
 

@@ -10,6 +10,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 USE_CASES = ("cvm_edge.update", "cvm_edge.update_report")
 BELOW_USE_CASES = ("learners", "gate", "strategy", "analytic_learner", "analytic", "loading", "model")
+# The seams through which the spine reaches the lab (cvm_edge/lab/), each for one reason
+# (ARCHITECTURE.md). Anything else that imports the lab is a lab method leaking into the spine.
+LAB_SEAMS: dict[str, set[str]] = {
+    "cvm_edge/model.py": {"cvm_edge.lab.experts"},  # ModelConfig.experts builds the experts' module
+    "cvm_edge/strategy.py": {"cvm_edge.lab.experts", "cvm_edge.lab.graphed"},  # a task's expert; cuda_graph
+    "cvm_edge/update.py": {"cvm_edge.lab.similarity"},  # cvm init choices; the report
+    "cvm_edge/update_report.py": {"cvm_edge.lab.similarity"},
+    "cvm_edge/plugins/__init__.py": {"cvm_edge.lab.align", "cvm_edge.lab.fusion_plugin"},  # the plugin table
+    "cvm_edge/plugins/distill.py": {"cvm_edge.lab.similarity"},  # --similarity-scaling
+    "cvm_edge/plugins/ewc.py": {"cvm_edge.lab.similarity"},
+    "deploy/export.py": {"cvm_edge.lab.fusion_state", "cvm_edge.lab.routing"},  # export --routing top-k
+    "fleet/average.py": {"cvm_edge.lab.fusion"},  # the fleet's fusion merge
+    "fleet/fused.py": {"cvm_edge.lab.fusion", "cvm_edge.lab.fusion_state", "cvm_edge.lab.routing"},
+}
 
 
 def _imports(path: Path) -> set[str]:
@@ -59,6 +73,25 @@ def test_each_room_imports_only_the_rooms_below_it(room: str, forbidden: tuple[s
 def test_learners_and_models_never_import_the_use_cases() -> None:
     files = [ROOT / "cvm_edge" / f"{name}.py" for name in BELOW_USE_CASES]
     assert _offenders(files, USE_CASES) == []
+
+
+def test_the_spine_reaches_the_lab_only_through_its_seams() -> None:
+    lab_dir = ROOT / "cvm_edge" / "lab"
+    spine = [
+        f
+        for room in ("cvm_edge", "deploy", "fleet", "llm_embeddings")
+        for f in (ROOT / room).rglob("*.py")
+        if lab_dir not in f.parents
+    ]
+    cli = [f for f in spine if f.relative_to(ROOT).parts[:2] in (("cvm_edge", "cli"), ("cvm_edge", "cli.py"))]
+    bad = []
+    for f in spine:
+        if f in cli:  # the command line reaches everything, the lab behind --experimental
+            continue
+        rel = f.relative_to(ROOT).as_posix()
+        lab = {".".join(m.split(".")[:3]) for m in _imports(f) if m.startswith("cvm_edge.lab.")}
+        bad += [f"{rel} imports {m}" for m in sorted(lab - LAB_SEAMS.get(rel, set()))]
+    assert bad == []
 
 
 def test_the_check_sees_imports_inside_functions_and_ignores_annotation_only_ones(tmp_path: Path) -> None:

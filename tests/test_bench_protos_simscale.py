@@ -14,7 +14,7 @@ from bench import report
 from bench import run as bench_run
 from bench.tables import concept_vectors, table_path
 from cvm_edge.demo import sample_class_names
-from cvm_edge.similarity import class_vectors, task_similarity
+from cvm_edge.lab.similarity import class_vectors, task_similarity
 from llm_embeddings.descriptions import bundled
 
 TINY = ["--smoke", "--demo", "--train-per-class", "30", "--test-per-class", "10", "--threads", "2"]

@@ -1,4 +1,4 @@
-"""Per-task experts (cvm_edge.experts): routing weights, the model without experts unchanged,
+"""Per-task experts (cvm_edge.lab.experts): routing weights, the model without experts unchanged,
 checkpoint round trips, and training through the Strategy (new expert per experience, old ones
 frozen, anchors from the task's features, routing back to the task's expert)."""
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import der_context
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
-from cvm_edge.experts import ExpertMixture
+from cvm_edge.lab.experts import ExpertMixture
 from cvm_edge.model import ModelConfig, build_model
 from cvm_edge.plugins import make_plugins
 from cvm_edge.preprocess import Preprocessing

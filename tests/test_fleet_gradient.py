@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cvm_edge.fusion import unify
+from cvm_edge.lab.fusion import unify
 from fleet.average import ExpectedWeights, WeightsUpload, check_upload, fedavg, fuse, merge_weights, weights_digest
 from fleet.merge import QuorumError
 from fleet.settings import FleetSettings
@@ -339,10 +339,10 @@ def test_a_fusion_round_keeps_each_devices_mask_and_prototype_and_the_coordinato
     from conftest import run_cli
     from cvm_edge.checkpoints import CheckpointStore
     from cvm_edge.demo import load_sample, write_class_folders
-    from cvm_edge.fusion_state import FusionState
+    from cvm_edge.lab.fusion_state import FusionState
+    from cvm_edge.lab.routing import FusedRoutedModel
     from cvm_edge.loading import model_from_checkpoint
     from cvm_edge.preprocess import normalise
-    from cvm_edge.routing import FusedRoutedModel
     from fleet.coordinator import Coordinator
     from fleet.fused import PLUGIN_KEY, mean_feature
     from fleet.weights_device import LocalTraining, WeightsDevice

@@ -19,7 +19,7 @@ import pytest
 from conftest import cvm_argv, process_groups, table_by_process
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.demo import load_sample, write_class_folders
-from cvm_edge.fusion_state import FusionState
+from cvm_edge.lab.fusion_state import FusionState
 from fleet.average import head_weights
 from fleet.fused import PLUGIN_KEY
 from fleet.runtime import free_port

@@ -1,4 +1,4 @@
-"""cvm_edge.fusion: sign consensus, masks, rescales, exact rebuilds, packed-bit byte counts."""
+"""cvm_edge.lab.fusion: sign consensus, masks, rescales, exact rebuilds, packed-bit byte counts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cvm_edge.fusion import (
+from cvm_edge.lab.fusion import (
     FusionBytes,
     PackedMask,
     apply_delta,

@@ -18,10 +18,10 @@ from bench.reliability.common import running_server
 from conftest import FASHION_NAMES, init_store, run_cli
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.errors import UsageError
-from cvm_edge.fusion_state import FusionState
+from cvm_edge.lab.fusion_state import FusionState
+from cvm_edge.lab.routing import FusedRoutedModel
 from cvm_edge.loading import model_from_checkpoint
 from cvm_edge.preprocess import load_pixels, normalise
-from cvm_edge.routing import FusedRoutedModel
 from deploy import export as export_mod
 from deploy.bundle import current_bundle_dir, load_bundle
 from deploy.predictor import Predictor, PredictorOptions

@@ -17,11 +17,11 @@ from cvm_edge.augment import to_input
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import UsageError
-from cvm_edge.fusion_state import FusionState, float_stats, model_with, trainable_params
+from cvm_edge.lab.fusion_state import FusionState, float_stats, model_with, trainable_params
+from cvm_edge.lab.routing import FusedRoutedModel
 from cvm_edge.model import CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import FusionPlugin, make_plugins, parse_plugin_list
 from cvm_edge.preprocess import Preprocessing
-from cvm_edge.routing import FusedRoutedModel
 from cvm_edge.strategy import Strategy, TrainConfig
 
 TASKS = ((0, 1), (2, 3), (4, 5))

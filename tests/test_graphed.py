@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the training step (cvm_edge.graphed).
+"""CUDA-graph replay of the training step (cvm_edge.lab.graphed).
 
 The replay tests need a CUDA device and skip without one (CI has none; they run on the lent GPU
 machine). The CPU tests check the refusals."""
@@ -14,7 +14,7 @@ import torch
 
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
-from cvm_edge.graphed import GraphedStep
+from cvm_edge.lab.graphed import GraphedStep
 from cvm_edge.model import ModelConfig, build_model
 from cvm_edge.plugins import PluginOptions, make_plugins
 from cvm_edge.preprocess import Preprocessing

@@ -1,4 +1,4 @@
-"""Task similarity from the concept table (cvm_edge.similarity): report, risk ranking, scaling."""
+"""Task similarity from the concept table (cvm_edge.lab.similarity): report, risk ranking, scaling."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 
 from conftest import init_store, run_cli
 from cvm_edge.concepts import ConceptTable
+from cvm_edge.lab.similarity import MAX_FACTOR, MIN_FACTOR, class_vectors, scaling_factor, task_similarity
 from cvm_edge.model import ConceptHead, LinearHead
 from cvm_edge.plugins import DistillPlugin, EwcPlugin, PluginOptions, make_plugins
-from cvm_edge.similarity import MAX_FACTOR, MIN_FACTOR, class_vectors, scaling_factor, task_similarity
 
 
 def _vectors(table_path: Path) -> tuple[ConceptTable, np.ndarray]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from cvm_edge.plugins.align import AlignPlugin
+from cvm_edge.lab.align import AlignPlugin
+from cvm_edge.lab.fusion_plugin import FusionPlugin
 from cvm_edge.plugins.balance import HeadBalancePlugin
 from cvm_edge.plugins.der import DerPlugin
 from cvm_edge.plugins.distill import DistillPlugin
 from cvm_edge.plugins.ewc import EwcPlugin
-from cvm_edge.plugins.fusion import FusionPlugin
 from cvm_edge.plugins.replay import ReplayMemory, ReplayPlugin
 from cvm_edge.strategy import Plugin
 
@@ -27,7 +27,7 @@ class PluginOptions:
     ewc_samples: int = 512
     der_alpha: float = 0.1  # DER++ (Buzzega et al. 2020): weight of the MSE to stored logits
     der_beta: float = 0.5  # DER++: weight of the cross-entropy on a second buffer batch (0: plain DER)
-    # Task-similarity scaling of distill_weight and ewc_lambda (cvm_edge.similarity): the power P of
+    # Task-similarity scaling of distill_weight and ewc_lambda (cvm_edge.lab.similarity): the power P of
     # factor = clip((mean old-new cosine / table mean cosine) ** P, 1/4, 4); 0 is off.
     similarity_scaling: float = 0.0
     fusion_start: str = "unified"  # fusion: each task trains from the unified model or from the base

@@ -6,7 +6,7 @@ it keeps the geometry that old classes rely on without constraining the new rows
 linear head, whose "embedding" is the raw backbone feature).
 
 With ``similarity_scaling = P != 0`` the weight of each experience is multiplied by the task
-similarity factor of :mod:`cvm_edge.similarity` (new classes close to old ones: distil harder).
+similarity factor of :mod:`cvm_edge.lab.similarity` (new classes close to old ones: distil harder).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from cvm_edge.lab.similarity import experience_factor
 from cvm_edge.model import CvmModel
-from cvm_edge.similarity import experience_factor
 from cvm_edge.strategy import Batch, Context, Output, Plugin
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ probability of its label) and accumulated; training then pays
 ``lambda / 2 * sum(F * (theta - theta_star)^2)`` for moving weights that mattered before.
 
 With ``similarity_scaling = P != 0``, ``lambda`` of each experience is multiplied by the task
-similarity factor of :mod:`cvm_edge.similarity` (new classes close to old ones: hold weights harder).
+similarity factor of :mod:`cvm_edge.lab.similarity` (new classes close to old ones: hold weights harder).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cvm_edge.augment import to_input
-from cvm_edge.similarity import experience_factor
+from cvm_edge.lab.similarity import experience_factor
 from cvm_edge.strategy import Batch, Context, Output, Plugin, restricted_logits, targets_in
 
 log = logging.getLogger(__name__)

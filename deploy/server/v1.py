@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from cvm_edge.fsutil import read_pointer
+from cvm_edge.workdir import layout
 from deploy.bundle import checkpoint_dir_name
 from deploy.predictor import Outputs
 from deploy.server.body import read_images
@@ -82,9 +83,7 @@ def add_model_info(app: FastAPI, serving: Serving) -> None:
             "manifest": p.manifest if p else None,
             "history": _history(settings.workdir, p.bundle.version) if p else None,
             # a checkpoint newer than the bundle means an export is missing (see firmware_notes/power-loss.md)
-            "latest_checkpoint": read_pointer(settings.workdir / "checkpoints" / "LATEST")
-            if settings.workdir
-            else None,
+            "latest_checkpoint": read_pointer(layout(settings.workdir).latest) if settings.workdir else None,
             "last_reload_error": holder.last_error,
         }
 
@@ -133,7 +132,7 @@ def _history(workdir: Path | None, version: int) -> list[Any] | None:
     if workdir is None:
         return None
     try:
-        meta = json.loads((workdir / "checkpoints" / checkpoint_dir_name(version) / "meta.json").read_text("utf-8"))
+        meta = json.loads((layout(workdir).version_dir(checkpoint_dir_name(version)) / "meta.json").read_text("utf-8"))
     except (OSError, ValueError):
         return None
     history = meta.get("history")

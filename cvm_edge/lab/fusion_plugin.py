@@ -11,9 +11,9 @@
 * After training, ConDU's decouple-unify: the earlier tasks' deltas are rebuilt from the unified
   delta, their masks and rescales (only those are stored, not every task's full delta: memory
   stays one delta plus one bit per parameter and task), the new task's delta is taken exactly,
-  all are unified again (:func:`cvm_edge.fusion.unify`), and the model is set to the unified
+  all are unified again (:func:`cvm_edge.lab.fusion.unify`), and the model is set to the unified
   model ``base + unified`` with the mean of the tasks' statistics. So after every experience the
-  trained model *is* the single unified model; :class:`cvm_edge.routing.FusedRoutedModel` builds
+  trained model *is* the single unified model; :class:`cvm_edge.lab.routing.FusedRoutedModel` builds
   the routed one from :attr:`FusionPlugin.state`.
 * The task's routing prototype (its mean base feature) is taken while its images are at hand.
 
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from cvm_edge.errors import UsageError
-from cvm_edge.fusion import Unified, relative_error, task_delta, unify
-from cvm_edge.fusion_state import FusionState, float_stats, load_into, model_with, trainable_params
-from cvm_edge.routing import mean_feature
+from cvm_edge.lab.fusion import Unified, relative_error, task_delta, unify
+from cvm_edge.lab.fusion_state import FusionState, float_stats, load_into, model_with, trainable_params
+from cvm_edge.lab.routing import mean_feature
 from cvm_edge.strategy import Context, Plugin
 
 log = logging.getLogger(__name__)

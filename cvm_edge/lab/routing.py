@@ -27,7 +27,7 @@ from torch import nn
 
 from cvm_edge.augment import to_input
 from cvm_edge.data import ImageSet
-from cvm_edge.fusion_state import FusionState, model_with
+from cvm_edge.lab.fusion_state import FusionState, model_with
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import eval_batch_for

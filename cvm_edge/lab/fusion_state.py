@@ -1,7 +1,7 @@
 """What continual fusion keeps between tasks, as flat tensors for the checkpoint's plugin state.
 
 :class:`FusionState` holds the shared base (the trainable parameters before the first task), the
-unified delta with every task's packed mask and rescale (:mod:`cvm_edge.fusion`), the normalisation
+unified delta with every task's packed mask and rescale (:mod:`cvm_edge.lab.fusion`), the normalisation
 statistics (BatchNorm running mean/var) of each task where they differ from the base, and one
 routing prototype per task. Task ``t``'s model is ``base + rescale_t * mask_t * unified`` with its
 own statistics; the unified model is ``base + unified`` with the mean of the tasks' statistics.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cvm_edge.fusion import FusionBytes, Mask, PackedMask, Params, Unified, apply_delta, masks_nbytes, params_nbytes
+from cvm_edge.lab.fusion import FusionBytes, Mask, PackedMask, Params, Unified, apply_delta, masks_nbytes, params_nbytes
 
 M = TypeVar("M", bound=nn.Module)
 
