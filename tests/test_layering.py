@@ -21,7 +21,8 @@ def test_cvm_edge_does_not_import_llm_embeddings() -> None:
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1] / "cvm_edge"
-    offenders = [p.name for p in root.rglob("*.py") if "llm_embeddings" in p.read_text() and p.name != "cli.py"]
+    cli = root / "cli"  # the package of the `cvm` command may import it
+    offenders = [p.name for p in root.rglob("*.py") if "llm_embeddings" in p.read_text() and cli not in p.parents]
     assert offenders == []
 
 
