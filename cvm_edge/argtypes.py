@@ -6,6 +6,8 @@ import argparse
 import math
 from collections.abc import Callable
 
+from cvm_edge.errors import UsageError
+
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number no smaller than ``minimum`` (else a usage error, exit 2)."""
@@ -31,3 +33,47 @@ def non_negative_float(text: str) -> float:
     if not math.isfinite(v) or v < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return v
+
+
+# ----- the lab's flags ------------------------------------------------------------------------------
+# Flags of methods that do not win by default (cvm_edge/lab/) sit in an "experimental" group of their
+# command; setting one (or naming a lab plugin) without --experimental is a usage error. The check
+# runs in one place, `cvm`'s main, from what each command recorded in its parser's defaults.
+EXPERIMENTAL_TITLE = "experimental (the lab, cvm_edge/lab/: not a default anywhere; needs --experimental)"
+LAB_KEY = "_lab_flags"  # parser default: {dest: (flag, default)}
+
+
+def experimental_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The command's group of lab flags, with the ``--experimental`` switch itself."""
+    group = parser.add_argument_group(EXPERIMENTAL_TITLE)
+    group.add_argument(
+        "--experimental",
+        action="store_true",
+        help="allow the lab's methods (bench/BENCHMARKS.md: none wins by default)",
+    )
+    return group
+
+
+def mark_experimental(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup) -> None:
+    """Record the flags of ``group`` (but the switch) as the lab's: call after adding them."""
+    flags = {a.dest: (a.option_strings[0], a.default) for a in group._group_actions if a.dest != "experimental"}
+    parser.set_defaults(**{LAB_KEY: flags})
+
+
+def lab_flags_used(args: argparse.Namespace, lab_values: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """The lab flags ``args`` set away from their defaults, and any of ``lab_values`` (dest -> values
+    that belong to the lab, e.g. the plugins fusion and align) that a list-valued flag names."""
+    used = [flag for dest, (flag, default) in getattr(args, LAB_KEY, {}).items() if getattr(args, dest) != default]
+    for dest, values in (lab_values or {}).items():
+        used += [f"{v}" for v in getattr(args, dest, ()) or () if v in values]
+    return used
+
+
+def require_experimental(args: argparse.Namespace, lab_values: dict[str, tuple[str, ...]] | None = None) -> None:
+    """A usage error (exit 2) when ``args`` uses the lab without ``--experimental``."""
+    used = lab_flags_used(args, lab_values)
+    if used and not getattr(args, "experimental", False):
+        raise UsageError(
+            f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} experimental (cvm_edge/lab/, not a default "
+            "anywhere): add --experimental to use it"
+        )

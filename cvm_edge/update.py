@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,115 +187,129 @@ def _load_table_for_update(current: ConceptTable, path: Path | None) -> ConceptT
     return new
 
 
-def run_update(
-    workdir: Path, opts: UpdateOptions, publish_hook: Callable[[int, ImageSet | None], None] | None = None
-) -> UpdateReport:
-    """Train on ``opts.data_dir`` and publish a new version, or raise with nothing written."""
+@dataclasses.dataclass(frozen=True)
+class SavedUpdate:
+    """A version :func:`save_update` published: its history entry, the store's keep setting, and
+    (analytic stores, which keep no images) the images its export checks parity on."""
+
+    version: int
+    entry: dict[str, Any]
+    keep: int
+    parity: ImageSet | None
+
+
+def run_update(workdir: Path, opts: UpdateOptions) -> UpdateReport:
+    """Train on ``opts.data_dir`` and publish a new version, or raise with nothing written; the
+    store lock is held throughout. ``cvm update`` holds the lock itself, to export in between."""
     store = CheckpointStore(workdir)
-    t0 = time.perf_counter()
     with FileLock(store.lock_path, "cvm update"):
-        store.clean_stale()
-        prev = store.load()
-        _check_holdout(opts, prev.model_config)  # before the folder is read
-        table = _load_table_for_update(prev.table, opts.concepts)
-        # An analytic store with its backbone graph builds no backbone module (no timm): onnxruntime
-        # runs the graph, torch the head.
-        run_graph = graph_to_run(prev, opts.device)
-        model = (head_from_checkpoint(prev) if run_graph is not None else model_from_checkpoint(prev)).to(
-            torch.device(opts.device)
-        )
-        if table is not prev.table:
-            model.set_table(table.as_float32())
-        data, graph = _read_update_data(opts, table, prev, model, run_graph)
-        release_freed_memory()  # the reading's activations: the peak is the largest step's, not their sum
-        train, val = _holdout(data, opts)
-        trained_classes = data.classes
-        del data  # train and val are copies: at 224 px the full set of pixels is hundreds of MB
-        # Every class the previous version knew is old, also when this update brings new images of
-        # it (a new camera, lighting, season): the gate and distillation protect what it knew.
-        old_classes = sorted(int(c) for c in prev.seen)
-        revisited = [c for c in trained_classes if c in old_classes]
-        new_classes = [c for c in trained_classes if c not in old_classes]
-        kind = update_kind(new_classes, revisited)
-        seen = sorted(set(old_classes) | set(trained_classes))
-        _log_update_kind(kind, new_classes, revisited, table.names)
-        # Task similarity from the concept table (before training): reported, and the factor the
-        # distill/ewc plugins apply when --similarity-scaling is on (they compute it the same way).
-        similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
-        log.info("task similarity: %s", similarity.summary(table.names))
-        learn = learner_for(prev.model_config)
-        learned = learn(prev, model, table, train, val, seen, old_classes, revisited, opts)
-        scorer, pred_before, pred = learned.scorer, learned.pred_before, learned.pred_after
-        acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
-        revisited_new_before = scorer.accuracy(pred_before, revisited, "current")
-        acc = scorer.accuracy(pred, seen, "all")
-        acc_earlier = scorer.accuracy(pred, old_classes, "earlier")
-        old_before = mean_over(acc_before, old_classes)
-        old_after = mean_over(acc_earlier, old_classes)
-        entry: dict[str, Any] = {
-            "task": len(prev.history) + 1,
-            "kind": kind,
-            "new_classes": list(new_classes),
-            "new_class_names": [table.names[c] for c in new_classes],
-            "revisited_classes": list(revisited),
-            "revisited_class_names": [table.names[c] for c in revisited],
-            "trained_classes": list(trained_classes),
-            "revisited": revisited_figures(
-                revisited, revisited_new_before, scorer.accuracy(pred, revisited, "current"), acc_before, acc_earlier
-            ),
-            "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
-            "old_accuracy_before": old_before,
-            "old_accuracy": old_after,
-            "new_accuracy": mean_over(acc, new_classes),
-            "all_accuracy": mean_over(acc, seen),
-            "n_train": len(train),
-            "n_val": len(val),
-            **learned.entry,
-            "images_per_s": learned.entry["images_seen"] / max(1e-9, time.perf_counter() - t0),
-            "wall_s": time.perf_counter() - t0,
-            "forced": False,
-            "similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling),
-            **({"label": opts.label} if opts.label else {}),
-        }
-        gate = forgetting_gate(prev.history, old_classes, acc_before, acc_earlier)
-        entry.update(gate.figures())
-        worst = max(gate.since_previous, gate.since_learned)
-        if worst > opts.max_forgetting:
-            if not opts.force:
-                raise ForgettingGateError(
-                    f"{gate.describe()}, over --max-forgetting {opts.max_forgetting:g}; nothing was published."
-                    f"{worst_drops(gate.reference, acc_earlier, table.names)} Train with replay/distill, or pass --force"
-                )
-            entry["forced"] = True
-            log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", worst)
-        log.info("trained and evaluated in %.1f s; saving the checkpoint", time.perf_counter() - t0)
-        fault_point("update_saving")
-        ckpt = dataclasses.replace(
-            prev,
-            table=table,
-            weights=version_weights(prev, model),
-            seen=tuple(seen),
-            history=(*prev.history, entry),
-            plugins=tuple(opts.plugins) if not prev.model_config.analytic else (),
-            keep_versions=prev.keep_versions if opts.keep_versions is None else opts.keep_versions,
-            backbone_graph=graph,
-            **learned.checkpoint,
-        )
-        keep = ckpt.keep_versions
-        version = store.save(ckpt)
-        entry["version"] = version
-        entry["store_mb"] = round(store.version_bytes(version) / 1e6, 3)
-        if publish_hook is not None:
-            # The export loads the saved version itself: drop this update's images, features and
-            # models first, so a device's peak memory is that of the bigger step, not of both.
-            # An analytic store keeps no images, so its export checks parity on this update's.
-            parity = None if ckpt.val.pixels.size or len(ckpt.buffer) else parity_sample(val, train, ckpt.prep)
-            del ckpt, prev, train, val, scorer, model, learned
-            release_freed_memory()
-            publish_hook(version, parity)
-        # Only after LATEST (and, when exporting, CURRENT) moved: what is removed is never what is served.
-        pruned = _prune(store, keep)
-    return UpdateReport(version=version, entry=entry, pruned=tuple(pruned))
+        return finish_update(store, save_update(store, opts))
+
+
+def finish_update(store: CheckpointStore, saved: SavedUpdate) -> UpdateReport:
+    """After LATEST (and, when exporting, CURRENT) moved, remove versions beyond the store's keep
+    setting: what is removed is never what is served. Call while holding the lock."""
+    return UpdateReport(version=saved.version, entry=saved.entry, pruned=tuple(_prune(store, saved.keep)))
+
+
+def save_update(store: CheckpointStore, opts: UpdateOptions) -> SavedUpdate:
+    """Learn ``opts.data_dir``, gate on forgetting and save the new version. Call while holding
+    the store lock; everything it loaded is freed when it returns (an export may follow)."""
+    t0 = time.perf_counter()
+    store.clean_stale()
+    prev = store.load()
+    _check_holdout(opts, prev.model_config)  # before the folder is read
+    table = _load_table_for_update(prev.table, opts.concepts)
+    # An analytic store with its backbone graph builds no backbone module (no timm): onnxruntime
+    # runs the graph, torch the head.
+    run_graph = graph_to_run(prev, opts.device)
+    model = (head_from_checkpoint(prev) if run_graph is not None else model_from_checkpoint(prev)).to(
+        torch.device(opts.device)
+    )
+    if table is not prev.table:
+        model.set_table(table.as_float32())
+    data, graph = _read_update_data(opts, table, prev, model, run_graph)
+    release_freed_memory()  # the reading's activations: the peak is the largest step's, not their sum
+    train, val = _holdout(data, opts)
+    trained_classes = data.classes
+    del data  # train and val are copies: at 224 px the full set of pixels is hundreds of MB
+    # Every class the previous version knew is old, also when this update brings new images of
+    # it (a new camera, lighting, season): the gate and distillation protect what it knew.
+    old_classes = sorted(int(c) for c in prev.seen)
+    revisited = [c for c in trained_classes if c in old_classes]
+    new_classes = [c for c in trained_classes if c not in old_classes]
+    kind = update_kind(new_classes, revisited)
+    seen = sorted(set(old_classes) | set(trained_classes))
+    _log_update_kind(kind, new_classes, revisited, table.names)
+    # Task similarity from the concept table (before training): reported, and the factor the
+    # distill/ewc plugins apply when --similarity-scaling is on (they compute it the same way).
+    similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
+    log.info("task similarity: %s", similarity.summary(table.names))
+    learn = learner_for(prev.model_config)
+    learned = learn(prev, model, table, train, val, seen, old_classes, revisited, opts)
+    scorer, pred_before, pred = learned.scorer, learned.pred_before, learned.pred_after
+    acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
+    revisited_new_before = scorer.accuracy(pred_before, revisited, "current")
+    acc = scorer.accuracy(pred, seen, "all")
+    acc_earlier = scorer.accuracy(pred, old_classes, "earlier")
+    old_before = mean_over(acc_before, old_classes)
+    old_after = mean_over(acc_earlier, old_classes)
+    entry: dict[str, Any] = {
+        "task": len(prev.history) + 1,
+        "kind": kind,
+        "new_classes": list(new_classes),
+        "new_class_names": [table.names[c] for c in new_classes],
+        "revisited_classes": list(revisited),
+        "revisited_class_names": [table.names[c] for c in revisited],
+        "trained_classes": list(trained_classes),
+        "revisited": revisited_figures(
+            revisited, revisited_new_before, scorer.accuracy(pred, revisited, "current"), acc_before, acc_earlier
+        ),
+        "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
+        "old_accuracy_before": old_before,
+        "old_accuracy": old_after,
+        "new_accuracy": mean_over(acc, new_classes),
+        "all_accuracy": mean_over(acc, seen),
+        "n_train": len(train),
+        "n_val": len(val),
+        **learned.entry,
+        "images_per_s": learned.entry["images_seen"] / max(1e-9, time.perf_counter() - t0),
+        "wall_s": time.perf_counter() - t0,
+        "forced": False,
+        "similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling),
+        **({"label": opts.label} if opts.label else {}),
+    }
+    gate = forgetting_gate(prev.history, old_classes, acc_before, acc_earlier)
+    entry.update(gate.figures())
+    worst = max(gate.since_previous, gate.since_learned)
+    if worst > opts.max_forgetting:
+        if not opts.force:
+            raise ForgettingGateError(
+                f"{gate.describe()}, over --max-forgetting {opts.max_forgetting:g}; nothing was published."
+                f"{worst_drops(gate.reference, acc_earlier, table.names)} Train with replay/distill, or pass --force"
+            )
+        entry["forced"] = True
+        log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", worst)
+    log.info("trained and evaluated in %.1f s; saving the checkpoint", time.perf_counter() - t0)
+    fault_point("update_saving")
+    ckpt = dataclasses.replace(
+        prev,
+        table=table,
+        weights=version_weights(prev, model),
+        seen=tuple(seen),
+        history=(*prev.history, entry),
+        plugins=tuple(opts.plugins) if not prev.model_config.analytic else (),
+        keep_versions=prev.keep_versions if opts.keep_versions is None else opts.keep_versions,
+        backbone_graph=graph,
+        **learned.checkpoint,
+    )
+    keep = ckpt.keep_versions
+    version = store.save(ckpt)
+    entry["version"] = version
+    entry["store_mb"] = round(store.version_bytes(version) / 1e6, 3)
+    # An analytic store keeps no images, so its export checks parity on this update's.
+    parity = None if ckpt.val.pixels.size or len(ckpt.buffer) else parity_sample(val, train, ckpt.prep)
+    return SavedUpdate(version=version, entry=entry, keep=keep, parity=parity)
 
 
 def _prune(store: CheckpointStore, keep: int) -> list[int]:

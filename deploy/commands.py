@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cvm_edge.argtypes import int_at_least
+from cvm_edge.argtypes import experimental_group, int_at_least, mark_experimental
 
 DEFAULT_OPSET = 18  # deploy.export.DEFAULT_OPSET (that module imports torch)
 DEFAULT_PORT = 8080
@@ -147,14 +147,6 @@ def add_deploy_commands(sub: Any) -> None:
         help="int8: how activation ranges are chosen on the replay buffer (default percentile)",
     )
     e.add_argument(
-        "--routing",
-        choices=("none", "top-k"),
-        default="none",
-        help="top-k: export the fused task models of a store trained with --plugins fusion, routed by "
-        "prototype similarity inside the graph (fp32); none: the single model (default)",
-    )
-    e.add_argument("--top-k", type=int_at_least(1), default=2, help="task models averaged per image (routing top-k)")
-    e.add_argument(
         "--images",
         type=Path,
         default=None,
@@ -175,6 +167,17 @@ def add_deploy_commands(sub: Any) -> None:
         default=1000,
         help="--format triton: dynamic batching max_queue_delay_microseconds (default 1000)",
     )
+    lab = experimental_group(e)
+    lab.add_argument(
+        "--fusion-routing",
+        dest="routing",
+        choices=("none", "top-k"),
+        default="none",
+        help="top-k: export the fused task models of a store trained with --plugins fusion, routed by "
+        "prototype similarity inside the graph (fp32); none: the single model (default)",
+    )
+    lab.add_argument("--top-k", type=int_at_least(1), default=2, help="task models averaged per image (fusion routing)")
+    mark_experimental(e, lab)
     e.set_defaults(func=cmd_export)
 
     s = sub.add_parser(

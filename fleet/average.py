@@ -7,7 +7,7 @@ weights, then merge the accepted ones into the fleet's next weights.
   weights the round started from: sign consensus, the largest agreeing magnitude. Every device
   publishes the same unified weights. Each device's mask and rescale (where its delta agrees with the
   consensus) are kept too, with its routing prototype (the mean frozen-backbone feature of its
-  images), as the coordinator store's fusion state (``fleet.fused``): ``cvm export --routing top-k``
+  images), as the coordinator store's fusion state (``fleet.fused``): ``cvm export --experimental --fusion-routing top-k``
   then serves the devices' rebuilt models routed to the closest ``k``.
 
 Only the concept head travels (the mapper and the logit scale): the backbone is the fleet's frozen

@@ -176,7 +176,7 @@ class Coordinator:
             images = {**entry, "images_seen": int(sum(merge.images.values()))}
             ckpt = weights_version(prev, table, merge.weights, merge.seen, images)
             # A fusion round also keeps each device's mask, rescale and routing prototype (fleet.fused),
-            # for `cvm export --routing top-k`; any other round drops an earlier round's.
+            # for `cvm export --experimental --fusion-routing top-k`; any other round drops an earlier round's.
             plugins = {k: v for k, v in prev.plugin_state.items() if k != PLUGIN_KEY}
             width = feature_width(head_weights(prev.weights)) if merge.unified is not None else None
             state = fusion_state(merge, head_parameters(prev, table, width)) if width is not None else None

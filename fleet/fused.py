@@ -4,7 +4,7 @@ ConDU keeps, besides the unified delta that every device serves, each device's m
 agrees with the consensus sign) and rescale: ``start + rescale_d * mask_d * unified`` rebuilds device
 ``d``'s model (exactly for a device whose delta set every agreeing magnitude, approximately for the
 rest). With each device's routing prototype, the mean frozen-backbone feature of its images (a
-statistic: no image leaves the device), ``cvm export --routing top-k`` serves those rebuilt models,
+statistic: no image leaves the device), ``cvm export --experimental --fusion-routing top-k`` serves those rebuilt models,
 each input routed to the ``k`` devices whose prototypes are closest (``cvm_edge.lab.routing``). The state
 has the fusion plugin's format (``cvm_edge.lab.fusion_state``), so the export path is the plugin's own."""
 

@@ -168,11 +168,16 @@ def test_cvm_update_with_align_and_its_usage_errors(
             update_store(wd, data, "--plugins", "replay,distill,align", "--align-weight", bad)
         assert exc.value.code == 2
         assert "must be a finite number >= 0" in capsys.readouterr().err
-    assert update_store(wd, data, "--epochs", "1", "--plugins", "replay,distill,align", "--align-weight", "0.5") == 0
+    assert (
+        update_store(
+            wd, data, "--experimental", "--epochs", "1", "--plugins", "replay,distill,align", "--align-weight", "0.5"
+        )
+        == 0
+    )
     assert CheckpointStore(wd).load().plugins == ("replay", "distill", "align")
     linear = tmp_path / "linear"
     init_store(linear, fashion_table, "--buffer-size", "20", "--head", "linear")
     capsys.readouterr()
-    assert update_store(linear, data, "--epochs", "1", "--plugins", "replay,align") == 2
+    assert update_store(linear, data, "--experimental", "--epochs", "1", "--plugins", "replay,align") == 2
     assert "the align plugin needs the concept head; this store's head is linear" in capsys.readouterr().err
     assert CheckpointStore(linear).versions() == [1]

@@ -20,7 +20,10 @@ LAB_SEAMS: dict[str, set[str]] = {
     "cvm_edge/plugins/__init__.py": {"cvm_edge.lab.align", "cvm_edge.lab.fusion_plugin"},  # the plugin table
     "cvm_edge/plugins/distill.py": {"cvm_edge.lab.similarity"},  # --similarity-scaling
     "cvm_edge/plugins/ewc.py": {"cvm_edge.lab.similarity"},
-    "deploy/export.py": {"cvm_edge.lab.fusion_state", "cvm_edge.lab.routing"},  # export --routing top-k
+    "deploy/export.py": {
+        "cvm_edge.lab.fusion_state",
+        "cvm_edge.lab.routing",
+    },  # export --experimental --fusion-routing top-k
     "fleet/average.py": {"cvm_edge.lab.fusion"},  # the fleet's fusion merge
     "fleet/fused.py": {"cvm_edge.lab.fusion", "cvm_edge.lab.fusion_state", "cvm_edge.lab.routing"},
 }

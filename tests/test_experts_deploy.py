@@ -35,7 +35,9 @@ def _store(tmp_path_factory: pytest.TempPathFactory, table: Path, routing: str) 
     if routing not in _STORES:
         base = tmp_path_factory.mktemp(f"experts-{routing}")
         wd = base / "w"
-        init_store(wd, table, "--experts", "adapter", "--routing", routing, "--buffer-size", "60")
+        init_store(
+            wd, table, "--experimental", "--experts", "adapter", "--expert-routing", routing, "--buffer-size", "60"
+        )
         for t, classes in enumerate(TASKS):
             data = write_folders(base / f"d{t}", classes, 30)
             assert update(wd, data, "--epochs", "1", "--balance-epochs", "1", "--force") == 0
@@ -146,6 +148,7 @@ def test_init_refuses_experts_on_a_linear_head(
         *args,
         "--head",
         "linear",
+        "--experimental",
         "--experts",
         "adapter",
     )

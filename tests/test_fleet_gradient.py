@@ -334,7 +334,7 @@ def test_a_fusion_round_keeps_each_devices_mask_and_prototype_and_the_coordinato
     tmp_path: Path, capsys
 ) -> None:
     """ConDU's per-device masks and rescales, with each device's routing prototype (the mean frozen
-    feature of its images), are the coordinator version's fusion state; `cvm export --routing top-k`
+    feature of its images), are the coordinator version's fusion state; `cvm export --experimental --fusion-routing top-k`
     serves the devices' rebuilt models routed by those prototypes."""
     from conftest import run_cli
     from cvm_edge.checkpoints import CheckpointStore
@@ -399,7 +399,16 @@ def test_a_fusion_round_keeps_each_devices_mask_and_prototype_and_the_coordinato
         chosen = routed.weights(torch.from_numpy(normalise(pixels, prep))).argmax(1).numpy()
     own = np.isin(sample["test_labels"][test], (7, 9)).astype(int)  # device b's classes -> task 1
     assert (chosen == own).mean() >= 0.8, (chosen == own).mean()
-    export = ["export", "--workdir", str(tmp_path / "coord"), "--routing", "top-k", "--top-k", "1"]
+    export = [
+        "export",
+        "--workdir",
+        str(tmp_path / "coord"),
+        "--experimental",
+        "--fusion-routing",
+        "top-k",
+        "--top-k",
+        "1",
+    ]
     assert run_cli("-q", *export, "--images", str(tmp_path / "a-data")) == 0
     manifest = json.loads((tmp_path / "coord" / "bundles" / f"v{version:06d}" / "manifest.json").read_text())
     assert manifest["routing"]["tasks"] == 2 and manifest["routing"]["k"] == 1 and manifest["parity"]["passed"]

@@ -146,7 +146,7 @@ def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on
             assert len(np.unique(pixels, axis=0)) == len(ckpt.val)
 
         # A fusion round on the same fleet: every device serves the unified weights, and the coordinator's
-        # version keeps each device's mask, rescale and routing prototype (`cvm export --routing top-k`).
+        # version keeps each device's mask, rescale and routing prototype (`cvm export --experimental --fusion-routing top-k`).
         run_rounds("fusion", 1)
         fused = store.load()
         assert fused.history[-1]["fleet_round"] == 3 and fused.history[-1]["merge"] == "fusion"

@@ -1,5 +1,5 @@
 """Fusion end to end on the product path: `cvm update --plugins fusion` three times, the unified
-bundle it publishes, `cvm export --routing top-k` through the fp32 parity gate, and a real
+bundle it publishes, `cvm export --experimental --fusion-routing top-k` through the fp32 parity gate, and a real
 `cvm serve` process (uvicorn) answering with the routed bundle."""
 
 from __future__ import annotations
@@ -37,14 +37,17 @@ def store(tmp_path_factory: pytest.TempPathFactory, fashion_table: Path) -> Path
     init_store(wd, fashion_table)
     for t, classes in enumerate(TASKS):
         data = write_folders(base / f"d{t}", classes, 20)
-        extra = ("--plugins", "fusion", "--epochs", "1", "--force", "--balance-epochs", "0")
+        extra = ("--experimental", "--plugins", "fusion", "--epochs", "1", "--force", "--balance-epochs", "0")
         assert update(wd, data, *extra) == 0
     return wd
 
 
 @pytest.fixture(scope="module")
 def routed_bundle(store: Path) -> Path:
-    assert run_cli("-q", "export", "--workdir", str(store), "--routing", "top-k", "--top-k", "2") == 0
+    assert (
+        run_cli("-q", "export", "--workdir", str(store), "--experimental", "--fusion-routing", "top-k", "--top-k", "2")
+        == 0
+    )
     bundle = current_bundle_dir(store)
     assert bundle is not None and bundle.name == "v000004.2"  # next to the unified v000004 of the update
     return bundle
@@ -91,7 +94,10 @@ def test_routing_needs_a_fused_store_and_fp32(store: Path, capsys: pytest.Captur
         export_mod.routed_model(
             dataclasses.replace(ckpt, plugin_state={}), model_from_checkpoint(ckpt), export_mod.ExportOptions()
         )
-    assert run_cli("export", "--workdir", str(store), "--routing", "top-k", "--precision", "int8") == 2
+    assert (
+        run_cli("export", "--workdir", str(store), "--experimental", "--fusion-routing", "top-k", "--precision", "int8")
+        == 2
+    )
     assert "fp32 only" in capsys.readouterr().err
 
 

@@ -145,7 +145,12 @@ def test_update_reports_similarity_in_history_and_status(
     assert run_cli("-q", "update", "--workdir", str(wd), "--data", str(first), *common) == 0
     capsys.readouterr()
     second = class_folders([2], per_class=20, name="b")  # Pullover
-    assert run_cli("update", "--workdir", str(wd), "--data", str(second), "--similarity-scaling", *common) == 0
+    assert (
+        run_cli(
+            "update", "--workdir", str(wd), "--data", str(second), "--experimental", "--similarity-scaling", *common
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "old classes most at risk: Coat" in printed
     assert run_cli("status", "--workdir", str(wd), "--json") == 0

@@ -11,11 +11,13 @@ import sys
 from collections.abc import Sequence
 
 from cvm_edge import __version__
+from cvm_edge.argtypes import require_experimental
 from cvm_edge.cli import embed, learn, predict, store
 from cvm_edge.display import printable
 from cvm_edge.errors import CvmError
 
 # what the training and embedding extras install: a command that needs one of them on a slim install fails in one line
+LAB_PLUGINS = ("fusion", "align")  # plugins of the lab (cvm_edge/lab/): `cvm update --plugins` needs --experimental
 EXTRAS_MODULES = ("torch", "timm", "torchvision", "onnx", "sentence_transformers")
 
 
@@ -58,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a usage error exits 2 here
     _setup_logging(args.verbose, args.quiet)
     try:
+        require_experimental(args, {"plugins": LAB_PLUGINS})
         return int(args.func(args))
     except CvmError as exc:  # one line: names and paths inside it cannot start another line or colour it
         print(f"cvm: error: {printable(str(exc))}", file=sys.stderr)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from cvm_edge.argtypes import non_negative_float
+from cvm_edge.argtypes import experimental_group, mark_experimental, non_negative_float
 from cvm_edge.cli.flagtypes import non_negative_int, plugin_list, positive_float, positive_int
 from cvm_edge.errors import CvmError, UsageError
 
 if TYPE_CHECKING:
-    from cvm_edge.update import UpdateOptions
+    from cvm_edge.update import SavedUpdate, UpdateOptions
 
 log = logging.getLogger("cvm")
 Group = argparse._ArgumentGroup
@@ -24,7 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     i = sub.add_parser("init", help="create version 1 of a model store")
     store, model, learner = (i.add_argument_group(t) for t in ("store", "model", "learner"))
     _add_init_flags(store, model, learner)
-    _add_expert_flags(i.add_argument_group("experts"))
+    lab = experimental_group(i)
+    _add_expert_flags(lab)
+    mark_experimental(i, lab)
     i.set_defaults(func=cmd_init)
 
     u = sub.add_parser("update", help="learn the classes in a data folder and publish a new version")
@@ -34,6 +35,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _add_update_training_flags(data, training, plugins)
     _add_plugin_flags(plugins)
     _add_publishing_flags(data, training, publishing, output)
+    lab = experimental_group(u)
+    _add_lab_plugin_flags(lab)
+    mark_experimental(u, lab)
     u.set_defaults(func=cmd_update)
 
 
@@ -101,7 +105,11 @@ def _add_expert_flags(experts: Group) -> None:
     )
     experts.add_argument("--expert-rank", type=positive_int, default=8, help="rank of each expert adapter (default 8)")
     experts.add_argument(
-        "--routing", choices=("soft", "hard"), default="soft", help="soft: softmax over anchor cosines; hard: top-1"
+        "--expert-routing",
+        dest="routing",
+        choices=("soft", "hard"),
+        default="soft",
+        help="soft: softmax over anchor cosines; hard: top-1",
     )
     experts.add_argument(
         "--routing-temperature", type=positive_float, default=0.1, help="T of softmax(cos/T) for soft routing"
@@ -185,7 +193,7 @@ def _add_update_training_flags(data: Group, training: Group, plugins: Group) -> 
         "--plugins",
         type=plugin_list,
         default=("replay", "distill"),
-        help="comma list of replay,distill,ewc,der,fusion,align or none",
+        help="comma list of replay,distill,ewc,der or none; the lab's fusion and align need --experimental",
     )
     training.add_argument(
         "--loss",
@@ -205,13 +213,16 @@ def _add_plugin_flags(plugins: Group) -> None:
     plugins.add_argument("--distill-weight", type=non_negative_float, default=1.0)
     plugins.add_argument("--distill-target", choices=("embedding", "logits"), default="embedding")
     plugins.add_argument("--ewc-lambda", type=non_negative_float, default=100.0)
-    plugins.add_argument(
+
+
+def _add_lab_plugin_flags(lab: Group) -> None:
+    lab.add_argument(
         "--align-weight",
         type=non_negative_float,
         default=1.0,
         help="align plugin: weight of 1 - cos(embedding, own class) on the incoming images (concept head only)",
     )
-    plugins.add_argument(
+    lab.add_argument(
         "--similarity-scaling",
         type=float,
         nargs="?",
@@ -280,35 +291,38 @@ def _update_options(args: argparse.Namespace) -> UpdateOptions:
     )
 
 
-def _export_hook(workdir: Path, exported: list[str]) -> Callable[[int, Any], None]:
-    """run_update's publish hook: export the new version's bundle (its summary line appended to ``exported``)."""
+def _export(workdir: Path, saved: SavedUpdate) -> str:
+    """Export the new version's bundle (still under the update's lock); its summary line."""
+    from cvm_edge.fsutil import fault_point
+    from cvm_edge.memory import release_freed_memory
+    from deploy.export import ON_DEVICE, export_bundle
 
-    def export_hook(version: int, images: Any) -> None:  # inside run_update's lock, after the checkpoint is saved
-        from cvm_edge.fsutil import fault_point
-        from deploy.export import ON_DEVICE, export_bundle
-
-        log.info("exporting the bundle of v%d", version)
-        fault_point("update_exporting")
-        try:
-            exported.append(export_bundle(workdir, version, ON_DEVICE, images=images).summary())
-        except CvmError as exc:
-            raise CvmError(
-                f"checkpoint v{version} was saved, but no bundle was published ({exc}); the server keeps the "
-                f"previous bundle. Retry with `cvm export --workdir {workdir}`"
-            ) from None
-
-    return export_hook
+    release_freed_memory()  # the update's images and models are gone: the peak is the bigger step's
+    log.info("exporting the bundle of v%d", saved.version)
+    fault_point("update_exporting")
+    try:
+        return export_bundle(workdir, saved.version, ON_DEVICE, images=saved.parity).summary()
+    except CvmError as exc:
+        raise CvmError(
+            f"checkpoint v{saved.version} was saved, but no bundle was published ({exc}); the server keeps the "
+            f"previous bundle. Retry with `cvm export --workdir {workdir}`"
+        ) from None
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from cvm_edge.update import run_update
+    # The command holds the store lock across the update and its export, so the use case never
+    # calls into deploy: the layers stay one-way.
+    from cvm_edge.checkpoints import CheckpointStore
+    from cvm_edge.fsutil import FileLock
+    from cvm_edge.update import finish_update, save_update
 
     opts = _update_options(args)
-    exported: list[str] = []
-    report = run_update(
-        args.workdir, opts, publish_hook=None if args.no_export else _export_hook(args.workdir, exported)
-    )
+    store = CheckpointStore(args.workdir)
+    with FileLock(store.lock_path, "cvm update"):
+        saved = save_update(store, opts)
+        exported = None if args.no_export else _export(args.workdir, saved)
+        report = finish_update(store, saved)
     print(report.summary())
-    for line in exported:
-        print(line)
+    if exported is not None:
+        print(exported)
     return 0
