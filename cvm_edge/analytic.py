@@ -27,11 +27,13 @@ from typing import BinaryIO
 
 import numpy as np
 
-TARGETS = ("concepts", "whitened", "onehot")
+from cvm_edge import vocabulary
+
+TARGETS = vocabulary.ANALYTIC_TARGETS
 # Shrinkage of the table whitening: the covariance's eigenvalues are raised by this share of their
 # mean, so directions the table barely spans are not blown up without bound.
 WHITEN_SHRINK = 0.01
-DEFAULT_DIM = 2048
+DEFAULT_DIM = vocabulary.DEFAULT_ANALYTIC_DIM
 # The .npz key of G's packed upper triangle (RidgeStats.to_arrays, RidgeStats.write_npz).
 GRAM_KEY = "gram_triu"
 # Ridge strengths relative to the mean diagonal of G (the mean squared projected activation), so

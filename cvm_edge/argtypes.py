@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable
 
 from cvm_edge.errors import UsageError
@@ -22,17 +21,6 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return v
 
     return parse
-
-
-def non_negative_float(text: str) -> float:
-    """An argparse type: a finite number >= 0 (a loss weight; else a usage error, exit 2)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
-    return v
 
 
 # ----- the lab's flags ------------------------------------------------------------------------------
@@ -60,18 +48,14 @@ def mark_experimental(parser: argparse.ArgumentParser, group: argparse._Argument
     parser.set_defaults(**{LAB_KEY: flags})
 
 
-def lab_flags_used(args: argparse.Namespace, lab_values: dict[str, tuple[str, ...]] | None = None) -> list[str]:
-    """The lab flags ``args`` set away from their defaults, and any of ``lab_values`` (dest -> values
-    that belong to the lab, e.g. the plugins fusion and align) that a list-valued flag names."""
-    used = [flag for dest, (flag, default) in getattr(args, LAB_KEY, {}).items() if getattr(args, dest) != default]
-    for dest, values in (lab_values or {}).items():
-        used += [f"{v}" for v in getattr(args, dest, ()) or () if v in values]
-    return used
+def lab_flags_used(args: argparse.Namespace) -> list[str]:
+    """The lab flags ``args`` set away from their defaults."""
+    return [flag for dest, (flag, default) in getattr(args, LAB_KEY, {}).items() if getattr(args, dest) != default]
 
 
-def require_experimental(args: argparse.Namespace, lab_values: dict[str, tuple[str, ...]] | None = None) -> None:
+def require_experimental(args: argparse.Namespace) -> None:
     """A usage error (exit 2) when ``args`` uses the lab without ``--experimental``."""
-    used = lab_flags_used(args, lab_values)
+    used = lab_flags_used(args)
     if used and not getattr(args, "experimental", False):
         raise UsageError(
             f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} experimental (cvm_edge/lab/, not a default "

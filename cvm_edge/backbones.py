@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cvm_edge import vocabulary
+
 if TYPE_CHECKING:
     from timm.models.resnet import ResNet
 
 log = logging.getLogger(__name__)
 
-TRAIN_BACKBONE_CHOICES = ("all", "last", "none")
+TRAIN_BACKBONE_CHOICES = vocabulary.TRAIN_BACKBONE
 # Popular timm edge backbones, each checked through init -> update -> export -> predict
 # (tests/test_backbone_zoo.py, bench/zoo.py); any other timm name works the same way.
 EDGE_ZOO = (

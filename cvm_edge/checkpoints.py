@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cvm_edge import vocabulary
 from cvm_edge.analytic_learner import ANALYTIC_FILE, AnalyticState
 from cvm_edge.backbone_graph import graph_digest
 from cvm_edge.buffer import ReplayBuffer
@@ -61,7 +62,7 @@ BACKBONE_FILE = "backbone.pt"
 # by sha256 in each version's meta.json, not copied into each version.
 MAX_GRAPH_BYTES = 1 << 30
 # How many of the newest versions a store keeps (``cvm init/update --keep-versions``; 0 keeps all).
-DEFAULT_KEEP_VERSIONS = 5
+DEFAULT_KEEP_VERSIONS = vocabulary.DEFAULT_KEEP_VERSIONS
 
 
 def version_name(version: int) -> str:

@@ -19,26 +19,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvm_edge import vocabulary
 from cvm_edge.analytic import DEFAULT_DIM, TARGETS, projection, whiten_table
 from cvm_edge.backbones import TRAIN_BACKBONE_CHOICES, create_backbone, feature_dim, set_trainable
 from cvm_edge.lab.experts import EXPERT_CHOICES, ROUTING_CHOICES, ExpertMixture
 
-HEAD_CHOICES = ("concepts", "linear")
+HEAD_CHOICES = vocabulary.HEADS
 MAX_LOGIT_SCALE = math.log(100.0)
 # LogSumExp temperature over a class's prototype cosines: 0.1 sits between "best prototype wins"
 # (T -> 0, max) and "all prototypes count alike" (T -> inf, mean); cosines span [-1, 1].
-DEFAULT_PROTOTYPE_TEMPERATURE = 0.1
+DEFAULT_PROTOTYPE_TEMPERATURE = vocabulary.DEFAULT_PROTOTYPE_TEMPERATURE
 # Stands in for the cosine of a padding slot: below any real cosine (unit vectors: >= -1).
 PAD_COSINE = -2.0
 # Per-task experts (cvm_edge.lab.experts); off by default. The fields are left out of ``to_dict`` while
 # off, so checkpoints and bundles of models without experts keep exactly today's metadata.
 EXPERT_FIELDS = ("experts", "expert_rank", "routing", "routing_temperature", "expert_shared_mapper")
-SHARED_MAPPER_CHOICES = ("always", "first")
-DEFAULT_ROUTING_TEMPERATURE = 0.1
+SHARED_MAPPER_CHOICES = vocabulary.SHARED_MAPPER
+DEFAULT_ROUTING_TEMPERATURE = vocabulary.DEFAULT_ROUTING_TEMPERATURE
 # How the head learns: "gradient" (the Strategy's training loop) or "analytic" (closed-form ridge on
 # a fixed random ReLU projection of frozen features: cvm_edge.analytic). The analytic fields are
 # left out of ``to_dict`` for gradient stores, whose metadata stays exactly as it was.
-LEARNER_CHOICES = ("gradient", "analytic")
+LEARNER_CHOICES = vocabulary.LEARNERS
 ANALYTIC_FIELDS = ("learner", "analytic_dim", "analytic_seed", "analytic_targets")
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cvm_edge import vocabulary
 from cvm_edge.augment import black_fill, random_crop_flip, to_input
 from cvm_edge.backbones import feature_dim
 from cvm_edge.buffer import ReplayBuffer
@@ -30,9 +31,9 @@ from cvm_edge.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = vocabulary.OPTIMIZERS
 DIVERGED_HINT = "lower the learning rate or the regularisation weights (ewc lambda, distill weight)"
-LOSSES = ("ace", "ce", "ce-all")
+LOSSES = (*vocabulary.LOSSES, "ce-all")  # ce-all: the benchmarks' mammoth-style baselines
 
 
 @dataclasses.dataclass(frozen=True)

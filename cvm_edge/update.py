@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cvm_edge import vocabulary
 from cvm_edge.analytic import DEFAULT_DIM
 from cvm_edge.analytic_learner import AnalyticState
 from cvm_edge.backbone_graph import checked_graph
@@ -45,29 +46,32 @@ from cvm_edge.update_report import UpdateReport, update_kind
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUFFER = 500
+DEFAULT_BUFFER = vocabulary.DEFAULT_BUFFER
+_INIT, _UPDATE = vocabulary.INIT, vocabulary.UPDATE
 
 
 @dataclasses.dataclass(frozen=True)
 class InitOptions:
+    """What ``cvm init`` makes; defaults and choices from :data:`cvm_edge.vocabulary.INIT`."""
+
     concepts: Path
     backbone: str
     image_size: int
     train_backbone: str = "all"
-    head: str = "concepts"
-    mapper_hidden: int = 512
+    head: str = _INIT["head"].default
+    mapper_hidden: int = _INIT["mapper_hidden"].default
     pretrained: str = "none"
     buffer_size: int = DEFAULT_BUFFER
     seed: int = 0
     prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE  # multi-prototype tables only
-    experts: str = "none"  # per-task experts (cvm_edge.lab.experts): none | adapter
-    expert_rank: int = 8
-    routing: str = "soft"
+    experts: str = _INIT["experts"].default  # per-task experts (cvm_edge.lab.experts): none | adapter
+    expert_rank: int = _INIT["expert_rank"].default
+    routing: str = _INIT["routing"].default
     routing_temperature: float = DEFAULT_ROUTING_TEMPERATURE
-    expert_shared_mapper: str = "always"
+    expert_shared_mapper: str = _INIT["expert_shared_mapper"].default
     learner: str = "gradient"  # gradient | analytic (closed form, frozen backbone: cvm_edge.analytic)
     analytic_dim: int = DEFAULT_DIM
-    analytic_targets: str = "whitened"
+    analytic_targets: str = _INIT["analytic_targets"].default
     keep_versions: int = DEFAULT_KEEP_VERSIONS  # newest versions the store keeps after each publish; 0: all
 
 
@@ -144,18 +148,20 @@ def _backbone_graph(model: CvmModel, prep: Preprocessing) -> bytes | None:
 
 @dataclasses.dataclass(frozen=True)
 class UpdateOptions:
+    """What ``cvm update`` does; defaults and choices from :data:`cvm_edge.vocabulary.UPDATE`."""
+
     data_dir: Path
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    epochs: int = _UPDATE["epochs"].default
+    batch_size: int = _UPDATE["batch_size"].default
+    lr: float = _UPDATE["lr"].default
+    optimizer: str = _UPDATE["optimizer"].default
     buffer_size: int | None = None  # None keeps the store's current capacity
-    plugins: tuple[str, ...] = ("replay", "distill")
+    plugins: tuple[str, ...] = _UPDATE["plugins"].default
     plugin_options: PluginOptions = dataclasses.field(default_factory=PluginOptions)
-    max_forgetting: float = 10.0
+    max_forgetting: float = _UPDATE["max_forgetting"].default
     force: bool = False
-    seed: int = 0
-    holdout: float = 0.2
+    seed: int = _UPDATE["seed"].default
+    holdout: float = _UPDATE["holdout"].default
     # "seeded": a seeded per-class split of this update's images; "content": each image's side follows
     # from its pixels (cvm_edge.data.content_holdout_indices), for a caller that retrains on a folder
     # that keeps growing (a fleet device), so an image once held out is never trained on.
@@ -165,8 +171,8 @@ class UpdateOptions:
     device: str = "cpu"
     augment: bool = True
     progress: bool = True
-    loss: str = "ace"
-    balance_epochs: int = 3
+    loss: str = _UPDATE["loss"].default
+    balance_epochs: int = _UPDATE["balance_epochs"].default
     keep_versions: int | None = None  # None keeps the store's setting; else it becomes the setting
     channels_last: bool = True  # NHWC: about 2-3x faster CPU training and inference for Lite0 (bench/update.py)
     # A caller's tag, recorded as the version's history entry's "label": written in the same atomic step

@@ -163,17 +163,13 @@ def test_cvm_update_with_align_and_its_usage_errors(
     data = class_folders([0, 1], per_class=20)
     wd = tmp_path / "concepts"
     init_store(wd, fashion_table, "--buffer-size", "20")
-    for bad in ("-1", "nan", "inf"):
-        with pytest.raises(SystemExit) as exc:
-            update_store(wd, data, "--plugins", "replay,distill,align", "--align-weight", bad)
-        assert exc.value.code == 2
+    lab = ("--experimental", "--plugins", "replay,distill,align", "--config")
+    for bad in ("-1", "nan", "inf"):  # the align weight is a lab setting: a config file's
+        (tmp_path / "bad.toml").write_text(f"align_weight = {bad}\n")
+        assert update_store(wd, data, *lab, str(tmp_path / "bad.toml")) == 2
         assert "must be a finite number >= 0" in capsys.readouterr().err
-    assert (
-        update_store(
-            wd, data, "--experimental", "--epochs", "1", "--plugins", "replay,distill,align", "--align-weight", "0.5"
-        )
-        == 0
-    )
+    (tmp_path / "lab.toml").write_text("align_weight = 0.5\n")
+    assert update_store(wd, data, "--epochs", "1", *lab, str(tmp_path / "lab.toml")) == 0
     assert CheckpointStore(wd).load().plugins == ("replay", "distill", "align")
     linear = tmp_path / "linear"
     init_store(linear, fashion_table, "--buffer-size", "20", "--head", "linear")

@@ -27,6 +27,13 @@ TASKS = ([0, 1], [5, 7], [8, 9])  # T-shirt/top, Trouser | Sandal, Sneaker | Bag
 _STORES: dict[str, Path] = {}
 
 
+def _lab(folder: Path, routing: str) -> Path:
+    """The lab's settings for experts (cvm init --experimental --config FILE)."""
+    path = folder / "experts.toml"
+    path.write_text(f'[init]\nexperts = "adapter"\nrouting = "{routing}"\n')
+    return path
+
+
 def _store(tmp_path_factory: pytest.TempPathFactory, table: Path, routing: str) -> Path:
     """A 32 px resnet10_cifar_slim store with experts: three updates (v2-v4, each exported and
     parity-checked by `cvm update`), then v5, the same with each expert's ``up`` weights drawn at
@@ -35,9 +42,7 @@ def _store(tmp_path_factory: pytest.TempPathFactory, table: Path, routing: str) 
     if routing not in _STORES:
         base = tmp_path_factory.mktemp(f"experts-{routing}")
         wd = base / "w"
-        init_store(
-            wd, table, "--experimental", "--experts", "adapter", "--expert-routing", routing, "--buffer-size", "60"
-        )
+        init_store(wd, table, "--experimental", "--config", str(_lab(base, routing)), "--buffer-size", "60")
         for t, classes in enumerate(TASKS):
             data = write_folders(base / f"d{t}", classes, 30)
             assert update(wd, data, "--epochs", "1", "--balance-epochs", "1", "--force") == 0
@@ -149,8 +154,8 @@ def test_init_refuses_experts_on_a_linear_head(
         "--head",
         "linear",
         "--experimental",
-        "--experts",
-        "adapter",
+        "--config",
+        str(_lab(tmp_path, "soft")),
     )
     assert rc == 2 and "linear head" in capsys.readouterr().err
     assert not CheckpointStore(wd).exists()

@@ -145,10 +145,10 @@ def test_update_reports_similarity_in_history_and_status(
     assert run_cli("-q", "update", "--workdir", str(wd), "--data", str(first), *common) == 0
     capsys.readouterr()
     second = class_folders([2], per_class=20, name="b")  # Pullover
+    lab = tmp_path / "lab.toml"
+    lab.write_text("similarity_scaling = 1.0\n")  # a lab setting: config file only
     assert (
-        run_cli(
-            "update", "--workdir", str(wd), "--data", str(second), "--experimental", "--similarity-scaling", *common
-        )
+        run_cli("update", "--workdir", str(wd), "--data", str(second), "--experimental", "--config", str(lab), *common)
         == 0
     )
     printed = capsys.readouterr().out

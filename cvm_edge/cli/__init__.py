@@ -5,7 +5,6 @@
 - ``learn``: ``cvm init`` and ``cvm update`` (the use case ``cvm_edge.update``);
 - ``store``: ``cvm status`` and ``cvm rollback``;
 - ``predict``: ``cvm predict``;
-- ``flagtypes``: the value types of their flags.
 
 ``cvm inbox``, ``cvm export|serve`` and ``cvm fleet`` are registered by their own rooms (``cvm_edge.inbox``,
 ``deploy.commands``, ``fleet.commands``). The command line is the one room allowed to import ``deploy``,

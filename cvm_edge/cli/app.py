@@ -17,7 +17,6 @@ from cvm_edge.display import printable
 from cvm_edge.errors import CvmError
 
 # what the training and embedding extras install: a command that needs one of them on a slim install fails in one line
-LAB_PLUGINS = ("fusion", "align")  # plugins of the lab (cvm_edge/lab/): `cvm update --plugins` needs --experimental
 EXTRAS_MODULES = ("torch", "timm", "torchvision", "onnx", "sentence_transformers")
 
 
@@ -60,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a usage error exits 2 here
     _setup_logging(args.verbose, args.quiet)
     try:
-        require_experimental(args, {"plugins": LAB_PLUGINS})
+        require_experimental(args)  # init and update check theirs with their config file (cvm_edge.vocabulary)
         return int(args.func(args))
     except CvmError as exc:  # one line: names and paths inside it cannot start another line or colour it
         print(f"cvm: error: {printable(str(exc))}", file=sys.stderr)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cvm_edge.argtypes import experimental_group, mark_experimental, non_negative_float
-from cvm_edge.cli.flagtypes import non_negative_int, plugin_list, positive_float, positive_int
+from cvm_edge import vocabulary
+from cvm_edge.argtypes import experimental_group
 from cvm_edge.errors import CvmError, UsageError
 
 if TYPE_CHECKING:
@@ -22,110 +23,110 @@ Group = argparse._ArgumentGroup
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     i = sub.add_parser("init", help="create version 1 of a model store")
     store, model, learner = (i.add_argument_group(t) for t in ("store", "model", "learner"))
-    _add_init_flags(store, model, learner)
-    lab = experimental_group(i)
-    _add_expert_flags(lab)
-    mark_experimental(i, lab)
+    store.add_argument("--workdir", type=Path, required=True, help="store directory")
+    store.add_argument("--concepts", type=Path, required=True, help="concept table (.npz)")
+    _add_terms(
+        vocabulary.INIT,
+        {
+            "keep_versions": store,
+            "learner": learner,
+            "analytic_dim": learner,
+            "analytic_targets": learner,
+            "buffer_size": learner,
+            "seed": learner,
+        },
+        model,
+    )
+    _add_config_flags(i, vocabulary.INIT)
     i.set_defaults(func=cmd_init)
 
     u = sub.add_parser("update", help="learn the classes in a data folder and publish a new version")
     data, training, plugins, publishing, output = (
         u.add_argument_group(t) for t in ("data", "training", "plugins", "publishing", "output")
     )
-    _add_update_training_flags(data, training, plugins)
-    _add_plugin_flags(plugins)
-    _add_publishing_flags(data, training, publishing, output)
-    lab = experimental_group(u)
-    _add_lab_plugin_flags(lab)
-    mark_experimental(u, lab)
+    data.add_argument("--workdir", type=Path, required=True)
+    data.add_argument(
+        "--data", type=Path, required=True, help="one sub-folder per class (name or slug), or a labels.csv"
+    )
+    plugin_terms = ("plugins", "distill_weight", "distill_target", "ewc_lambda")
+    placed = {n: plugins for n in plugin_terms} | {"max_forgetting": publishing, "keep_versions": publishing}
+    _add_terms(vocabulary.UPDATE, placed | {"holdout": data}, training)
+    publishing.add_argument("--force", action="store_true", help="publish even past --max-forgetting")
+    publishing.add_argument(
+        "--no-export", action="store_true", help="do not export and publish an fp32 bundle afterwards"
+    )
+    data.add_argument(
+        "--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of failing"
+    )
+    data.add_argument("--concepts", type=Path, default=None, help="an extended concept table (from `cvm embed extend`)")
+    output.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_flags(u, vocabulary.UPDATE)
     u.set_defaults(func=cmd_update)
 
 
-# ----- init -----------------------------------------------------------------------------------
-def _add_init_flags(store: Group, model: Group, learner: Group) -> None:
-    store.add_argument("--workdir", type=Path, required=True, help="store directory")
-    store.add_argument("--concepts", type=Path, required=True, help="concept table (.npz)")
-    model.add_argument(
-        "--backbone", default=None, help="timm model name (default: pretrained efficientnet_lite0 when installed)"
-    )
-    model.add_argument("--image-size", type=positive_int, default=224, help="input size in pixels (default 224)")
-    learner.add_argument(
-        "--learner",
-        choices=("analytic", "gradient"),
+def _add_terms(terms: dict[str, vocabulary.Term], groups: dict[str, Group], default_group: Group) -> None:
+    """A flag per term of the vocabulary but the lab's (those are config-file settings); its value
+    is checked by the term, and left UNSET when not given so the config file can decide."""
+    for name, term in terms.items():
+        if term.lab:
+            continue
+        group = groups.get(name, default_group)
+        metavar = "{" + ",".join(term.choices) + "}" if term.choices else None
+        group.add_argument(
+            term.flag, dest=name, type=_flag_type(term), default=vocabulary.UNSET, metavar=metavar, help=_help(term)
+        )
+
+
+def _flag_type(term: vocabulary.Term) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        try:
+            return term.value(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _help(term: vocabulary.Term) -> str:
+    default = "" if term.default is None or "default" in term.help else f" (default {_shown(term.default)})"
+    return f"{term.help}{default}"
+
+
+def _shown(value: object) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, terms: dict[str, vocabulary.Term]) -> None:
+    experimental_group(parser)
+    lab_names = ", ".join(n for n, t in terms.items() if t.lab)
+    parser.add_argument_group("config").add_argument(
+        "--config",
+        type=Path,
         default=None,
-        help="analytic: closed-form ridge onto the concept rows on a frozen backbone, no images kept (default with a "
-        "pretrained backbone); gradient: the training loop with replay and distillation (default from scratch)",
-    )
-    learner.add_argument(
-        "--analytic-dim", type=positive_int, default=2048, help="analytic: width M of the random ReLU projection"
-    )
-    learner.add_argument(
-        "--targets",
-        choices=("whitened", "concepts", "onehot"),
-        default="whitened",
-        help="analytic: regress onto each class's row of the whitened concept table (default), its raw concept row, "
-        "or one-hot (RanPAC)",
-    )
-    model.add_argument(
-        "--train-backbone",
-        choices=("all", "last", "none"),
-        default=None,
-        help="which backbone weights train (gradient learner; default all; the analytic learner needs none)",
-    )
-    model.add_argument(
-        "--head", choices=("concepts", "linear"), default="concepts", help="concept table head or a plain linear one"
-    )
-    model.add_argument(
-        "--mapper-hidden", type=non_negative_int, default=512, help="mapper hidden width; 0 = linear mapper"
-    )
-    model.add_argument("--pretrained", default=None, help="none | offline | hub | PATH to a timm-compatible checkpoint")
-    learner.add_argument("--buffer-size", type=non_negative_int, default=500, help="replay buffer capacity (images)")
-    learner.add_argument("--seed", type=int, default=0)
-    store.add_argument(
-        "--keep-versions",
-        type=non_negative_int,
-        default=5,
-        help="keep the newest N versions (and their bundles) after each update; older ones are removed, never the "
-        "current one nor the serving bundle's (default 5; 0 keeps all)",
-    )
-    model.add_argument(
-        "--prototype-temperature",
-        type=positive_float,
-        default=0.1,
-        help="T of the class score T*log(mean exp(cos/T)) over a class's prototypes (multi-prototype tables)",
+        metavar="FILE.toml",
+        help="settings by name (the flags' names with underscores, top level or under [init] / [update]); a flag "
+        f"on the command line wins over the file. The lab's settings ({lab_names}) are set only here, with "
+        "--experimental",
     )
 
 
-def _add_expert_flags(experts: Group) -> None:
-    experts.add_argument(
-        "--experts",
-        choices=("none", "adapter"),
-        default="none",
-        help="adapter: each update adds a low-rank expert on the mapper, routed by feature anchors (default none)",
-    )
-    experts.add_argument("--expert-rank", type=positive_int, default=8, help="rank of each expert adapter (default 8)")
-    experts.add_argument(
-        "--expert-routing",
-        dest="routing",
-        choices=("soft", "hard"),
-        default="soft",
-        help="soft: softmax over anchor cosines; hard: top-1",
-    )
-    experts.add_argument(
-        "--routing-temperature", type=positive_float, default=0.1, help="T of softmax(cos/T) for soft routing"
-    )
-    experts.add_argument(
-        "--expert-shared-mapper",
-        choices=("always", "first"),
-        default="always",
-        help="the shared mapper trains in every update (always) or with the first expert only (first)",
-    )
+def _settings(args: argparse.Namespace, command: str, terms: dict[str, vocabulary.Term]) -> dict[str, Any]:
+    """Every setting of ``command``: the flags, else the config file, else the defaults; the lab's need --experimental."""
+    config = vocabulary.read_config(args.config, command, terms) if args.config else {}
+    values = vocabulary.resolve(terms, vars(args), config)
+    lab = vocabulary.lab_settings(terms, values)
+    if lab and not args.experimental:
+        raise UsageError(
+            f"{', '.join(lab)} {'is' if len(lab) == 1 else 'are'} experimental (cvm_edge/lab/, not a default "
+            "anywhere): add --experimental to use it"
+        )
+    return values
 
 
-def _backbone_and_learner(args: argparse.Namespace) -> tuple[str, str, str, str]:
-    """(backbone, pretrained, learner, train_backbone): the flags, or their defaults, which depend on each other."""
-    pretrained = args.pretrained
-    backbone = args.backbone
+def _backbone_and_learner(v: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(backbone, pretrained, learner, train_backbone): the settings, or their defaults, which depend on each other."""
+    pretrained = v["pretrained"]
+    backbone = v["backbone"]
     if backbone is None:
         from cvm_edge.defaults import default_backbone
 
@@ -134,8 +135,8 @@ def _backbone_and_learner(args: argparse.Namespace) -> tuple[str, str, str, str]
     pretrained = pretrained or "none"
     # The analytic learner needs features worth projecting: the default on a pretrained backbone
     # (bench/BENCHMARKS.md: above every gradient method there); from scratch the backbone must learn.
-    learner = args.learner or ("analytic" if pretrained != "none" else "gradient")
-    train_backbone = args.train_backbone or ("none" if learner == "analytic" else "all")
+    learner = v["learner"] or ("analytic" if pretrained != "none" else "gradient")
+    train_backbone = v["train_backbone"] or ("none" if learner == "analytic" else "all")
     if learner == "analytic" and train_backbone != "none":
         raise UsageError(
             "the analytic learner keeps the backbone frozen: use --train-backbone none or --learner gradient"
@@ -146,148 +147,41 @@ def _backbone_and_learner(args: argparse.Namespace) -> tuple[str, str, str, str]
 def cmd_init(args: argparse.Namespace) -> int:
     from cvm_edge.update import InitOptions, init_store
 
-    backbone, pretrained, learner, train_backbone = _backbone_and_learner(args)
-    opts = InitOptions(
-        concepts=args.concepts,
-        backbone=backbone,
-        image_size=args.image_size,
-        train_backbone=train_backbone,
-        head=args.head,
-        mapper_hidden=args.mapper_hidden,
-        pretrained=pretrained,
-        buffer_size=args.buffer_size,
-        seed=args.seed,
-        prototype_temperature=args.prototype_temperature,
-        experts=args.experts,
-        expert_rank=args.expert_rank,
-        routing=args.routing,
-        routing_temperature=args.routing_temperature,
-        expert_shared_mapper=args.expert_shared_mapper,
-        learner=learner,
-        analytic_dim=args.analytic_dim,
-        analytic_targets=args.targets,
-        keep_versions=args.keep_versions,
-    )
+    v = _settings(args, "init", vocabulary.INIT)
+    backbone, pretrained, learner, train_backbone = _backbone_and_learner(v)
+    resolved = {"backbone": backbone, "pretrained": pretrained, "learner": learner, "train_backbone": train_backbone}
+    opts = InitOptions(concepts=args.concepts, **(v | resolved))
     version = init_store(args.workdir, opts)
     print(
-        f"initialised {args.workdir}: version {version}, backbone {backbone} ({opts.pretrained}), {args.image_size} px, "
-        f"{learner} learner"
+        f"initialised {args.workdir}: version {version}, backbone {backbone} ({opts.pretrained}), "
+        f"{opts.image_size} px, {learner} learner"
     )
     return 0
 
 
 # ----- update ---------------------------------------------------------------------------------
-def _add_update_training_flags(data: Group, training: Group, plugins: Group) -> None:
-    data.add_argument("--workdir", type=Path, required=True)
-    data.add_argument(
-        "--data", type=Path, required=True, help="one sub-folder per class (name or slug), or a labels.csv"
-    )
-    training.add_argument("--epochs", type=positive_int, default=5)
-    training.add_argument("--batch-size", type=positive_int, default=32)
-    training.add_argument("--lr", type=positive_float, default=1e-3)
-    training.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    training.add_argument(
-        "--buffer-size", type=non_negative_int, default=None, help="replay buffer capacity (default: keep)"
-    )
-    plugins.add_argument(
-        "--plugins",
-        type=plugin_list,
-        default=("replay", "distill"),
-        help="comma list of replay,distill,ewc,der or none; the lab's fusion and align need --experimental",
-    )
-    training.add_argument(
-        "--loss",
-        choices=("ace", "ce"),
-        default="ace",
-        help="ace: new images compete only among new classes, replayed ones among all (default); ce: plain",
-    )
-    training.add_argument(
-        "--balance-epochs",
-        type=non_negative_int,
-        default=3,
-        help="epochs of class-balanced head tuning on the replay buffer after training, with --optimizer at half --lr (0: off)",
-    )
-
-
-def _add_plugin_flags(plugins: Group) -> None:
-    plugins.add_argument("--distill-weight", type=non_negative_float, default=1.0)
-    plugins.add_argument("--distill-target", choices=("embedding", "logits"), default="embedding")
-    plugins.add_argument("--ewc-lambda", type=non_negative_float, default=100.0)
-
-
-def _add_lab_plugin_flags(lab: Group) -> None:
-    lab.add_argument(
-        "--align-weight",
-        type=non_negative_float,
-        default=1.0,
-        help="align plugin: weight of 1 - cos(embedding, own class) on the incoming images (concept head only)",
-    )
-    lab.add_argument(
-        "--similarity-scaling",
-        type=float,
-        nargs="?",
-        const=1.0,
-        default=0.0,
-        metavar="P",
-        help="scale distill weight and EWC lambda by clip((old-new cosine / table mean cosine)^P, 1/4, 4) "
-        "(P defaults to 1 when the flag is given; 0: off)",
-    )
-
-
-def _add_publishing_flags(data: Group, training: Group, publishing: Group, output: Group) -> None:
-    publishing.add_argument(
-        "--max-forgetting", type=float, default=10.0, help="refuse to publish if old-class accuracy drops more (points)"
-    )
-    publishing.add_argument("--force", action="store_true", help="publish even past --max-forgetting")
-    training.add_argument("--seed", type=int, default=0)
-    data.add_argument("--holdout", type=float, default=0.2, help="validation fraction held out per class")
-    data.add_argument(
-        "--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of failing"
-    )
-    data.add_argument("--concepts", type=Path, default=None, help="an extended concept table (from `cvm embed extend`)")
-    training.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    output.add_argument("--no-progress", action="store_true", help="no progress bars")
-    publishing.add_argument(
-        "--no-export", action="store_true", help="do not export and publish an fp32 bundle afterwards"
-    )
-    publishing.add_argument(
-        "--keep-versions",
-        type=non_negative_int,
-        default=None,
-        help="change the store's setting: keep the newest N versions after this update (0: all; default: keep it)",
-    )
+_PLUGIN_SETTINGS = ("distill_weight", "distill_target", "ewc_lambda", "similarity_scaling", "align_weight")
 
 
 def _update_options(args: argparse.Namespace) -> UpdateOptions:
-    from cvm_edge.plugins import PluginOptions
+    from cvm_edge.plugins import PluginOptions, parse_plugin_list
     from cvm_edge.update import UpdateOptions
 
+    v = _settings(args, "update", vocabulary.UPDATE)
+    try:
+        plugins = tuple(parse_plugin_list(",".join(v.pop("plugins"))))  # the combinations the plugins refuse
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    plugin_options = PluginOptions(**{k: v.pop(k) for k in _PLUGIN_SETTINGS})
     return UpdateOptions(
         data_dir=args.data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        buffer_size=args.buffer_size,
-        plugins=args.plugins,
-        plugin_options=PluginOptions(
-            distill_weight=args.distill_weight,
-            distill_target=args.distill_target,
-            ewc_lambda=args.ewc_lambda,
-            similarity_scaling=args.similarity_scaling,
-            align_weight=args.align_weight,
-        ),
-        max_forgetting=args.max_forgetting,
+        plugins=plugins,
+        plugin_options=plugin_options,
         force=args.force,
-        seed=args.seed,
-        holdout=args.holdout,
         skip_bad_images=args.skip_bad_images,
         concepts=args.concepts,
-        device=args.device,
         progress=not args.no_progress,
-        loss=args.loss,
-        balance_epochs=args.balance_epochs,
-        keep_versions=args.keep_versions,
+        **v,
     )
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cvm_edge.cli.flagtypes import positive_int
+from cvm_edge.argtypes import int_at_least
 from cvm_edge.display import printable
 from cvm_edge.errors import UsageError
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument_group("store").add_argument("--workdir", type=Path, required=True)
     p.add_argument("images", nargs="+", help="image files")
     output = p.add_argument_group("output")
-    output.add_argument("--top-k", type=positive_int, default=3)
+    output.add_argument("--top-k", type=int_at_least(1), default=3)
     output.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 

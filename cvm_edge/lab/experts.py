@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvm_edge import vocabulary
+
 if TYPE_CHECKING:
     from cvm_edge.buffer import ReplayBuffer
     from cvm_edge.data import ImageSet
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROUTING_CHOICES = ("soft", "hard")
-EXPERT_CHOICES = ("none", "adapter")
+ROUTING_CHOICES = vocabulary.EXPERT_ROUTING
+EXPERT_CHOICES = vocabulary.EXPERTS
 # Cosine that stands in for an anchor no data has reached yet: below any real cosine.
 NO_ANCHOR_COSINE = -2.0
 

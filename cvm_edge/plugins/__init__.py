@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from cvm_edge import vocabulary
 from cvm_edge.lab.align import AlignPlugin
 from cvm_edge.lab.fusion_plugin import FusionPlugin
 from cvm_edge.plugins.balance import HeadBalancePlugin
@@ -14,24 +15,26 @@ from cvm_edge.plugins.ewc import EwcPlugin
 from cvm_edge.plugins.replay import ReplayMemory, ReplayPlugin
 from cvm_edge.strategy import Plugin
 
-PLUGIN_NAMES = ("replay", "distill", "ewc", "der", "fusion", "align")
+PLUGIN_NAMES = vocabulary.PLUGINS
 
 
 @dataclasses.dataclass(frozen=True)
 class PluginOptions:
-    distill_weight: float = 1.0
-    distill_target: str = "embedding"  # embedding | logits
+    distill_weight: float = vocabulary.UPDATE["distill_weight"].default
+    distill_target: str = vocabulary.UPDATE["distill_target"].default  # embedding | logits
     distill_temperature: float = 2.0
-    ewc_lambda: float = 100.0
+    ewc_lambda: float = vocabulary.UPDATE["ewc_lambda"].default
     ewc_decay: float = 1.0  # online EWC: old Fisher is multiplied by this before adding the new one
     ewc_samples: int = 512
     der_alpha: float = 0.1  # DER++ (Buzzega et al. 2020): weight of the MSE to stored logits
     der_beta: float = 0.5  # DER++: weight of the cross-entropy on a second buffer batch (0: plain DER)
     # Task-similarity scaling of distill_weight and ewc_lambda (cvm_edge.lab.similarity): the power P of
     # factor = clip((mean old-new cosine / table mean cosine) ** P, 1/4, 4); 0 is off.
-    similarity_scaling: float = 0.0
+    similarity_scaling: float = vocabulary.UPDATE["similarity_scaling"].default
     fusion_start: str = "unified"  # fusion: each task trains from the unified model or from the base
-    align_weight: float = 1.0  # align: weight of 1 - cos(embedding, own row) on incoming images
+    align_weight: float = vocabulary.UPDATE[
+        "align_weight"
+    ].default  # align: weight of 1 - cos(embedding, own row) on incoming images
 
 
 def parse_plugin_list(text: str) -> list[str]:

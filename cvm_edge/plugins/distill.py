@@ -17,13 +17,14 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from cvm_edge import vocabulary
 from cvm_edge.lab.similarity import experience_factor
 from cvm_edge.model import CvmModel
 from cvm_edge.strategy import Batch, Context, Output, Plugin
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("embedding", "logits")
+TARGETS = vocabulary.DISTILL_TARGETS
 
 
 class DistillPlugin(Plugin):
