@@ -33,6 +33,7 @@ from bench.metrics import forgetting_per_task, summarise
 from bench.protocols import PROTOCOLS, Protocol, Scenario, build_scenario
 from bench.reservoir import ReservoirDerPlugin, ReservoirPlugin, ReservoirReplayPlugin
 from bench.tables import concept_vectors, dummy_vectors
+from cvm_edge import vocabulary
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.evaluate import predict_classes
@@ -579,7 +580,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--backbone", default=None)
     ap.add_argument("--pretrained", default=None, choices=("none", "offline"))
-    ap.add_argument("--train-backbone", default=None, choices=("all", "last", "none"))
+    ap.add_argument("--train-backbone", default=None, choices=vocabulary.TRAIN_BACKBONE)
     ap.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC model and inputs"
     )

@@ -36,6 +36,7 @@ from bench.datasets import REPO, load_dataset
 from bench.provenance import git_commit
 from bench.run import versions
 from bench.tables import table_path
+from cvm_edge import vocabulary
 from cvm_edge.analytic import DEFAULT_DIM
 from cvm_edge.fsutil import atomic_write_text
 
@@ -181,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--learner",
         default="gradient",
-        choices=("gradient", "analytic"),
+        choices=vocabulary.LEARNERS,
         help="analytic: closed form (frozen backbone)",
     )
     ap.add_argument("--analytic-dim", type=int, default=DEFAULT_DIM, help="analytic: width M of the random projection")

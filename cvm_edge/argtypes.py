@@ -24,9 +24,11 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 # ----- the lab's flags ------------------------------------------------------------------------------
-# Flags of methods that do not win by default (cvm_edge/lab/) sit in an "experimental" group of their
-# command; setting one (or naming a lab plugin) without --experimental is a usage error. The check
-# runs in one place, `cvm`'s main, from what each command recorded in its parser's defaults.
+# Every command that reaches the lab (cvm_edge/lab/: methods that do not win by default) has an
+# "experimental" argument group with the --experimental switch. Lab flags in it (cvm export
+# --fusion-routing) are checked in `cvm`'s main, from what the command recorded in its parser's
+# defaults; cvm init / update take their lab settings from --config and check them there
+# (cvm_edge.vocabulary.lab_settings).
 EXPERIMENTAL_TITLE = "experimental (the lab, cvm_edge/lab/: not a default anywhere; needs --experimental)"
 LAB_KEY = "_lab_flags"  # parser default: {dest: (flag, default)}
 

@@ -176,10 +176,11 @@ class CheckpointStore:
             name=name,
             pointer=self.latest_pointer,
             what=f"checkpoint {name}",
-            keeps=f"{parent or 'the previous version'} stays current",
+            keeps="{} stays current",
+            unnamed="the previous version",
             pointer_fault="before_pointer",
         )
-        publish_version(pub, lambda tmp: self._write_version(tmp, ckpt, version, parent_version, pub.keeps))
+        publish_version(pub, lambda tmp: self._write_version(tmp, ckpt, version, parent_version, pub.kept()))
         log.info("published checkpoint %s", name)
         return version
 

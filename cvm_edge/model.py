@@ -48,27 +48,29 @@ class ModelConfig:
     backbone: str
     image_size: int
     train_backbone: str = "all"
-    head: str = "concepts"
-    mapper_hidden: int = 512  # 0 gives a linear mapper
+    head: str = vocabulary.INIT["head"].default
+    mapper_hidden: int = vocabulary.INIT["mapper_hidden"].default  # 0 gives a linear mapper
     init_logit_scale: float = math.log(16.0)
     pretrained: str = "none"  # none | offline | hub | a local checkpoint path
     # Multi-prototype tables only (single-prototype logits do not depend on it); stored in the
     # checkpoint and the bundle manifest with the rest of this config.
     prototype_temperature: float = DEFAULT_PROTOTYPE_TEMPERATURE
     # "adapter": one low-rank residual adapter per task on the mapper, routed by anchors.
-    experts: str = "none"
-    expert_rank: int = 8
-    routing: str = "soft"  # soft: softmax(cos / routing_temperature) over anchors; hard: top-1
+    experts: str = vocabulary.INIT["experts"].default
+    expert_rank: int = vocabulary.INIT["expert_rank"].default
+    routing: str = vocabulary.INIT[
+        "routing"
+    ].default  # soft: softmax(cos / routing_temperature) over anchors; hard: top-1
     routing_temperature: float = DEFAULT_ROUTING_TEMPERATURE
     # Does the shared mapper train with every expert ("always") or only with the first ("first":
     # later tasks train their own expert only, as HiDe-LLaVA trains LoRA experts on a frozen base)?
-    expert_shared_mapper: str = "always"
+    expert_shared_mapper: str = vocabulary.INIT["expert_shared_mapper"].default
     learner: str = "gradient"
     analytic_dim: int = DEFAULT_DIM  # M: width of the random ReLU projection
     analytic_seed: int = 0  # the projection is rebuilt from this seed (cvm_edge.analytic.projection)
     # whitened: ridge onto the rows of the whitened concept table (the measured best, bench/BENCHMARKS.md);
     # concepts: onto the raw rows; onehot: RanPAC's targets.
-    analytic_targets: str = "whitened"
+    analytic_targets: str = vocabulary.INIT["targets"].default
 
     def __post_init__(self) -> None:
         if self.train_backbone not in TRAIN_BACKBONE_CHOICES:

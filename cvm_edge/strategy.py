@@ -290,6 +290,7 @@ class Strategy:
         ctx = self._context(new_data, buffer, seen, old_classes, task_index)
         for plugin in self.plugins:
             plugin.before_experience(ctx)
+        self._compile(model)  # after distillation copied its teacher from the plain model
         last_loss, steps, images = self._run_epochs(ctx)
         model.eval()
         if expert is not None:
@@ -306,16 +307,19 @@ class Strategy:
         )
 
     def _ready_model(self) -> CvmModel:
-        """The model on the training device, channels-last and compiled as configured."""
-        cfg = self.config
+        """The model on the training device, channels-last as configured."""
         model = self.model.to(self.device)
-        if cfg.channels_last:
+        if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        if cfg.compile_mode and not model.backbone_frozen and not getattr(model.backbone, "_cvm_compiled", False):
-            # In place: state-dict keys stay those of the plain module, so checkpoints are unchanged.
-            model.backbone.compile(mode=cfg.compile_mode)
-            setattr(model.backbone, "_cvm_compiled", True)  # noqa: B010 (nn.Module typing)
         return model
+
+    def _compile(self, model: CvmModel) -> None:
+        """torch.compile a trained backbone when configured (benchmarks), once per model."""
+        mode = self.config.compile_mode
+        if mode and not model.backbone_frozen and not getattr(model.backbone, "_cvm_compiled", False):
+            # In place: state-dict keys stay those of the plain module, so checkpoints are unchanged.
+            model.backbone.compile(mode=mode)
+            setattr(model.backbone, "_cvm_compiled", True)  # noqa: B010 (nn.Module typing)
 
     def _context(
         self, new_data: ImageSet, buffer: ReplayBuffer, seen: Sequence[int], old_classes: Sequence[int], task_index: int

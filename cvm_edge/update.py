@@ -71,7 +71,7 @@ class InitOptions:
     expert_shared_mapper: str = _INIT["expert_shared_mapper"].default
     learner: str = "gradient"  # gradient | analytic (closed form, frozen backbone: cvm_edge.analytic)
     analytic_dim: int = DEFAULT_DIM
-    analytic_targets: str = _INIT["analytic_targets"].default
+    analytic_targets: str = _INIT["targets"].default
     keep_versions: int = DEFAULT_KEEP_VERSIONS  # newest versions the store keeps after each publish; 0: all
 
 
@@ -218,9 +218,10 @@ def finish_update(store: CheckpointStore, saved: SavedUpdate) -> UpdateReport:
     return UpdateReport(version=saved.version, entry=saved.entry, pruned=tuple(_prune(store, saved.keep)))
 
 
-def save_update(store: CheckpointStore, opts: UpdateOptions) -> SavedUpdate:
+def save_update(store: CheckpointStore, opts: UpdateOptions, export_follows: bool = False) -> SavedUpdate:
     """Learn ``opts.data_dir``, gate on forgetting and save the new version. Call while holding
-    the store lock; everything it loaded is freed when it returns (an export may follow)."""
+    the store lock; everything it loaded is freed when it returns. ``export_follows``: keep the
+    images an analytic store's export checks parity on (it keeps none of its own)."""
     t0 = time.perf_counter()
     store.clean_stale()
     prev = store.load()
@@ -248,7 +249,7 @@ def save_update(store: CheckpointStore, opts: UpdateOptions) -> SavedUpdate:
     seen = sorted(set(old_classes) | set(trained_classes))
     _log_update_kind(kind, new_classes, revisited, table.names)
     # Task similarity from the concept table (before training): reported, and the factor the
-    # distill/ewc plugins apply when --similarity-scaling is on (they compute it the same way).
+    # distill/ewc plugins apply when similarity_scaling is set (they compute it the same way).
     similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
     log.info("task similarity: %s", similarity.summary(table.names))
     learn = learner_for(prev.model_config)
@@ -314,7 +315,8 @@ def save_update(store: CheckpointStore, opts: UpdateOptions) -> SavedUpdate:
     entry["version"] = version
     entry["store_mb"] = round(store.version_bytes(version) / 1e6, 3)
     # An analytic store keeps no images, so its export checks parity on this update's.
-    parity = None if ckpt.val.pixels.size or len(ckpt.buffer) else parity_sample(val, train, ckpt.prep)
+    keeps_images = bool(ckpt.val.pixels.size or len(ckpt.buffer))
+    parity = parity_sample(val, train, ckpt.prep) if export_follows and not keeps_images else None
     return SavedUpdate(version=version, entry=entry, keep=keep, parity=parity)
 
 

@@ -53,13 +53,17 @@ UNSET: Any = _Unset()  # the command line's default: "not given", so the file or
 
 
 # ----- value checks: one message per kind, the same for a flag and a file ----------------------------------
-def _number(value: Any) -> float:
+def _float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"{value!r} is not a number")
     try:
-        v = float(value)
+        return float(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a number") from None
+
+
+def _number(value: Any) -> float:
+    v = _float(value)
     if not math.isfinite(v):
         raise ValueError(f"{value!r} must be a finite number")
     return v
@@ -88,15 +92,26 @@ def _positive(value: Any) -> float:
 
 
 def _non_negative(value: Any) -> float:
-    """A loss weight: finite and >= 0 (nan and inf say so too)."""
-    try:
-        v = _number(value)
-    except ValueError as exc:
-        if "finite" not in str(exc):
-            raise
-        v = -1.0
-    if v < 0:
+    """A loss weight: finite and >= 0 (nan and inf get this message too)."""
+    v = _float(value)
+    if not (math.isfinite(v) and v >= 0):
         raise ValueError(f"{value!r} must be a finite number >= 0")
+    return v
+
+
+def _points(value: Any) -> float:
+    """A forgetting limit in points: any number but nan (inf turns the gate off without --force)."""
+    v = _float(value)
+    if math.isnan(v):
+        raise ValueError(f"{value!r} is not a number")
+    return v
+
+
+def _fraction(value: Any) -> float:
+    """A share held out: 0 <= v < 1."""
+    v = _number(value)
+    if not 0 <= v < 1:
+        raise ValueError(f"{value!r} must be at least 0 and below 1")
     return v
 
 
@@ -130,14 +145,16 @@ class Term:
     check: Callable[[Any], Any] = _text
     choices: tuple[str, ...] | None = None
     lab: bool = False  # a lab method's setting: only in a config file, with --experimental
-    flag_name: str | None = None  # the flag, when it is not --name-with-dashes
 
     @property
     def flag(self) -> str:
-        return self.flag_name or "--" + self.name.replace("_", "-")
+        return "--" + self.name.replace("_", "-")
 
-    def value(self, raw: Any) -> Any:
-        """``raw`` (a flag's text, or a TOML value) checked and converted; ValueError says why."""
+    def value(self, raw: Any, text: bool = True) -> Any:
+        """``raw`` checked and converted; ValueError says why. ``text``: a flag's text, where a
+        number comes as a string; in a TOML file a quoted number is a mistake worth naming."""
+        if not text and isinstance(raw, str) and self.check not in (_text, _plugins):
+            raise ValueError(f"{raw!r} is a string: write the value without quotes")
         v = self.check(raw)
         if self.choices is not None and v not in self.choices:
             raise ValueError(f"{raw!r} is not one of {', '.join(self.choices)}")
@@ -156,16 +173,15 @@ INIT = _terms(
         None,
         "analytic: closed-form ridge onto the concept rows on a frozen backbone, no images kept (default with a "
         "pretrained backbone); gradient: the training loop with replay and distillation (default from scratch)",
-        choices=("analytic", "gradient"),
+        choices=LEARNERS,
     ),
     Term("analytic_dim", DEFAULT_ANALYTIC_DIM, "analytic: width M of the random ReLU projection", _whole(1)),
     Term(
-        "analytic_targets",
+        "targets",
         "whitened",
         "analytic: regress onto each class's row of the whitened concept table (default), its raw concept row, "
         "or one-hot (RanPAC)",
-        choices=("whitened", "concepts", "onehot"),
-        flag_name="--targets",
+        choices=ANALYTIC_TARGETS,
     ),
     Term(
         "train_backbone",
@@ -243,9 +259,9 @@ UPDATE = _terms(
     Term("distill_weight", 1.0, "weight of the distillation term", _non_negative),
     Term("distill_target", "embedding", "distil the embedding or the old classes' logits", choices=DISTILL_TARGETS),
     Term("ewc_lambda", 100.0, "weight of the EWC penalty", _non_negative),
-    Term("max_forgetting", 10.0, "refuse to publish if old-class accuracy drops more (points)", _number),
+    Term("max_forgetting", 10.0, "refuse to publish if old-class accuracy drops more (points)", _points),
     Term("seed", 0, "random seed", _whole(None)),
-    Term("holdout", 0.2, "validation fraction held out per class", _number),
+    Term("holdout", 0.2, "validation fraction held out per class", _fraction),
     Term("device", "cpu", "torch device (cpu, cuda)"),
     Term(
         "keep_versions",
@@ -280,10 +296,11 @@ def read_config(path: Path, command: str, terms: Mapping[str, Term]) -> dict[str
         raise UsageError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path} is not valid TOML ({exc})") from None
-    section = data.get(command, data)
-    if not isinstance(section, dict):
-        raise UsageError(f"{path}: [{command}] must be a table")
-    section = {k: v for k, v in section.items() if not (k in ("init", "update") and isinstance(v, dict))}
+    tables = [k for k in ("init", "update") if isinstance(data.get(k), dict)]
+    flat = [k for k in data if k not in tables]
+    if tables and flat:
+        raise UsageError(f"{path}: put every setting under [init] / [update], or none ({', '.join(flat)} is outside)")
+    section = data.get(command, {}) if tables else data
     unknown = sorted(set(section) - set(terms))
     if unknown:
         raise UsageError(
@@ -292,7 +309,7 @@ def read_config(path: Path, command: str, terms: Mapping[str, Term]) -> dict[str
     out = {}
     for key, raw in section.items():
         try:
-            out[key] = terms[key].value(raw)
+            out[key] = terms[key].value(raw, text=False)
         except ValueError as exc:
             raise UsageError(f"{path}: {key} = {raw!r}: {exc}") from None
     return out

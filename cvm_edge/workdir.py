@@ -82,15 +82,27 @@ def layout(workdir: Path | str) -> Layout:
 @dataclasses.dataclass(frozen=True)
 class Publication:
     """One version to publish: ``write(tmp)`` fills the temp directory; ``what`` names it in errors
-    ("checkpoint v000003"); ``keeps`` says what stays current when it fails; ``pointer_fault`` is
-    the fault point the kill tests stop the writer at after the rename, before the pointer moves."""
+    ("checkpoint v000003"); ``keeps`` says what stays current when it fails, ``{}`` standing for
+    what the pointer names then (``unnamed`` when nothing); ``pointer_fault`` is the fault point
+    the kill tests stop the writer at after the rename, before the pointer moves."""
 
     parent: Path
     name: str
     pointer: Path
     what: str
     keeps: str
+    unnamed: str
     pointer_fault: str
+
+    def current(self) -> str | None:
+        """What the pointer names now (read again: a failed move may still have moved it)."""
+        try:
+            return read_pointer(self.pointer)
+        except StoreError:  # an unreadable pointer must not hide the error being reported
+            return None
+
+    def kept(self, current: str | None = None) -> str:
+        return self.keeps.format(current or self.current() or self.unnamed)
 
 
 def publish_version(pub: Publication, write: Callable[[Path], None]) -> Path:
@@ -103,7 +115,7 @@ def publish_version(pub: Publication, write: Callable[[Path], None]) -> Path:
     try:
         tmp = make_tmp_dir(pub.parent, pub.name)
     except OSError as exc:
-        raise StoreError(f"{write_error(pub.what, pub.parent, exc)}; nothing was written, {pub.keeps}") from None
+        raise StoreError(f"{write_error(pub.what, pub.parent, exc)}; nothing was written, {pub.kept()}") from None
     final = pub.parent / pub.name
     try:
         write(tmp)
@@ -116,13 +128,14 @@ def publish_version(pub: Publication, write: Callable[[Path], None]) -> Path:
     except (OSError, RuntimeError, ValueError) as exc:  # a full disk reaches torch/numpy as any of these
         error = write_error(pub.what, pub.parent, exc)
         remove_tmp_dir(tmp)  # give the space back; the previous version is untouched
-        raise StoreError(f"{error}; {pub.keeps}") from None
+        raise StoreError(f"{error}; {pub.kept()}") from None
     fault_point(pub.pointer_fault)
     try:
         write_pointer(pub.pointer, pub.name)
     except OSError as exc:
         error = write_error(f"the {pub.pointer.name} pointer", pub.parent, exc)
-        if read_pointer(pub.pointer) != pub.name:  # nothing names the new version: free its space
+        current = pub.current()
+        if current != pub.name:  # nothing names the new version: free its space
             remove_tmp_dir(final)
-        raise StoreError(f"{error}; {pub.keeps}") from None
+        raise StoreError(f"{error}; {pub.kept(current)}") from None
     return final

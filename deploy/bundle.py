@@ -281,13 +281,13 @@ def publish_bundle(root: Path, name: str, files: Mapping[str, bytes], manifest: 
     is never a bundle. Call while holding the store lock."""
     if not NAME_RE.match(name):
         raise ValueError(f"bad bundle name {name!r}")
-    previous = read_pointer(root / POINTER)
     pub = Publication(
         parent=root,
         name=name,
         pointer=root / POINTER,
         what=f"bundle {name}",
-        keeps=f"the server keeps {previous or 'what it serves'}",
+        keeps="the server keeps {}",
+        unnamed="what it serves",
         pointer_fault="before_bundle_pointer",
     )
 

@@ -98,7 +98,7 @@ def test_multi_prototype_tables_use_the_class_score() -> None:
 
 def test_align_is_a_plugin_name_and_refuses_a_linear_head() -> None:
     assert parse_plugin_list("replay,distill,align") == ["replay", "distill", "align"]
-    [plugin] = make_plugins(["align"])
+    plugin, _balance = make_plugins(["align"])
     assert isinstance(plugin, AlignPlugin) and plugin.weight == 1.0
     with pytest.raises(ValueError, match="concept head"):
         _loss(LinearHead(feat_dim=8, num_classes=5), torch.zeros(2, 8), [0, 1], [False, False])

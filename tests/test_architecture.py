@@ -15,10 +15,10 @@ BELOW_USE_CASES = ("learners", "gate", "strategy", "analytic_learner", "analytic
 LAB_SEAMS: dict[str, set[str]] = {
     "cvm_edge/model.py": {"cvm_edge.lab.experts"},  # ModelConfig.experts builds the experts' module
     "cvm_edge/strategy.py": {"cvm_edge.lab.experts", "cvm_edge.lab.graphed"},  # a task's expert; cuda_graph
-    "cvm_edge/update.py": {"cvm_edge.lab.similarity"},  # cvm init choices; the report
+    "cvm_edge/update.py": {"cvm_edge.lab.similarity"},  # the task-similarity report
     "cvm_edge/update_report.py": {"cvm_edge.lab.similarity"},
     "cvm_edge/plugins/__init__.py": {"cvm_edge.lab.align", "cvm_edge.lab.fusion_plugin"},  # the plugin table
-    "cvm_edge/plugins/distill.py": {"cvm_edge.lab.similarity"},  # --similarity-scaling
+    "cvm_edge/plugins/distill.py": {"cvm_edge.lab.similarity"},  # the similarity_scaling setting
     "cvm_edge/plugins/ewc.py": {"cvm_edge.lab.similarity"},
     "deploy/export.py": {
         "cvm_edge.lab.fusion_state",

@@ -110,6 +110,10 @@ def test_the_labs_settings_need_the_experimental_switch(
         ("epoch = 3\n", "unknown setting(s) epoch for cvm update"),
         ("epochs = [", "is not valid TOML"),
         ('plugins = "replay,fusion,der"\n', "fusion is data-free"),
+        ('epochs = "7"\n', "is a string: write the value without quotes"),
+        ("seed = 3\n[update]\nepochs = 2\n", "put every setting under [init] / [update], or none (seed is outside)"),
+        ("holdout = 1.5\n", "must be at least 0 and below 1"),
+        ("max_forgetting = nan\n", "is not a number"),
     ],
 )
 def test_a_bad_config_file_is_a_usage_error_that_names_the_setting(
@@ -125,11 +129,16 @@ def test_a_flag_wins_over_the_config_file_and_the_file_over_the_default(tmp_path
     from cvm_edge.cli import build_parser
     from cvm_edge.cli.learn import _update_options
 
-    config = _toml(tmp_path, '[update]\nepochs = 9\nlr = 0.01\ndistill_target = "logits"\nplugins = "replay,ewc"\n')
+    config = _toml(
+        tmp_path,
+        '[update]\nepochs = 9\nlr = 0.01\ndistill_target = "logits"\nplugins = "replay,ewc"\nmax_forgetting = inf\n'
+        '[init]\ntargets = "onehot"\n',
+    )
     args = build_parser().parse_args(["update", "--workdir", "w", "--data", "d", "--lr", "0.5", "--config", config])
     opts = _update_options(args)
     assert (opts.epochs, opts.lr, opts.plugins) == (9, 0.5, ("replay", "ewc"))
-    assert opts.plugin_options.distill_target == "logits"
+    assert opts.plugin_options.distill_target == "logits" and opts.max_forgetting == float("inf")
+    assert vocabulary.read_config(Path(config), "init", vocabulary.INIT) == {"targets": "onehot"}
     assert opts.batch_size == vocabulary.UPDATE["batch_size"].default == 32
     plain = _update_options(build_parser().parse_args(["update", "--workdir", "w", "--data", "d"]))
     assert (plain.epochs, plain.lr, plain.plugins) == (5, 1e-3, ("replay", "distill"))

@@ -1,4 +1,4 @@
-"""Stores with per-task experts end to end: `cvm init --experts adapter`, three `cvm update`s
+"""Stores with per-task experts end to end: `cvm init --experimental --config` with `experts = "adapter"`, three `cvm update`s
 (one expert each), the fp32 export with its parity gate, the routing inside the ONNX graph, and
 a real `cvm serve` process answering with the routed model."""
 

@@ -46,7 +46,7 @@ def trained() -> Trained:
     table /= np.linalg.norm(table, axis=1, keepdims=True)
     model = build_model(ModelConfig(backbone="resnet10_cifar_slim", image_size=32, mapper_hidden=64), table)
     base = trainable_params(model)
-    (plugin,) = make_plugins(["fusion"])
+    plugin, _balance = make_plugins(["fusion"])
     assert isinstance(plugin, FusionPlugin)
     cfg = TrainConfig(epochs=1, batch_size=16, progress=False, balance_epochs=0)
     seen: list[int] = []

@@ -9,7 +9,17 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["cvm_edge.concepts", "cvm_edge.preprocess", "cvm_edge.fsutil", "cvm_edge.errors", "cvm_edge.cli"]
+    "module",
+    [
+        "cvm_edge.concepts",
+        "cvm_edge.preprocess",
+        "cvm_edge.fsutil",
+        "cvm_edge.errors",
+        "cvm_edge.cli",
+        "cvm_edge.vocabulary",
+        "cvm_edge.workdir",
+        "cvm_edge.argtypes",
+    ],
 )
 def test_light_modules_do_not_import_torch(module: str) -> None:
     code = f"import sys, {module}; bad = [m for m in ('torch', 'timm', 'sentence_transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"

@@ -99,7 +99,7 @@ def test_distill_scaling_multiplies_the_weight_and_the_loss(fashion_table: Path)
     out = SimpleNamespace(x=torch.zeros(6, 1), embeddings=z)
     losses = {}
     for power in (0.0, 1.0):
-        (plugin,) = make_plugins(["distill"], PluginOptions(distill_weight=0.5, similarity_scaling=power))
+        plugin, _balance = make_plugins(["distill"], PluginOptions(distill_weight=0.5, similarity_scaling=power))
         assert isinstance(plugin, DistillPlugin)
         ctx = _ctx(t.as_float32(), new, old)
         ctx.forward_head = lambda model, x: (z_t, None)

@@ -135,3 +135,22 @@ def test_a_diverging_run_stops_with_a_clear_error() -> None:
     strategy = _strategy([], optimizer="sgd", lr=1e12, momentum=0.0)
     with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
         strategy.train_experience(_data([0, 1], 10), ReplayBuffer.empty(0, SIZE), [0, 1], [])
+
+
+def test_a_store_that_replayed_before_is_balanced_on_its_buffer_without_a_replaying_plugin() -> None:
+    """`cvm update --plugins distill` on a store whose buffer holds images: no plugin rebuilds the
+    buffer, it is kept as it came, and the head is still balanced on it (as before plugins owned it)."""
+    import copy
+
+    first = _strategy(make_plugins(["replay"]), balance_epochs=0)
+    buffer = first.train_experience(_data([0, 1], 10), ReplayBuffer.empty(8, SIZE), [0, 1], []).buffer
+    assert len(buffer) == 8
+    heads = []
+    for epochs in (0, 1):
+        model = copy.deepcopy(first.model)
+        cfg = TrainConfig(epochs=1, batch_size=8, progress=False, augment=False, balance_epochs=epochs)
+        strategy = Strategy(model, Preprocessing(SIZE), make_plugins(["distill"]), cfg)
+        result = strategy.train_experience(_data([2], 10, seed=1), buffer, [0, 1, 2], [0, 1], task_index=1)
+        assert result.buffer is buffer  # nothing replayed: the buffer passes through, not rebuilt
+        heads.append({k: v.clone() for k, v in model.head.state_dict().items()})
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

@@ -19,7 +19,8 @@ def _pub(root: Path, name: str = "v000002") -> Publication:
         name=name,
         pointer=root / "LATEST",
         what=f"checkpoint {name}",
-        keeps="v000001 stays current",
+        keeps="{} stays current",
+        unnamed="the previous version",
         pointer_fault="before_pointer",
     )
 
@@ -84,3 +85,20 @@ def test_a_pointer_that_cannot_move_leaves_nothing_that_no_pointer_names(
     with pytest.raises(StoreError, match=r"LATEST pointer.*v000001 stays current"):
         publish_version(_pub(tmp_path), lambda tmp: (tmp / "model.pt").touch())
     assert read_pointer(tmp_path / "LATEST") == "v000001" and _leftovers(tmp_path) == []
+
+
+def test_a_pointer_that_moved_before_its_write_failed_is_reported_as_it_is_and_keeps_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename of LATEST went through, the directory fsync after it failed: the new version is
+    current, so the message says so and its directory stays."""
+    write_pointer(tmp_path / "LATEST", "v000001")
+
+    def moved_then_failed(path: Path, value: str) -> None:
+        write_pointer(path, value)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(workdir_module, "write_pointer", moved_then_failed)
+    with pytest.raises(StoreError, match=r"v000002 stays current"):
+        publish_version(_pub(tmp_path), lambda tmp: (tmp / "model.pt").touch())
+    assert read_pointer(tmp_path / "LATEST") == "v000002" and (tmp_path / "v000002" / "model.pt").is_file()

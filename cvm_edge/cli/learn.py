@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "keep_versions": store,
             "learner": learner,
             "analytic_dim": learner,
-            "analytic_targets": learner,
+            "targets": learner,
             "buffer_size": learner,
             "seed": learner,
         },
@@ -150,6 +150,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     v = _settings(args, "init", vocabulary.INIT)
     backbone, pretrained, learner, train_backbone = _backbone_and_learner(v)
     resolved = {"backbone": backbone, "pretrained": pretrained, "learner": learner, "train_backbone": train_backbone}
+    resolved["analytic_targets"] = v.pop("targets")  # the option's name says which learner it is for
     opts = InitOptions(concepts=args.concepts, **(v | resolved))
     version = init_store(args.workdir, opts)
     print(
@@ -213,7 +214,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     opts = _update_options(args)
     store = CheckpointStore(args.workdir)
     with FileLock(store.lock_path, "cvm update"):
-        saved = save_update(store, opts)
+        saved = save_update(store, opts, export_follows=not args.no_export)
         exported = None if args.no_export else _export(args.workdir, saved)
         report = finish_update(store, saved)
     print(report.summary())

@@ -14,7 +14,7 @@ its prototype rows. For an update with new classes N and old classes O:
 - ``similarity = mean_{o in O, n in N} cos(o, n)``, the mean old-new cosine;
 - ``reference = mean_{i != j} cos(i, j)`` over every pair of classes in the table.
 
-**Scaling** (``--similarity-scaling P``, ``PluginOptions.similarity_scaling``): distillation
+**Scaling** (``similarity_scaling = P`` in ``cvm update --experimental --config FILE``, ``PluginOptions.similarity_scaling``): distillation
 weight and EWC lambda are multiplied by ``factor = clip((similarity / reference) ** P, 1/4, 4)``
 (1 when there are no old classes). Why this form: sentence-embedding cosines carry a large
 common offset (MiniLM puts unrelated class names at 0.2-0.4), so a raw cosine is no strength;

@@ -56,8 +56,9 @@ def _check_combination(names: Sequence[str]) -> None:
 
 
 def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions()) -> list[Plugin]:
-    """The named plugins, in order. Those that replay share one :class:`ReplayMemory`, and head
-    balancing on it comes last (it runs when ``TrainConfig.balance_epochs`` > 0)."""
+    """The named plugins, in order. Those that replay share one :class:`ReplayMemory`; head
+    balancing on the buffer comes last in every list (it runs when ``TrainConfig.balance_epochs``
+    > 0 and there is a buffer)."""
     _check_combination(names)
     plugins: list[Plugin] = []
     memory = ReplayMemory()
@@ -85,8 +86,7 @@ def make_plugins(names: Sequence[str], options: PluginOptions = PluginOptions())
             plugins.append(AlignPlugin(options.align_weight))
         else:
             raise ValueError(f"unknown plugin {name!r}")
-    if {"replay", "der"} & set(names):
-        plugins.append(HeadBalancePlugin(memory))
+    plugins.append(HeadBalancePlugin(memory))
     return plugins
 
 

@@ -1,9 +1,12 @@
-"""Class-balanced head tuning (as in EEIL, Castro et al. 2018) on the rebuilt replay buffer.
+"""Class-balanced head tuning (as in EEIL, Castro et al. 2018) on the replay buffer.
 
 After an experience the mapper and scale are tuned for ``TrainConfig.balance_epochs`` epochs on
-the class-balanced buffer, which removes the bias towards the classes just trained on. It runs
-after every other plugin finished (``make_plugins`` puts it last): EWC's Fisher and replay's new
-buffer are taken from the model as trained, before the head moves.
+the class-balanced buffer, which removes the bias towards the classes just trained on: the buffer
+a replaying plugin rebuilt in this experience, else the store's buffer as it came (a store that
+replayed before and now trains with, say, distillation only keeps its buffer and is still
+balanced on it). It runs after every other plugin finished (``make_plugins`` puts it last, in
+every list): EWC's Fisher and replay's new buffer are taken from the model as trained, before the
+head moves.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ class HeadBalancePlugin(Plugin):
         self.memory = memory
 
     def after_experience(self, ctx: Context) -> None:
-        self.memory.rebuild(ctx)
-        buffer, cfg, model = self.memory.buffer, ctx.config, ctx.model
-        if buffer is None or not cfg.balance_epochs or not len(buffer):
+        rebuilt = self.memory.rebuilt_for(ctx)
+        buffer = self.memory.buffer if rebuilt and self.memory.buffer is not None else ctx.buffer
+        feats = self.memory.pool_feats if rebuilt else None
+        self.memory.pool_feats = None  # the memory keeps nothing of this experience on the device
+        cfg, model = ctx.config, ctx.model
+        if not cfg.balance_epochs or not len(buffer):
             return
-        feats = self.memory.pool_feats
         if feats is None:
             feats = backbone_features(model, ctx.prep, buffer.pixels, cfg)
         labels = torch.from_numpy(buffer.labels).to(ctx.device)

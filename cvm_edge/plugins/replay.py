@@ -24,8 +24,10 @@ class ReplayMemory:
     """The replay buffer of one experience, on the training device."""
 
     def __init__(self) -> None:
-        self._for: Context | None = None  # the experience it was loaded for
-        self._rebuilt_for: Context | None = None
+        # id() of the experience's Context it was loaded / rebuilt for: replay and DER share one
+        # memory and each asks; an id, not the Context, so nothing of the experience outlives it.
+        self._loaded: int | None = None
+        self._rebuilt: int | None = None
         self.buffer: ReplayBuffer | None = None  # after an experience: the rebuilt buffer
         self.inputs = torch.zeros(0)  # buffer pixels or their features
         self.labels = torch.zeros(0, dtype=torch.long)  # table rows
@@ -34,12 +36,16 @@ class ReplayMemory:
 
     def load(self, ctx: Context) -> None:
         """The store's buffer onto the device (once per experience, whoever asks first)."""
-        if self._for is ctx:
+        if self._loaded == id(ctx):
             return
-        self._for, self.buffer, self.pool_feats = ctx, ctx.buffer, None
+        self._loaded, self._rebuilt, self.buffer, self.pool_feats = id(ctx), None, ctx.buffer, None
         self.inputs = ctx.inputs(ctx.buffer.pixels)
         self.labels = torch.from_numpy(ctx.buffer.labels).to(ctx.device)
         self.logits = torch.from_numpy(ctx.buffer.logits.astype(np.float32)).to(ctx.device)
+
+    def rebuilt_for(self, ctx: Context) -> bool:
+        """Whether a replaying plugin rebuilt the buffer in this experience."""
+        return self._rebuilt == id(ctx)
 
     def sample(self, ctx: Context, n: int) -> torch.Tensor | None:
         """Device indices of ``n`` entries, without replacement when the buffer holds ``n``."""
@@ -54,7 +60,7 @@ class ReplayMemory:
         """The class-balanced buffer of old entries and this experience's images, with the trained
         model's logits (once per experience). With a frozen backbone the features are at hand: the
         logits and the features for head balancing cost no second backbone pass."""
-        if self._rebuilt_for is ctx:
+        if self._rebuilt == id(ctx):
             return
         self.load(ctx)
         cfg = ctx.config
@@ -75,7 +81,7 @@ class ReplayMemory:
                 0, torch.from_numpy(sel).to(ctx.device)
             )
         # The old entries on the device are no longer needed: free them before head balancing.
-        self._rebuilt_for = ctx
+        self._loaded, self._rebuilt = None, id(ctx)
         self.inputs, self.labels, self.logits = torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0)
 
 
