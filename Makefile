@@ -38,7 +38,7 @@ test: $(STAMP)
 RELIABILITY_OUT ?= bench/results/reliability.json
 reliability: $(STAMP)
 	rm -f $(RELIABILITY_OUT).new
-	CVM_RELIABILITY_RESULTS=$(RELIABILITY_OUT).new $(PY) -m pytest -q -m "reliability or not reliability" tests/test_reliability_*.py
+	CVM_RELIABILITY_RESULTS=$(RELIABILITY_OUT).new $(PY) -m pytest -q -m "reliability or not reliability" tests/integration/test_reliability_*.py
 	mv $(RELIABILITY_OUT).new $(RELIABILITY_OUT)
 
 bench-smoke: $(STAMP)

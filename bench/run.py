@@ -32,6 +32,7 @@ from bench.methods import METHODS, Method
 from bench.metrics import forgetting_per_task, summarise
 from bench.protocols import PROTOCOLS, Protocol, Scenario, build_scenario
 from bench.reservoir import ReservoirDerPlugin, ReservoirPlugin, ReservoirReplayPlugin
+from bench.speed import speed_backend
 from bench.tables import concept_vectors, dummy_vectors
 from cvm_edge import vocabulary
 from cvm_edge.buffer import ReplayBuffer
@@ -43,6 +44,7 @@ from cvm_edge.model import CvmModel, ModelConfig, build_model
 from cvm_edge.plugins import DistillPlugin, EwcPlugin, FusionPlugin, PluginOptions, make_plugins
 from cvm_edge.preprocess import Preprocessing
 from cvm_edge.strategy import Plugin, Strategy, TrainConfig
+from cvm_edge.trainer_backend import TrainerBackend
 
 log = logging.getLogger("bench.run")
 
@@ -249,6 +251,11 @@ def make_run_plugins(spec: RunSpec, hp: dict[str, Any]) -> list[Plugin]:
     return make_plugins(spec.method.plugins, spec.method.plugin_options(hp))
 
 
+def run_backend(spec: RunSpec) -> TrainerBackend:
+    """How the run's steps execute: the product's eager float32 unless the spec asks for speed-ups."""
+    return speed_backend(spec.device, spec.amp_bf16, spec.compile_mode, spec.cuda_graph)
+
+
 def train_config(spec: RunSpec, hp: dict[str, Any], epochs: int) -> TrainConfig:
     """The Strategy's configuration for a run: the protocol's batch, the method's resolved
     hyper-parameters ``hp``, the run's device and step options."""
@@ -269,9 +276,6 @@ def train_config(spec: RunSpec, hp: dict[str, Any], epochs: int) -> TrainConfig:
         loss=hp["loss"],
         balance_epochs=hp["balance_epochs"],
         channels_last=spec.channels_last,
-        amp_bf16=spec.amp_bf16,
-        compile_mode=spec.compile_mode,
-        cuda_graph=spec.cuda_graph,
     )
 
 
@@ -301,6 +305,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
     fusion = next((p for p in plugins if isinstance(p, FusionPlugin)), None)
     reservoir = next((p for p in plugins if isinstance(p, ReservoirPlugin)), None)
     base_cfg = train_config(spec, hp, epochs)
+    backend = run_backend(spec)
     tasks = [tuple(sorted({c for t in scenario.tasks for c in t}))] if spec.method.joint else list(scenario.tasks)
     test_sets = _test_sets(scenario)
     # (a reservoir method keeps its own buffer: the product's stays empty)
@@ -323,7 +328,7 @@ def run(spec: RunSpec, out_dir: Path, argv: Sequence[str] | None = None) -> dict
             after = experts.nbytes_for(len(experts) + 1, max(seen) + 1)
             buffer = dataclasses.replace(buffer, capacity=equal_memory_capacity(spec.buffer, after, sample_bytes))
         cfg = dataclasses.replace(base_cfg, seed=spec.seed * 1000 + t)
-        strategy = Strategy(model, prep, plugins, cfg)
+        strategy = Strategy(model, prep, plugins, cfg, backend)
         t0 = time.perf_counter()
         result = strategy.train_experience(data, buffer, seen, old, task_index=t)
         if device.type == "cuda":

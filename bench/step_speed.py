@@ -32,7 +32,8 @@ import torch
 from bench import provenance
 from bench.methods import METHODS
 from bench.protocols import PROTOCOLS, build_scenario
-from bench.run import RESULTS, RunSpec, _model, _task_data, machine, make_run_plugins, train_config
+from bench.run import RESULTS, RunSpec, _model, _task_data, machine, make_run_plugins, run_backend, train_config
+from bench.speed import SpeedBackend
 from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.strategy import Strategy, predict_logits
 
@@ -65,7 +66,7 @@ def _setup(protocol: str, method: str, buffer: int, device: str, mode: str, epoc
     buf = ReplayBuffer.empty(buffer if spec.method.uses_buffer else 0, spec.size, max_bytes=1 << 30)
     buf, _ = buf.updated_with_selection(d0, logits.astype(np.float16), seed=1, task=0)
     plugins = make_run_plugins(spec, hp)
-    strategy = Strategy(model, prep, plugins, cfg)  # type: ignore[arg-type]
+    strategy = Strategy(model, prep, plugins, cfg, run_backend(spec))  # type: ignore[arg-type]
     data = _task_data(scenario.train.images, scenario.train.labels, second)
     return strategy, Setup(data, buf, sorted(set(first) | set(second)), list(first))
 
@@ -84,7 +85,7 @@ def compare(protocol: str, method: str, buffer: int, device: str, epochs: int) -
     """Eager and graphed training of one epoch from one state: final losses and largest weight gap."""
     eager, setup = _setup(protocol, method, buffer, device, "eager", epochs)
     graphed = copy.deepcopy(eager)
-    graphed.config = dataclasses.replace(eager.config, cuda_graph=True)
+    graphed.backend = SpeedBackend(device, cuda_graph=True)
     _, _, _, loss_e = _train(eager, setup)
     _, _, _, loss_g = _train(graphed, setup)
     gap = max(

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_BACKBONE_CHOICES = vocabulary.TRAIN_BACKBONE
 # Popular timm edge backbones, each checked through init -> update -> export -> predict
-# (tests/test_backbone_zoo.py, bench/zoo.py); any other timm name works the same way.
+# (tests/integration/test_backbone_zoo.py, bench/zoo.py); any other timm name works the same way.
 EDGE_ZOO = (
     "mobilenetv3_small_100",
     "mobilenetv3_large_100",

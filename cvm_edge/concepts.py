@@ -188,12 +188,6 @@ class ConceptTable:
         starts = np.concatenate([[0], np.cumsum(self.prototype_counts)[:-1]]).astype(np.int64)
         return self.vectors[starts].astype(np.float32)
 
-    def index(self, name: str) -> int:
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise ConceptError(f"class {name!r} is not in the concept table") from None
-
     def lookup(self, name_or_slug: str) -> int | None:
         """Row of a class given its exact name or its slug; None when absent."""
         if name_or_slug in self.names:

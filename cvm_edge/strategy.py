@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,9 +25,9 @@ from cvm_edge.buffer import ReplayBuffer
 from cvm_edge.data import ImageSet
 from cvm_edge.errors import TrainingDivergedError
 from cvm_edge.lab.experts import add_task_expert
-from cvm_edge.lab.graphed import GraphedStep
 from cvm_edge.model import CvmModel
 from cvm_edge.preprocess import Preprocessing
+from cvm_edge.trainer_backend import EAGER, StepFn, TrainerBackend
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,6 @@ class TrainConfig:
     # NHWC memory format for the model and its image inputs: on CPU (oneDNN) it roughly halves the
     # time of an EfficientNet-Lite0 pass; `cvm update` turns it on, the benchmarks choose.
     channels_last: bool = False
-    amp_bf16: bool = False  # bfloat16 autocast for the training forward pass and losses (GPU benchmarks)
-    # torch.compile mode for a trained backbone ("" off; e.g. "reduce-overhead" captures CUDA graphs,
-    # which removes the per-kernel launch cost that dominates small-image GPU steps). Benchmarks only.
-    compile_mode: str = ""
-    # Capture each full training step as one CUDA graph and replay it (cvm_edge.lab.graphed): one launch
-    # per step instead of hundreds, for small-image GPU training where the host is the limit.
-    cuda_graph: bool = False
     # Refresh the progress bar's loss every this many steps: reading the loss waits for the device.
     log_every: int = 25
 
@@ -90,10 +83,6 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError("eval_batch_size must be >= 1")
-        if self.cuda_graph and not self.device.startswith("cuda"):
-            raise ValueError("cuda_graph needs a CUDA device")
-        if self.cuda_graph and self.compile_mode:
-            raise ValueError("cuda_graph captures the whole step itself: leave compile_mode empty")
 
     def eval_batch(self, image_size: int) -> int:
         return self.eval_batch_size or eval_batch_for(image_size)
@@ -252,15 +241,20 @@ def choose_loss(configured: str, plugins: Sequence[Plugin]) -> str:
     return kinds[0] if kinds else "ce"
 
 
-StepFn = Callable[[torch.Tensor], torch.Tensor]
-
-
 class Strategy:
-    def __init__(self, model: CvmModel, prep: Preprocessing, plugins: Sequence[Plugin], config: TrainConfig) -> None:
+    def __init__(
+        self,
+        model: CvmModel,
+        prep: Preprocessing,
+        plugins: Sequence[Plugin],
+        config: TrainConfig,
+        backend: TrainerBackend = EAGER,
+    ) -> None:
         self.model = model
         self.prep = prep
         self.plugins = list(plugins)
         self.config = config
+        self.backend = backend  # how steps run on the hardware (bench/speed.py's GPU speed-ups)
         self.device = torch.device(config.device)
 
     def features(self, pixels: np.ndarray) -> torch.Tensor:
@@ -290,7 +284,7 @@ class Strategy:
         ctx = self._context(new_data, buffer, seen, old_classes, task_index)
         for plugin in self.plugins:
             plugin.before_experience(ctx)
-        self._compile(model)  # after distillation copied its teacher from the plain model
+        self.backend.prepare(model)  # after distillation copied its teacher from the plain model
         last_loss, steps, images = self._run_epochs(ctx)
         model.eval()
         if expert is not None:
@@ -312,14 +306,6 @@ class Strategy:
         if self.config.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return model
-
-    def _compile(self, model: CvmModel) -> None:
-        """torch.compile a trained backbone when configured (benchmarks), once per model."""
-        mode = self.config.compile_mode
-        if mode and not model.backbone_frozen and not getattr(model.backbone, "_cvm_compiled", False):
-            # In place: state-dict keys stay those of the plain module, so checkpoints are unchanged.
-            model.backbone.compile(mode=mode)
-            setattr(model.backbone, "_cvm_compiled", True)  # noqa: B010 (nn.Module typing)
 
     def _context(
         self, new_data: ImageSet, buffer: ReplayBuffer, seen: Sequence[int], old_classes: Sequence[int], task_index: int
@@ -356,7 +342,7 @@ class Strategy:
         terms), its optimiser, and the images per step by batch length (replayed ones included)."""
         cfg, model = self.config, ctx.model
         labels = torch.from_numpy(ctx.new_data.labels).to(self.device)
-        opt = make_optimizer(model.trainable_parameters(), cfg)
+        opt = make_optimizer(model.trainable_parameters(), cfg, capturable=self.backend.captures_steps)
         loss_kind = choose_loss(cfg.loss, self.plugins)
         batch_sizes: dict[int, int] = {}
 
@@ -370,9 +356,8 @@ class Strategy:
                 batch = plugin.extend_batch(ctx, batch)
             batch_sizes[len(idx)] = len(batch.labels)
             x = prepare_inputs(ctx, batch.inputs)
-            # Autocast's weight cache must be off inside a CUDA graph capture (torch.cuda.graphs).
             # Oracle routing while training (as HiDe-LLaVA): every sample through its class's expert.
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp_bf16, cache_enabled=False):
+            with self.backend.autocast(self.device):
                 z, logits = ctx.forward_head(model, x, ctx.experts_for(batch.labels))
                 out = Output(x=x, embeddings=z, logits=logits)
                 loss = classification_loss(logits.float(), batch, ctx, loss_kind)
@@ -391,7 +376,7 @@ class Strategy:
         """The configured epochs over the new data: (the last loss, steps, images trained on)."""
         cfg, n = self.config, len(ctx.new_data)
         step, opt, batch_sizes = self._step(ctx)
-        run_step = GraphedStep(step, cfg.batch_size, self.device, generators=(ctx.gen,)) if cfg.cuda_graph else step
+        run_step = self.backend.run_steps(step, cfg.batch_size, self.device, (ctx.gen,))
         total = cfg.epochs * max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
         bar = tqdm(total=total, desc=f"task {ctx.task_index}", unit="step", disable=not cfg.progress)
         last_loss: torch.Tensor | None = None
@@ -413,15 +398,7 @@ class Strategy:
                 raise TrainingDivergedError(
                     f"task {ctx.task_index}, epoch {epoch + 1}: the training loss is {float(last_loss)}; {DIVERGED_HINT}"
                 )
-        if isinstance(run_step, GraphedStep):
-            log.info(
-                "task %d: %d steps replayed from a CUDA graph, %d eager",
-                ctx.task_index,
-                run_step.replays,
-                run_step.eager_steps,
-            )
-            opt.zero_grad(set_to_none=True)  # the gradients live in the graph's memory pool too
-            del run_step  # frees the graph's private memory pool
+        self.backend.finish(run_step, opt, ctx.task_index)
         bar.close()
         return last_loss, steps, images
 
@@ -504,11 +481,14 @@ def predict_logits(
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimiser; Adam keeps its step count on the device when steps are graphed."""
+def make_optimizer(
+    params: Sequence[torch.nn.Parameter], cfg: TrainConfig, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """The configured optimiser; ``capturable`` Adam keeps its step count on the device (for a backend
+    that captures steps)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=cfg.cuda_graph)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable)
 
 
 def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: str) -> torch.Tensor:

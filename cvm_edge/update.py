@@ -30,7 +30,7 @@ from cvm_edge.frozen_features import BackboneFeatures, FeatureSet, GraphFeatures
 from cvm_edge.fsutil import FileLock, fault_point
 from cvm_edge.gate import forgetting_gate, revisited_figures, worst_drops
 from cvm_edge.lab.similarity import class_vectors, task_similarity
-from cvm_edge.learners import learner_for
+from cvm_edge.learners import LearnedUpdate, learner_for
 from cvm_edge.loading import graph_to_run, head_from_checkpoint, model_from_checkpoint, version_weights
 from cvm_edge.memory import release_freed_memory
 from cvm_edge.model import (
@@ -252,51 +252,12 @@ def save_update(store: CheckpointStore, opts: UpdateOptions, export_follows: boo
     # distill/ewc plugins apply when similarity_scaling is set (they compute it the same way).
     similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
     log.info("task similarity: %s", similarity.summary(table.names))
-    learn = learner_for(prev.model_config)
-    learned = learn(prev, model, table, train, val, seen, old_classes, revisited, opts)
-    scorer, pred_before, pred = learned.scorer, learned.pred_before, learned.pred_after
-    acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
-    revisited_new_before = scorer.accuracy(pred_before, revisited, "current")
-    acc = scorer.accuracy(pred, seen, "all")
-    acc_earlier = scorer.accuracy(pred, old_classes, "earlier")
-    old_before = mean_over(acc_before, old_classes)
-    old_after = mean_over(acc_earlier, old_classes)
-    entry: dict[str, Any] = {
-        "task": len(prev.history) + 1,
-        "kind": kind,
-        "new_classes": list(new_classes),
-        "new_class_names": [table.names[c] for c in new_classes],
-        "revisited_classes": list(revisited),
-        "revisited_class_names": [table.names[c] for c in revisited],
-        "trained_classes": list(trained_classes),
-        "revisited": revisited_figures(
-            revisited, revisited_new_before, scorer.accuracy(pred, revisited, "current"), acc_before, acc_earlier
-        ),
-        "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
-        "old_accuracy_before": old_before,
-        "old_accuracy": old_after,
-        "new_accuracy": mean_over(acc, new_classes),
-        "all_accuracy": mean_over(acc, seen),
-        "n_train": len(train),
-        "n_val": len(val),
-        **learned.entry,
-        "images_per_s": learned.entry["images_seen"] / max(1e-9, time.perf_counter() - t0),
-        "wall_s": time.perf_counter() - t0,
-        "forced": False,
-        "similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling),
-        **({"label": opts.label} if opts.label else {}),
-    }
-    gate = forgetting_gate(prev.history, old_classes, acc_before, acc_earlier)
-    entry.update(gate.figures())
-    worst = max(gate.since_previous, gate.since_learned)
-    if worst > opts.max_forgetting:
-        if not opts.force:
-            raise ForgettingGateError(
-                f"{gate.describe()}, over --max-forgetting {opts.max_forgetting:g}; nothing was published."
-                f"{worst_drops(gate.reference, acc_earlier, table.names)} Train with replay/distill, or pass --force"
-            )
-        entry["forced"] = True
-        log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", worst)
+    learned = learner_for(prev.model_config)(prev, model, table, train, val, seen, old_classes, revisited, opts)
+    entry = _history_entry(prev, table, learned, trained_classes, new_classes, revisited, kind, t0)
+    entry |= {"n_train": len(train), "n_val": len(val)}
+    entry |= {"similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling)}
+    entry |= {"label": opts.label} if opts.label else {}
+    _gate(entry, prev, learned, table, opts)
     log.info("trained and evaluated in %.1f s; saving the checkpoint", time.perf_counter() - t0)
     fault_point("update_saving")
     ckpt = dataclasses.replace(
@@ -318,6 +279,69 @@ def save_update(store: CheckpointStore, opts: UpdateOptions, export_follows: boo
     keeps_images = bool(ckpt.val.pixels.size or len(ckpt.buffer))
     parity = parity_sample(val, train, ckpt.prep) if export_follows and not keeps_images else None
     return SavedUpdate(version=version, entry=entry, keep=keep, parity=parity)
+
+
+def _history_entry(
+    prev: Checkpoint,
+    table: ConceptTable,
+    learned: LearnedUpdate,
+    trained: Sequence[int],
+    new_classes: Sequence[int],
+    revisited: Sequence[int],
+    kind: str,
+    t0: float,
+) -> dict[str, Any]:
+    """The update's history entry: which classes it trained, and accuracy on the held-out images
+    before and after (per class, old, new, revisited, all), with what the learner reports."""
+    scorer, pred_before, pred = learned.scorer, learned.pred_before, learned.pred_after
+    old_classes = sorted(int(c) for c in prev.seen)
+    seen = sorted(set(old_classes) | set(trained))
+    acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
+    acc = scorer.accuracy(pred, seen, "all")
+    acc_earlier = scorer.accuracy(pred, old_classes, "earlier")
+    revisited_before = scorer.accuracy(pred_before, revisited, "current")
+    revisited_after = scorer.accuracy(pred, revisited, "current")
+    return {
+        "task": len(prev.history) + 1,
+        "kind": kind,
+        "new_classes": list(new_classes),
+        "new_class_names": [table.names[c] for c in new_classes],
+        "revisited_classes": list(revisited),
+        "revisited_class_names": [table.names[c] for c in revisited],
+        "trained_classes": list(trained),
+        "revisited": revisited_figures(revisited, revisited_before, revisited_after, acc_before, acc_earlier),
+        "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
+        "old_accuracy_before": mean_over(acc_before, old_classes),
+        "old_accuracy": mean_over(acc_earlier, old_classes),
+        "new_accuracy": mean_over(acc, new_classes),
+        "all_accuracy": mean_over(acc, seen),
+        **learned.entry,
+        "images_per_s": learned.entry["images_seen"] / max(1e-9, time.perf_counter() - t0),
+        "wall_s": time.perf_counter() - t0,
+        "forced": False,
+    }
+
+
+def _gate(
+    entry: dict[str, Any], prev: Checkpoint, learned: LearnedUpdate, table: ConceptTable, opts: UpdateOptions
+) -> None:
+    """The forgetting gate: its figures go into ``entry``; past ``opts.max_forgetting`` the update
+    is refused, or published as forced with ``opts.force``."""
+    old_classes = sorted(int(c) for c in prev.seen)
+    acc_before = learned.scorer.accuracy(learned.pred_before, old_classes, "earlier")
+    acc_earlier = learned.scorer.accuracy(learned.pred_after, old_classes, "earlier")
+    gate = forgetting_gate(prev.history, old_classes, acc_before, acc_earlier)
+    entry.update(gate.figures())
+    worst = max(gate.since_previous, gate.since_learned)
+    if worst <= opts.max_forgetting:
+        return
+    if not opts.force:
+        raise ForgettingGateError(
+            f"{gate.describe()}, over --max-forgetting {opts.max_forgetting:g}; nothing was published."
+            f"{worst_drops(gate.reference, acc_earlier, table.names)} Train with replay/distill, or pass --force"
+        )
+    entry["forced"] = True
+    log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", worst)
 
 
 def _prune(store: CheckpointStore, keep: int) -> list[int]:

@@ -33,7 +33,7 @@ def _share(text: str) -> float:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from cvm_edge.analytic import DEFAULT_DIM
-    from cvm_edge.defaults import default_backbone
+    from cvm_edge.pretrained import default_backbone
     from cvm_edge.update import InitOptions
     from fleet.coordinator import init_coordinator
 

@@ -26,6 +26,16 @@ def run_cli(*argv: str) -> int:
     return main(list(argv))
 
 
+def sample_pixels(images: np.ndarray, prep: Any) -> np.ndarray:
+    """The sample's grey 28-px images as RGB uint8 at the model's size (``prep``: a
+    ``cvm_edge.preprocess.Preprocessing``), as a folder of them would be read."""
+    from PIL import Image
+
+    from cvm_edge.preprocess import resize_crop
+
+    return np.stack([resize_crop(Image.fromarray(a).convert("RGB"), prep) for a in images])
+
+
 @pytest.fixture(scope="session")
 def sample() -> dict[str, np.ndarray]:
     return load_sample()

@@ -128,7 +128,7 @@ def _backbone_and_learner(v: dict[str, Any]) -> tuple[str, str, str, str]:
     pretrained = v["pretrained"]
     backbone = v["backbone"]
     if backbone is None:
-        from cvm_edge.defaults import default_backbone
+        from cvm_edge.pretrained import default_backbone
 
         backbone, default_pretrained = default_backbone()
         pretrained = pretrained or default_pretrained

@@ -39,7 +39,7 @@ class HeadBalancePlugin(Plugin):
         labels = torch.from_numpy(buffer.labels).to(ctx.device)
         params = [p for p in model.head.parameters() if p.requires_grad]
         # The run's own optimiser at half its rate (an SGD run's rate would be far too large for Adam).
-        opt = make_optimizer(params, dataclasses.replace(cfg, lr=cfg.lr * 0.5, cuda_graph=False))
+        opt = make_optimizer(params, dataclasses.replace(cfg, lr=cfg.lr * 0.5))
         model.head.train()
         for _ in range(cfg.balance_epochs):
             order = torch.from_numpy(ctx.rng.permutation(len(labels))).to(ctx.device)
