@@ -534,7 +534,10 @@ def render_fleet(root: Path) -> list[str]:
             else "-"
         )
         first = r.get("first_round_within_5_points", 1 if abs(r["fleet_minus_centralised_points"]) <= 5 else None)
-        merge = r["merge"] + (f" ({r['wire_dtype']})" if "wire_dtype" in r else f" ({r['local_epochs']} local epoch)")
+        # gradient runs: local epochs and the device's loss (runs before the "loss" field trained with
+        # plain cross-entropy over every table row, ce-all)
+        gradient = f" ({r.get('local_epochs')} local epoch{'s' if r.get('local_epochs') != 1 else ''}, {r.get('loss', 'ce-all')} loss)"
+        merge = r["merge"] + (f" ({r['wire_dtype']})" if "wire_dtype" in r else gradient)
         routed = "-"
         if r.get("routed_top1_accuracy_per_round"):
             routed = f"{100 * r['routed_top1_accuracy_per_round'][-1]:.1f} / {100 * r['routed_top2_accuracy_per_round'][-1]:.1f}"
@@ -580,7 +583,8 @@ def plot_fleet(root: Path, plots: Path) -> list[str]:
         drawn: set[str] = set()
         for r in mine:
             curve = r.get("fleet_accuracy_per_round") or [r["fleet_accuracy"]] * rounds
-            line = ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", ms=3, label=r["merge"])
+            label = r["merge"] if r["merge"] == "analytic" else f"{r['merge']}, {r.get('loss', 'ce-all')} loss"
+            line = ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", ms=3, label=label)
             routed = r.get("routed_top1_accuracy_per_round")
             if routed:  # fusion's per-device models, routed top-1 by their prototypes (fleet/fused.py)
                 ax.plot(
