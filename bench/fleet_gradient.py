@@ -310,8 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _loss_tag(loss: str) -> str:
-    return "" if loss == DEVICE_LOSS else f"-{loss}"
+def _variant_tag(loss: str, local_epochs: int) -> str:
+    return ("" if loss == DEVICE_LOSS else f"-{loss}") + ("" if local_epochs == 1 else f"-e{local_epochs}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,9 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args,
         argv,
         run,
-        # the device's loss keeps the plain name; another loss is named, so both stay side by side
+        # the device's loss and 1 local epoch keep the plain name; others are named, so all stay side by side
         lambda r: (
-            f"{args.protocol}-{r['image_size']}-{args.merge}{_loss_tag(args.loss)}-d{args.devices}-s{args.seed}.json"
+            f"{args.protocol}-{r['image_size']}-{args.merge}{_variant_tag(args.loss, args.local_epochs)}-d{args.devices}-s{args.seed}.json"
         ),
         shown,
     )
