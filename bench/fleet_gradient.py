@@ -1,7 +1,9 @@
 """Gradient merges for a fleet (issue 21), in Flower's simulation runtime: FedAvg and ConDU fusion of the devices' deltas (the product's own merges, ``fleet.average``, inside Flower's
 strategy), on the gradient learner's concept head (the
-mapper MLP and logit scale of ``cvm_edge.model.ConceptHead``) trained on frozen Lite0 features;
-beside centralised training of the same head on the union for the same number of passes. The
+mapper MLP and logit scale of ``cvm_edge.model.ConceptHead``) trained on frozen Lite0 features
+with a device's own classification loss (``fleet.weights_device.DEVICE_LOSS``: its images compete
+only among its classes); beside centralised training of the same head on the union for the same
+number of passes with the same loss (there: cross-entropy over all the classes). The
 same non-IID partition and features as bench/fleet.py. Reference figures: which merge reaches
 centralised, after how many rounds, and where it breaks.
 
@@ -11,6 +13,7 @@ centralised, after how many rounds, and where it breaks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import time
@@ -19,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -31,8 +33,10 @@ from bench.protocols import PROTOCOLS
 from bench.tables import concept_vectors
 from cvm_edge.lab.routing import FusedRoutedModel
 from cvm_edge.model import ConceptHead, ModelConfig, build_head_model
+from cvm_edge.strategy import LOSSES, Batch, classification_loss
 from fleet.average import Weights, WeightsMerge, WeightsUpload, fedavg, fuse, fuse_devices
 from fleet.fused import fusion_state
+from fleet.weights_device import DEVICE_LOSS
 
 log = logging.getLogger(__name__)
 HIDDEN = 512  # the product's default mapper width (cvm init --mapper-hidden)
@@ -44,8 +48,41 @@ def new_head(table: np.ndarray, feat_dim: int, seed: int) -> ConceptHead:
     return ConceptHead(feat_dim, table, HIDDEN, math.log(16.0))
 
 
-def local_train(head: ConceptHead, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, batch: int, seed: int) -> None:
-    """The gradient learner's loss on features: cross-entropy over the scaled cosines to every row."""
+@dataclasses.dataclass(frozen=True)
+class DeviceRows:
+    """The table rows a device's local update trains among (``cvm_edge.strategy.LossRows``), as a
+    real device's ``Context`` gives them: ``seen`` the classes of the fleet's weights it adopted and
+    its own, ``current_classes`` its own (its update's folder), ``seen_revisited`` which seen rows
+    it brings images of and the fleet knew before, ``local_classes`` its own (its replay buffer
+    holds only its own images)."""
+
+    seen: torch.Tensor
+    current_classes: torch.Tensor
+    seen_revisited: torch.Tensor
+    local_classes: torch.Tensor
+
+    @classmethod
+    def of(cls, own: Iterable[int], fleet_seen: Iterable[int]) -> DeviceRows:
+        mine, known = {int(c) for c in own}, {int(c) for c in fleet_seen}
+        seen = torch.as_tensor(sorted(mine | known), dtype=torch.long)
+        local = torch.as_tensor(sorted(mine), dtype=torch.long)
+        return cls(seen, local, torch.isin(seen, torch.as_tensor(sorted(mine & known), dtype=torch.long)), local)
+
+
+def local_train(
+    head: ConceptHead,
+    x: np.ndarray,
+    y: np.ndarray,
+    rows: DeviceRows,
+    loss: str,
+    epochs: int,
+    lr: float,
+    batch: int,
+    seed: int,
+) -> None:
+    """A device's local update of the head on its features: Adam, and the product's own
+    classification loss (``cvm_edge.strategy.classification_loss``) of kind ``loss`` over ``rows``;
+    the device's loss by default (``fleet.weights_device.DEVICE_LOSS``)."""
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     xt, yt = torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
@@ -53,7 +90,8 @@ def local_train(head: ConceptHead, x: np.ndarray, y: np.ndarray, epochs: int, lr
     for _ in range(epochs):
         for i in np.array_split(rng.permutation(len(y)), max(1, math.ceil(len(y) / batch))):
             opt.zero_grad()
-            F.cross_entropy(head(xt[i]), yt[i]).backward()
+            b = Batch(xt[i], yt[i], torch.zeros(len(i), dtype=torch.bool))  # incoming images, none replayed
+            classification_loss(head(b.inputs), b, rows, loss).backward()
             opt.step()
     head.eval()
 
@@ -154,6 +192,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = partition(ytr, args.devices, args.classes_per_device, args.seed)
     xtr, xte = feats.train, feats.test
     init = new_head(table, xtr.shape[1], args.seed).state_dict()
+    # The fleet's classes after round 1 (every device trains every round; every class is on a device):
+    # from round 2 on all of them are seen on each device, as the merged model's seen rows.
+    fleet_classes = sorted({int(c) for c in ytr[np.concatenate(list(parts))]})
     curve: list[float] = []
     routed: dict[int, list[float]] = {k: [] for k in ROUTED_K}
     routed_rounds: list[int] = []
@@ -183,8 +224,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         head = new_head(table, xtr.shape[1], args.seed)
         head.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
         rnd = int(str(msg.content.config_records["config"]["server-round"]))
+        y = ytr[parts[d]]
+        rows = DeviceRows.of(y, fleet_classes if rnd > 1 else ())
         local_train(
-            head, xtr[parts[d]], ytr[parts[d]], args.local_epochs, args.lr, args.batch, args.seed + 1000 * rnd + d
+            head, xtr[parts[d]], y, rows, args.loss, args.local_epochs, args.lr, args.batch, args.seed + 1000 * rnd + d
         )
         content = RecordDict(
             {
@@ -223,8 +266,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.cpus)
     central = new_head(table, xtr.shape[1], args.seed)
     central_curve = []
-    for rnd in range(1, args.rounds + 1):  # the same passes over the union, one epoch block per round
-        local_train(central, xtr, ytr, args.local_epochs, args.lr, args.batch, args.seed + 1000 * rnd)
+    # The same passes over the union, one epoch block per round, as one device holding every class
+    # with the same loss: each kind is then plain cross-entropy over all the protocol's classes.
+    for rnd in range(1, args.rounds + 1):
+        rows = DeviceRows.of(fleet_classes, fleet_classes if rnd > 1 else ())
+        local_train(central, xtr, ytr, rows, args.loss, args.local_epochs, args.lr, args.batch, args.seed + 1000 * rnd)
         central_curve.append(accuracy(central, xte, yte))
     fleet = curve[1:]  # curve[0] is the initial model (round 0)
     params = sum(int(v.numel()) for v in init.values())
@@ -237,6 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "merge": args.merge,
         "local_epochs": args.local_epochs,
+        "loss": args.loss,
         "lr": args.lr,
         "batch": args.batch,
         "seed": args.seed,
@@ -263,11 +310,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _variant_tag(loss: str, local_epochs: int) -> str:
+    return ("" if loss == DEVICE_LOSS else f"-{loss}") + ("" if local_epochs == 1 else f"-e{local_epochs}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = fleet_parser(__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--merge", choices=("fedavg", "fusion"), default="fedavg")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=DEVICE_LOSS,
+        help="the device's classification loss (cvm_edge.strategy.classification_loss); default: a fleet "
+        "device's own; ce-all: every table row, as this benchmark trained before",
+    )
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam, the product's default")
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
@@ -276,7 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args,
         argv,
         run,
-        lambda r: f"{args.protocol}-{r['image_size']}-{args.merge}-d{args.devices}-s{args.seed}.json",
+        # the device's loss and 1 local epoch keep the plain name; others are named, so all stay side by side
+        lambda r: (
+            f"{args.protocol}-{r['image_size']}-{args.merge}{_variant_tag(args.loss, args.local_epochs)}-d{args.devices}-s{args.seed}.json"
+        ),
         shown,
     )
 

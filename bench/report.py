@@ -534,7 +534,10 @@ def render_fleet(root: Path) -> list[str]:
             else "-"
         )
         first = r.get("first_round_within_5_points", 1 if abs(r["fleet_minus_centralised_points"]) <= 5 else None)
-        merge = r["merge"] + (f" ({r['wire_dtype']})" if "wire_dtype" in r else f" ({r['local_epochs']} local epoch)")
+        # gradient runs: local epochs and the device's loss (runs before the "loss" field trained with
+        # plain cross-entropy over every table row, ce-all)
+        gradient = f" ({r.get('local_epochs')} local epoch{'s' if r.get('local_epochs') != 1 else ''}, {r.get('loss', 'ce-all')} loss)"
+        merge = r["merge"] + (f" ({r['wire_dtype']})" if "wire_dtype" in r else gradient)
         routed = "-"
         if r.get("routed_top1_accuracy_per_round"):
             routed = f"{100 * r['routed_top1_accuracy_per_round'][-1]:.1f} / {100 * r['routed_top2_accuracy_per_round'][-1]:.1f}"
@@ -548,6 +551,44 @@ def render_fleet(root: Path) -> list[str]:
             f"| `{r['command']}` | {str(r['git_commit'])[:12]} | {str(r['date'])[:10]} |"
         )
     return lines
+
+
+# What the fleet table's gradient rows measure and what they showed (issue 21); rendered under the table.
+FLEET_NOTE = (
+    "Gradient rows (bench/fleet_gradient.py): the concept head (mapper of 512, logit scale) on frozen Lite0 "
+    "features, Adam at 1e-3, batch 32, every device in every round. Each device trains with the product's own "
+    '`cvm_edge.strategy.classification_loss` as a `cvm fleet` device applies it. "local loss" rows: its images '
+    "compete only among its own classes (`fleet.weights_device.DEVICE_LOSS`, the device's loss since commit "
+    'dd0f7c4). "ce-all loss" rows: the earlier runs, plain cross-entropy over every table row; a real device '
+    "then trained ACE, whose images of revisited classes (from round 2 on, all of a device's) compete among every "
+    "seen class, so each device pushed down the rows of the classes the other devices hold. Centralised: the same "
+    "head on the union for the same passes (the local epochs per round, 10 rounds), as one device holding every "
+    "class with the same loss, which is cross-entropy over all the protocol's classes for each loss; its "
+    "last-round figure moves by up to a point between runs of one seed (Imagenette 93.10 with `--cpus 1`, 93.40, "
+    "93.78, and 93.99 with 5 local epochs; its curve swings between 93.1 and 94.8 from round to round: rounding "
+    "order over thousands of Adam steps), so read gaps within a point of 5 as ties. Wall s is the simulation "
+    "only, on a 2-core machine shared with other jobs (load average 5-8), so it compares no two rows.",
+    "Imagenette, FedAvg: with the local loss 100 devices end at 91.2 (-2.60), within 5 points from round 3 and "
+    "rising in 8 of 9 rounds; over every row they ended at 88.0 (-5.38). 10 devices end at 87.5 (-6.32) and are "
+    "never within 5 points; over every row the last round read 89.9 (-3.46, within 5 at round 6), but that curve "
+    "swung between 65 and 92 from round to round: the mean of rounds 6-10 is 87.4 over every row and 87.7 with "
+    "the local loss. So 10 devices of 3 classes are about 6 points short under either loss; the local loss removes "
+    "the swings, not the gap. 5 local epochs instead of 1 leave it there (87.6, -6.34): the shortfall is not too "
+    "few local steps. With 100 devices (about 95 images, 3 steps an epoch each) they do help: 92.1 (-1.86), within "
+    "5 points from round 2. With 10 devices only 22 of the 45 pairs of classes share a device (seed 0's partition), and "
+    "two classes that are never on one device are told apart by no device's loss, only by the averaged head; with "
+    "100 devices all 45 pairs do.",
+    "GTSRB rows are from before the change (ce-all loss, commit 5e2b3ef): they were not rerun in this session (its "
+    "feature cache was empty, and computing it takes longer than was left on the shared 2-core machine).",
+    "Fusion (ConDU: per coordinate, the sign of the devices' summed deltas and the largest agreeing device's "
+    "magnitude) on Imagenette with the local loss: the unified model ends at 75.9 with 10 devices (-17.17; over "
+    "every row 39.8) and 80.6 with 100 (-12.46; over every row 64.8). It breaks where it did: each round it moves "
+    "every coordinate by the largest move any agreeing device made, not by their mean, so the step grows with the "
+    "number of devices and overshoots. The 10-device curve see-saws (75, 71, 83, 80, 79, 75, 85, 75, 82, 76); the "
+    "100-device one is within 5 points in rounds 5-8 (peak 91.8 in round 7) and falls from 88.6 to 69.4 in round "
+    "9. The devices' own models rebuilt from the fusion and routed by their prototypes (top-1) score 89.7 (10 "
+    "devices) and 82.6 (100) in the last round.",
+)
 
 
 def round_axis(ax: Any, rounds: int) -> None:
@@ -580,7 +621,10 @@ def plot_fleet(root: Path, plots: Path) -> list[str]:
         drawn: set[str] = set()
         for r in mine:
             curve = r.get("fleet_accuracy_per_round") or [r["fleet_accuracy"]] * rounds
-            line = ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", ms=3, label=r["merge"])
+            label = r["merge"] if r["merge"] == "analytic" else f"{r['merge']}, {r.get('loss', 'ce-all')} loss"
+            if r.get("local_epochs", 1) != 1:
+                label += f", {r['local_epochs']} local epochs"
+            line = ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", ms=3, label=label)
             routed = r.get("routed_top1_accuracy_per_round")
             if routed:  # fusion's per-device models, routed top-1 by their prototypes (fleet/fused.py)
                 ax.plot(
@@ -903,6 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet = render_fleet(args.results)
     if fleet:
         lines += ["## Fleet learning on Flower, simulation runtime (bench/fleet.py)", "", *fleet, ""]
+        lines += [line for p in FLEET_NOTE for line in (p, "")]
         if not args.no_plots:
             lines += [f"![{n}](plots/{n})" for n in plot_fleet(args.results, args.plots)] + [""]
     zoo = render_zoo(args.results)

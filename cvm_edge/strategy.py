@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = vocabulary.OPTIMIZERS
 DIVERGED_HINT = "lower the learning rate or the regularisation weights (ewc lambda, distill weight)"
-LOSSES = (*vocabulary.LOSSES, "ce-all")  # ce-all: the benchmarks' mammoth-style baselines
+# ce-all: the benchmarks' mammoth-style baselines. local: a fleet device's round (fleet/weights_device.py),
+# set by the fleet, not a `cvm update` choice.
+LOSSES = (*vocabulary.LOSSES, "ce-all", "local")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,9 @@ class TrainConfig:
     # before, new domain) compete among all seen classes (see ``classification_loss``).
     # "ce": plain cross-entropy over all seen classes. "ce-all": over every table row, unseen
     # (future) classes too, as mammoth's class-incremental baselines train (benchmark use).
+    # "local": every image, incoming or replayed, competes only among the classes this store holds
+    # images of (``Context.local_classes``): a fleet device's round, whose other classes the rest of
+    # the fleet trains (see ``classification_loss``).
     loss: str = "ace"
     # Class-balanced head tuning (as in EEIL, Castro et al. 2018): after an experience, the mapper
     # and scale are tuned for this many epochs on the (class-balanced) replay buffer, which removes
@@ -143,6 +149,13 @@ class Context:
         """bool per entry of ``seen``: a revisited class. Made once per experience (in an eager step):
         ``isin`` of a batch against many classes sorts and synchronises, which a CUDA graph cannot hold."""
         return torch.isin(self.seen, self.revisited_classes)
+
+    @functools.cached_property
+    def local_classes(self) -> torch.Tensor:
+        """Table rows this store holds images of: this experience's classes and its buffer's, sorted
+        (the rows a fleet device's images compete among, loss "local")."""
+        held = {int(c) for c in self.current_classes.tolist()} | {int(c) for c in np.unique(self.buffer.labels)}
+        return torch.as_tensor(sorted(held), dtype=torch.long, device=self.device)
 
     def inputs(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 pixels as the loop trains on them: on the device, or their backbone features when
@@ -236,7 +249,11 @@ def targets_in(labels: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
 def choose_loss(configured: str, plugins: Sequence[Plugin]) -> str:
     """The configured classification loss when a plugin trains with it (replay and DER keep old
     classes in the softmax; fusion's task models only tell their own classes apart), else plain
-    cross-entropy: with nothing to protect old rows, the plain loss is the honest baseline."""
+    cross-entropy: with nothing to protect old rows, the plain loss is the honest baseline.
+    "local" stays with or without plugins: it keeps a fleet device off the rows of classes other
+    devices train, which no plugin protects."""
+    if configured == "local":
+        return configured
     kinds = [k for p in plugins if (k := p.loss_kind(configured)) is not None]
     return kinds[0] if kinds else "ce"
 
@@ -491,10 +508,36 @@ def make_optimizer(
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=capturable)
 
 
-def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: str) -> torch.Tensor:
+class LossRows(Protocol):
+    """The table rows of one experience that :func:`classification_loss` reads (a :class:`Context`;
+    the fleet benchmark's simulated device gives its own)."""
+
+    @property
+    def seen(self) -> torch.Tensor: ...
+
+    @property
+    def current_classes(self) -> torch.Tensor: ...
+
+    @property
+    def seen_revisited(self) -> torch.Tensor: ...
+
+    @property
+    def local_classes(self) -> torch.Tensor: ...
+
+
+def restricted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of ``labels`` (table rows, each one of ``rows``) among the sorted table rows
+    ``rows`` only: the logits of every other row take no part and get no gradient."""
+    return F.cross_entropy(restricted_logits(logits, rows), targets_in(labels, rows), reduction=reduction)
+
+
+def classification_loss(logits: torch.Tensor, batch: Batch, ctx: LossRows, kind: str) -> torch.Tensor:
     """Cross-entropy over the seen classes; with ``ace`` the incoming images of new classes only
     over this experience's classes (replayed images and images of revisited classes keep the full set);
-    with ``ce-all`` over every table row.
+    with ``ce-all`` over every table row; with ``local`` every image over the classes this store
+    holds images of.
 
     Why revisited classes take the full set: ACE restricts incoming images so that a new class,
     whose images vastly outnumber the replayed old ones, does not push the old rows away. A
@@ -504,11 +547,20 @@ def classification_loss(logits: torch.Tensor, batch: Batch, ctx: Context, kind: 
     An update of only known classes is therefore plain cross-entropy over the seen classes, with
     replay keeping the class balance.
 
+    Why a fleet device takes ``local``: from its second round on, every class the fleet knows is
+    "seen" on the device and its own classes are revisited, so under ``ace`` its images would
+    compete among all of the fleet's classes and each device would push down the rows of the many
+    classes it holds no image of, which other devices are training up at the same time: under
+    label skew the devices' updates pull apart and their average drifts (the softmax restriction
+    of FedRS, Li & Zhan, KDD 2021). The merge, not the device, tells those classes apart.
+
     Both terms are computed for every sample and one is selected per sample with ``where``, so no
     boolean indexing forces the host to wait for the device."""
     if kind == "ce-all":
         return F.cross_entropy(logits, batch.labels)
-    seen_ce = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(batch.labels, ctx.seen), reduction="none")
+    if kind == "local":
+        return restricted_cross_entropy(logits, batch.labels, ctx.local_classes)
+    seen_ce = restricted_cross_entropy(logits, batch.labels, ctx.seen, reduction="none")
     if kind == "ce":
         return seen_ce.mean()
     current = ctx.current_classes

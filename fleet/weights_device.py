@@ -7,8 +7,9 @@ A round on the device:
    fleet's table lacks (as ``fleet.device.StoreDevice``).
 2. ``train``: make the store's latest version hold the fleet's published weights (a device that
    missed a publish, or a new one, adopts them first), run ``cvm update`` on every local image (each
-   round is FedAvg's local epochs over the device's data) and upload the concept head's weights
-   with the number of training images behind them.
+   round is FedAvg's local epochs over the device's data; the images compete only among the
+   device's own classes, ``DEVICE_LOSS``) and upload the concept head's weights with the number of
+   training images behind them.
 3. ``publish``: save the fleet's merged weights as a new version, export its bundle (the old one
    serves until parity passes) and tally the new model on this device's held-out images."""
 
@@ -40,6 +41,13 @@ from fleet.fused import mean_feature
 from fleet.merge import Votes
 
 log = logging.getLogger(__name__)
+
+# The classification loss of a device's local update (cvm_edge.strategy.classification_loss): its
+# images compete only among its own classes. From round 2 on the fleet's every class is "seen" on
+# the device and its own are revisited, so the product's default (ace) would train them against all
+# of the fleet's classes and push down the rows of the classes other devices hold, the drift of
+# FedAvg under label skew. bench/fleet_gradient.py trains its simulated devices with the same.
+DEVICE_LOSS = "local"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +115,7 @@ class WeightsDevice:
             lr=local.lr,
             batch_size=local.batch_size,
             max_forgetting=self.max_forgetting,
+            loss=DEVICE_LOSS,
             # every round retrains on the whole, growing folder: an image held out once stays held out
             holdout_by="content",
         )

@@ -14,10 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from cvm_edge.plugins.replay import ReplayMemory
-from cvm_edge.strategy import Context, Plugin, backbone_features, make_optimizer, restricted_logits, targets_in
+from cvm_edge.strategy import Context, Plugin, backbone_features, make_optimizer, restricted_cross_entropy
 
 
 class HeadBalancePlugin(Plugin):
@@ -37,6 +36,9 @@ class HeadBalancePlugin(Plugin):
         if feats is None:
             feats = backbone_features(model, ctx.prep, buffer.pixels, cfg)
         labels = torch.from_numpy(buffer.labels).to(ctx.device)
+        # A fleet device (loss "local") balances among its own classes: its buffer holds no image of
+        # the fleet's other classes, and over all seen rows this tuning would push them all down.
+        rows = ctx.local_classes if cfg.loss == "local" else ctx.seen
         params = [p for p in model.head.parameters() if p.requires_grad]
         # The run's own optimiser at half its rate (an SGD run's rate would be far too large for Adam).
         opt = make_optimizer(params, dataclasses.replace(cfg, lr=cfg.lr * 0.5))
@@ -47,7 +49,7 @@ class HeadBalancePlugin(Plugin):
                 idx = order[start : start + cfg.batch_size]
                 logits = model.head(feats.index_select(0, idx))
                 y = labels.index_select(0, idx)
-                loss = F.cross_entropy(restricted_logits(logits, ctx.seen), targets_in(y, ctx.seen))
+                loss = restricted_cross_entropy(logits, y, rows)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -185,3 +185,31 @@ def test_store_written_before_buffer_tags_takes_a_domain_update(
     )
     buf = CheckpointStore(store).load().buffer
     assert buf.task_counts(0) == {-1: 10, 2: 10} and buf.task_counts(1) == {-1: 10, 2: 10}
+
+
+def test_local_loss_leaves_the_rows_of_classes_the_store_holds_no_image_of_untouched() -> None:
+    """A fleet device's loss ("local"): incoming and replayed images compete among the classes the
+    store holds images of (this experience's and its buffer's), so rows it never sees get no gradient."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from cvm_edge.strategy import Batch, classification_loss
+
+    logits = torch.tensor([[2.0, 0.5, 1.0, -1.0, 0.3], [0.0, 1.5, 3.0, 0.2, -0.4]], requires_grad=True)
+    seen = torch.arange(5)
+    # one incoming image of a revisited class (1) and one replayed image (3)
+    batch = Batch(torch.zeros(2), torch.tensor([1, 3]), torch.tensor([False, True]))
+    ctx = types.SimpleNamespace(
+        seen=seen,
+        current_classes=torch.tensor([1]),
+        seen_revisited=torch.isin(seen, torch.tensor([1])),
+        local_classes=torch.tensor([1, 3]),
+    )
+    loss = classification_loss(logits, batch, ctx, "local")  # type: ignore[arg-type]
+    want = F.cross_entropy(logits.detach()[:, [1, 3]], torch.tensor([0, 1]))
+    assert float(loss.detach()) == pytest.approx(float(want))
+    loss.backward()
+    assert logits.grad is not None
+    assert torch.all(logits.grad[:, [0, 2, 4]] == 0) and torch.all(logits.grad[:, [1, 3]] != 0)

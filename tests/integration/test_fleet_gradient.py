@@ -476,3 +476,35 @@ def test_a_gradient_device_whose_folder_grows_never_trains_on_an_image_it_held_o
     held2 = held_out_of_a_round(1)
     assert held1 and len(held2) > len(held1)
     assert held1 <= held2, f"{len(held1 - held2)} of {len(held1)} held-out images moved into training"
+
+
+def test_a_gradient_devices_update_ignores_the_fleets_classes_it_holds_no_image_of(tmp_path: Path) -> None:
+    """From round 2 on every class of the fleet is "seen" on a device and its own are revisited. Its
+    local update must train its images among its own classes only (loss "local"): the weights it
+    uploads are then the same whether the fleet knows 2 classes or 4, where under the update's
+    default loss (ace: revisited classes compete among every seen class) the two absent classes'
+    rows were pushed down, the drift of FedAvg under label skew."""
+    from cvm_edge.demo import load_sample, write_class_folders
+    from fleet.coordinator import Coordinator
+    from fleet.weights_device import LocalTraining, WeightsDevice
+
+    sample = load_sample()
+    names = [str(n) for n in sample["classes"]]
+    x, y = sample["train_images"], sample["train_labels"]
+    keep = np.concatenate([np.flatnonzero(y == c)[:15] for c in range(2)])
+    table = _table(tmp_path, tuple(names[:4]))
+    coord = Coordinator(_gradient_coordinator(tmp_path, table))
+    write_class_folders(tmp_path / "data", x[keep], y[keep], names, [0, 1])
+    base, _ = coord.base()
+    uploads = []
+    for k, seen in (("two", (0, 1)), ("four", (0, 1, 2, 3))):  # the fleet after round 1 knows 2 or 4 classes
+        device = WeightsDevice(tmp_path / k, tmp_path / "data", max_forgetting=100.0)
+        device.sync(base, coord.table(), None)
+        uploads.append(device.train(coord.weights(), seen, coord.table(), {"fleet_round": 1}, LocalTraining(epochs=2)))
+    two, four = (u.weights for u in uploads)
+    assert uploads[0].local == uploads[1].local == (0, 1) and uploads[1].seen == (0, 1, 2, 3)
+    assert two.keys() == four.keys()
+    moved = max(float(np.abs(two[k] - coord.weights()[k]).max()) for k in two)
+    assert moved > 1e-4  # the update trained
+    for k in two:
+        np.testing.assert_allclose(two[k], four[k], rtol=0, atol=1e-6, err_msg=k)
