@@ -18,7 +18,7 @@ import pytest
 from deploy_helpers import generated_images, trained_store, write_folders
 from fastapi.testclient import TestClient
 
-from conftest import FASHION_NAMES, run_cli
+from conftest import FAKE_CVM, FASHION_NAMES, run_cli
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.concepts import ConceptTable, slugify
 from cvm_edge.data import list_labelled_files
@@ -436,28 +436,6 @@ def test_no_progress_prints_no_reading_images_bar(store: Path, tmp_path: Path, c
 
 
 # ----- 10: the inbox ---------------------------------------------------------------------------------
-FAKE_CVM = r"""#!/bin/sh
-echo "$*" >> "$CALLS"
-cmd=$1; shift
-workdir=""; data=""
-while [ $# -gt 0 ]; do
-    case "$1" in --workdir) workdir=$2; shift ;; --data) data=$2; shift ;; esac
-    shift
-done
-mkdir -p "$workdir/checkpoints" "$workdir/bundles"
-if [ "$cmd" = update ]; then
-    if [ -e "$data/BAD" ]; then echo "cvm: error: class(es) 'x' are not in the concept table" >&2; exit 1; fi
-    n=$(( $(cat "$workdir/n" 2>/dev/null || echo 1) + 1 )); echo $n > "$workdir/n"
-    printf 'v%06d\n' $n > "$workdir/checkpoints/LATEST"
-    printf 'v%06d\n' $n > "$workdir/bundles/CURRENT"
-    echo "published v$n"
-elif [ "$cmd" = export ]; then
-    cp "$workdir/checkpoints/LATEST" "$workdir/bundles/CURRENT"
-    echo "published bundle $(cat "$workdir/bundles/CURRENT")"
-fi
-"""
-
-
 def _upload(path: Path, bad: bool = False) -> Path:
     (path / "bag").mkdir(parents=True)
     (path / "bag" / "0.png").write_bytes(b"png")

@@ -11,31 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAKE_CVM
+
 UNITS = Path(__file__).resolve().parents[2] / "firmware_notes" / "systemd"
 REPO = UNITS.parents[1]
-
-# A stand-in for `cvm`: `update` fails for folders holding a file BAD, else publishes the next checkpoint and
-# bundle (LATEST and CURRENT); `export` publishes a bundle for LATEST. Every call is logged.
-FAKE_CVM = r"""#!/bin/sh
-echo "$*" >> "$CALLS"
-cmd=$1; shift
-workdir=""; data=""
-while [ $# -gt 0 ]; do
-    case "$1" in --workdir) workdir=$2; shift ;; --data) data=$2; shift ;; esac
-    shift
-done
-mkdir -p "$workdir/checkpoints" "$workdir/bundles"
-if [ "$cmd" = update ]; then
-    if [ -e "$data/BAD" ]; then echo "cvm: error: class(es) 'x' are not in the concept table" >&2; exit 1; fi
-    n=$(( $(cat "$workdir/n" 2>/dev/null || echo 1) + 1 )); echo $n > "$workdir/n"
-    printf 'v%06d\n' $n > "$workdir/checkpoints/LATEST"
-    printf 'v%06d\n' $n > "$workdir/bundles/CURRENT"
-    echo "published v$n"
-elif [ "$cmd" = export ]; then
-    cp "$workdir/checkpoints/LATEST" "$workdir/bundles/CURRENT"
-    echo "published bundle $(cat "$workdir/bundles/CURRENT")"
-fi
-"""
 
 
 def _run(tmp: Path) -> subprocess.CompletedProcess[str]:
