@@ -177,10 +177,13 @@ def test_multi_prototype_head_trains(fashion_multi: Path) -> None:
 
 
 def test_init_prototype_temperature_default_matches_the_model() -> None:
+    from cvm_edge import vocabulary
     from cvm_edge.cli import build_parser
+    from cvm_edge.cli.learn import _settings
 
+    # A flag left out stays UNSET until the settings resolve it (flag, else --config, else default).
     args = build_parser().parse_args(["init", "--workdir", "w", "--concepts", "t.npz"])
-    assert args.prototype_temperature == DEFAULT_PROTOTYPE_TEMPERATURE
+    assert _settings(args, "init", vocabulary.INIT)["prototype_temperature"] == DEFAULT_PROTOTYPE_TEMPERATURE
 
 
 # ----- a store with a multi-prototype table --------------------------------------------------------
