@@ -253,11 +253,12 @@ def save_update(store: CheckpointStore, opts: UpdateOptions, export_follows: boo
     similarity = task_similarity(class_vectors(table.as_float32()), new_classes, old_classes)
     log.info("task similarity: %s", similarity.summary(table.names))
     learned = learner_for(prev.model_config)(prev, model, table, train, val, seen, old_classes, revisited, opts)
-    entry = _history_entry(prev, table, learned, trained_classes, new_classes, revisited, kind, t0)
+    scores = _Scores.of(learned, old_classes, revisited, seen)
+    entry = _history_entry(prev, table, learned, scores, trained_classes, new_classes, revisited, kind, t0)
     entry |= {"n_train": len(train), "n_val": len(val)}
     entry |= {"similarity": similarity.to_dict(table.names, opts.plugin_options.similarity_scaling)}
     entry |= {"label": opts.label} if opts.label else {}
-    _gate(entry, prev, learned, table, opts)
+    _gate(entry, prev.history, scores, table, opts)
     log.info("trained and evaluated in %.1f s; saving the checkpoint", time.perf_counter() - t0)
     fault_point("update_saving")
     ckpt = dataclasses.replace(
@@ -281,10 +282,38 @@ def save_update(store: CheckpointStore, opts: UpdateOptions, export_follows: boo
     return SavedUpdate(version=version, entry=entry, keep=keep, parity=parity)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Scores:
+    """Held-out accuracy per class from the learner's predictions, computed once for the history
+    entry and the gate."""
+
+    old_classes: list[int]
+    seen: list[int]
+    old_before: dict[int, float]  # old classes on their earlier held-out images, before this update
+    old_after: dict[int, float]  # the same images, after
+    all_after: dict[int, float]  # every seen class on all held-out images, after
+    revisited_before: dict[int, float]  # revisited classes on this update's held-out images
+    revisited_after: dict[int, float]
+
+    @classmethod
+    def of(cls, learned: LearnedUpdate, old_classes: list[int], revisited: Sequence[int], seen: list[int]) -> _Scores:
+        scorer, before, after = learned.scorer, learned.pred_before, learned.pred_after
+        return cls(
+            old_classes,
+            seen,
+            scorer.accuracy(before, old_classes, "earlier"),
+            scorer.accuracy(after, old_classes, "earlier"),
+            scorer.accuracy(after, seen, "all"),
+            scorer.accuracy(before, revisited, "current"),
+            scorer.accuracy(after, revisited, "current"),
+        )
+
+
 def _history_entry(
     prev: Checkpoint,
     table: ConceptTable,
     learned: LearnedUpdate,
+    scores: _Scores,
     trained: Sequence[int],
     new_classes: Sequence[int],
     revisited: Sequence[int],
@@ -293,14 +322,7 @@ def _history_entry(
 ) -> dict[str, Any]:
     """The update's history entry: which classes it trained, and accuracy on the held-out images
     before and after (per class, old, new, revisited, all), with what the learner reports."""
-    scorer, pred_before, pred = learned.scorer, learned.pred_before, learned.pred_after
-    old_classes = sorted(int(c) for c in prev.seen)
-    seen = sorted(set(old_classes) | set(trained))
-    acc_before = scorer.accuracy(pred_before, old_classes, "earlier")
-    acc = scorer.accuracy(pred, seen, "all")
-    acc_earlier = scorer.accuracy(pred, old_classes, "earlier")
-    revisited_before = scorer.accuracy(pred_before, revisited, "current")
-    revisited_after = scorer.accuracy(pred, revisited, "current")
+    s = scores
     return {
         "task": len(prev.history) + 1,
         "kind": kind,
@@ -309,12 +331,12 @@ def _history_entry(
         "revisited_classes": list(revisited),
         "revisited_class_names": [table.names[c] for c in revisited],
         "trained_classes": list(trained),
-        "revisited": revisited_figures(revisited, revisited_before, revisited_after, acc_before, acc_earlier),
-        "per_class_accuracy": {str(c): round(v, 6) for c, v in acc.items()},
-        "old_accuracy_before": mean_over(acc_before, old_classes),
-        "old_accuracy": mean_over(acc_earlier, old_classes),
-        "new_accuracy": mean_over(acc, new_classes),
-        "all_accuracy": mean_over(acc, seen),
+        "revisited": revisited_figures(revisited, s.revisited_before, s.revisited_after, s.old_before, s.old_after),
+        "per_class_accuracy": {str(c): round(v, 6) for c, v in s.all_after.items()},
+        "old_accuracy_before": mean_over(s.old_before, s.old_classes),
+        "old_accuracy": mean_over(s.old_after, s.old_classes),
+        "new_accuracy": mean_over(s.all_after, new_classes),
+        "all_accuracy": mean_over(s.all_after, s.seen),
         **learned.entry,
         "images_per_s": learned.entry["images_seen"] / max(1e-9, time.perf_counter() - t0),
         "wall_s": time.perf_counter() - t0,
@@ -323,14 +345,11 @@ def _history_entry(
 
 
 def _gate(
-    entry: dict[str, Any], prev: Checkpoint, learned: LearnedUpdate, table: ConceptTable, opts: UpdateOptions
+    entry: dict[str, Any], history: Sequence[dict[str, Any]], scores: _Scores, table: ConceptTable, opts: UpdateOptions
 ) -> None:
     """The forgetting gate: its figures go into ``entry``; past ``opts.max_forgetting`` the update
     is refused, or published as forced with ``opts.force``."""
-    old_classes = sorted(int(c) for c in prev.seen)
-    acc_before = learned.scorer.accuracy(learned.pred_before, old_classes, "earlier")
-    acc_earlier = learned.scorer.accuracy(learned.pred_after, old_classes, "earlier")
-    gate = forgetting_gate(prev.history, old_classes, acc_before, acc_earlier)
+    gate = forgetting_gate(history, scores.old_classes, scores.old_before, scores.old_after)
     entry.update(gate.figures())
     worst = max(gate.since_previous, gate.since_learned)
     if worst <= opts.max_forgetting:
@@ -338,7 +357,7 @@ def _gate(
     if not opts.force:
         raise ForgettingGateError(
             f"{gate.describe()}, over --max-forgetting {opts.max_forgetting:g}; nothing was published."
-            f"{worst_drops(gate.reference, acc_earlier, table.names)} Train with replay/distill, or pass --force"
+            f"{worst_drops(gate.reference, scores.old_after, table.names)} Train with replay/distill, or pass --force"
         )
     entry["forced"] = True
     log.warning("old-class accuracy fell by %.1f points; publishing anyway (--force)", worst)

@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cvm_edge.demo import load_sample, sample_class_names, write_class_folders
+from cvm_edge.preprocess import Preprocessing, resize_crop
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -50,13 +52,8 @@ def run_cli(*argv: str) -> int:
     return main(list(argv))
 
 
-def sample_pixels(images: np.ndarray, prep: Any) -> np.ndarray:
-    """The sample's grey 28-px images as RGB uint8 at the model's size (``prep``: a
-    ``cvm_edge.preprocess.Preprocessing``), as a folder of them would be read."""
-    from PIL import Image
-
-    from cvm_edge.preprocess import resize_crop
-
+def sample_pixels(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """The sample's grey 28-px images as RGB uint8 at the model's size, as a folder of them would be read."""
     return np.stack([resize_crop(Image.fromarray(a).convert("RGB"), prep) for a in images])
 
 
