@@ -34,7 +34,7 @@ from bench.tables import concept_vectors
 from cvm_edge.lab.routing import FusedRoutedModel
 from cvm_edge.model import ConceptHead, ModelConfig, build_head_model
 from cvm_edge.strategy import LOSSES, Batch, classification_loss
-from fleet.average import Weights, WeightsMerge, WeightsUpload, fedavg, fuse, fuse_devices
+from fleet.average import SERVER_MOMENTUM, Weights, WeightsMerge, WeightsUpload, fedavgm, fuse, fuse_devices
 from fleet.fused import fusion_state
 from fleet.weights_device import DEVICE_LOSS
 
@@ -104,13 +104,18 @@ def accuracy(head: ConceptHead, x: np.ndarray, y: np.ndarray) -> float:
 
 class ProductMerge(FedAvg):
     """Flower's FedAvg strategy (sampling, rounds, evaluation) with the product's merge in place of its
-    aggregation: ``fleet.average.fedavg`` (image-weighted mean, as ``cvm fleet run --merge fedavg``) or
+    aggregation: ``fleet.average.fedavgm`` (image-weighted mean and server momentum ``momentum``, as
+    ``cvm fleet run --merge fedavg``; 0: the plain mean) or
     ``fleet.average.fuse`` (ConDU's unified delta of the devices' deltas from this round's global
     model, as ``--merge fusion``), so the figures are those of the code the product runs."""
 
-    def __init__(self, how: str, initial: dict[str, torch.Tensor], **kwargs: Any) -> None:
+    def __init__(
+        self, how: str, initial: dict[str, torch.Tensor], momentum: float = SERVER_MOMENTUM, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.how = how
+        self.beta = momentum
+        self.moved: Weights | None = None  # fedavg: the last round's move (the product's coordinator keeps it)
         self.current = {k: v.detach().float().numpy().copy() for k, v in initial.items()}
         self.last_round: tuple[Weights, list[Weights], list[int]] | None = None
 
@@ -128,7 +133,10 @@ class ProductMerge(FedAvg):
         if not states:
             return None, None
         self.last_round = (dict(self.current), states, devices)  # what the routed evaluation rebuilds from
-        self.current = fedavg(states, images) if self.how == "fedavg" else fuse(self.current, states)
+        if self.how == "fedavg":
+            self.current, self.moved = fedavgm(self.current, states, images, self.moved, self.beta)
+        else:
+            self.current = fuse(self.current, states)
         return ArrayRecord({k: torch.from_numpy(v) for k, v in self.current.items()}), MetricRecord(
             {"devices": len(states)}
         )
@@ -248,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "min_train_nodes": n,
             "min_available_nodes": n,
         }
-        strategy = ProductMerge(args.merge, init, **kw)
+        strategy = ProductMerge(args.merge, init, args.server_momentum, **kw)
         strategies.append(strategy)
         strategy.start(grid, ArrayRecord(init), num_rounds=args.rounds, evaluate_fn=evaluate)
 
@@ -286,6 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loss": args.loss,
         "lr": args.lr,
         "batch": args.batch,
+        **({"server_momentum": args.server_momentum} if args.merge == "fedavg" else {}),
         "seed": args.seed,
         "concept_table": fingerprint,
         "fleet_accuracy_per_round": [round(a, 6) for a in fleet],
@@ -310,8 +319,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _variant_tag(loss: str, local_epochs: int) -> str:
-    return ("" if loss == DEVICE_LOSS else f"-{loss}") + ("" if local_epochs == 1 else f"-e{local_epochs}")
+def _variant_tag(loss: str, local_epochs: int, momentum: float = SERVER_MOMENTUM) -> str:
+    return (
+        ("" if loss == DEVICE_LOSS else f"-{loss}")
+        + ("" if local_epochs == 1 else f"-e{local_epochs}")
+        + ("" if momentum == SERVER_MOMENTUM else f"-m{momentum:g}")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,6 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam, the product's default")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument(
+        "--server-momentum",
+        type=float,
+        default=SERVER_MOMENTUM,
+        help="fedavg's server momentum (FedAvgM, fleet.average.fedavgm), the product's default; 0: plain FedAvg",
+    )
     args = ap.parse_args(argv)
     shown = ("fleet_accuracy_per_round", "centralised_accuracy", "fleet_minus_centralised_points", "simulation_wall_s")
     return run_and_write(
@@ -336,7 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run,
         # the device's loss and 1 local epoch keep the plain name; others are named, so all stay side by side
         lambda r: (
-            f"{args.protocol}-{r['image_size']}-{args.merge}{_variant_tag(args.loss, args.local_epochs)}-d{args.devices}-s{args.seed}.json"
+            f"{args.protocol}-{r['image_size']}-{args.merge}"
+            f"{_variant_tag(args.loss, args.local_epochs, args.server_momentum if args.merge == 'fedavg' else SERVER_MOMENTUM)}"
+            f"-d{args.devices}-s{args.seed}.json"
         ),
         shown,
     )

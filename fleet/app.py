@@ -543,7 +543,17 @@ def _weights_round(
         except ContributionError as exc:
             failed[names[n]] = f"weights refused: {exc}"
     try:
-        merge = merge_weights(settings.merge, current, seen, uploads, expected, asked, settings.quorum, failed)
+        merge = merge_weights(
+            settings.merge,
+            current,
+            seen,
+            uploads,
+            expected,
+            asked,
+            settings.quorum,
+            failed,
+            momentum=coord.momentum(latest),
+        )
     except QuorumError as exc:
         log.error("round %d: %s; nothing published", rnd, exc)
         return RoundReport.refused(rnd, str(exc), refused=exc.refused)

@@ -2,7 +2,13 @@
 weights, then merge the accepted ones into the fleet's next weights.
 
 - ``fedavg``: the mean of the devices' weights, each weighted by its number of training images
-  (McMahan et al.'s FedAvg); accumulated in float64, published in float32.
+  (McMahan et al.'s FedAvg); accumulated in float64, published in float32. The fleet then steps by
+  server momentum (FedAvgM, Hsu et al. 2019; server learning rate 1, ``SERVER_MOMENTUM``): the
+  round's move, the mean's step from the round's start plus ``SERVER_MOMENTUM`` times the previous
+  round's move, is kept on the coordinator with the weights (``MOMENTUM_KEY``). Under label skew the
+  devices' averaged steps are small and noisy; momentum carries the direction they agree on across
+  rounds (issue 21: 10 devices of 3 of imagenette's 10 classes end 6.3 points below centralised
+  after 10 rounds with the plain mean, 3.1 with momentum; 100 devices 2.6 and 0.9).
 - ``fusion``: ConDU's data-free fusion (``cvm_edge.lab.fusion.unify``) of each device's delta from the
   weights the round started from: sign consensus, the largest agreeing magnitude. Every device
   publishes the same unified weights. Each device's mask and rescale (where its delta agrees with the
@@ -26,6 +32,8 @@ from fleet.merge import checked
 from fleet.wire import ContributionError
 
 GRADIENT_MERGES = ("fedavg", "fusion")
+SERVER_MOMENTUM = 0.9  # fedavg's server momentum (FedAvgM's beta; 0: the plain mean)
+MOMENTUM_KEY = "fleet_momentum"  # the coordinator checkpoint's plugin state holding the last fedavg move
 MERGES = ("analytic", *GRADIENT_MERGES)
 HEAD_PREFIX = "head."  # the weights a gradient fleet trains and merges (the backbone is frozen)
 WEIGHTS_DTYPE = np.dtype(np.float32)
@@ -134,6 +142,38 @@ def fedavg(weights: Sequence[Mapping[str, np.ndarray]], images: Sequence[int]) -
     return out
 
 
+def fedavgm(
+    current: Mapping[str, np.ndarray],
+    weights: Sequence[Mapping[str, np.ndarray]],
+    images: Sequence[int],
+    momentum: Mapping[str, np.ndarray] | None,
+    beta: float = SERVER_MOMENTUM,
+) -> tuple[Weights, Weights | None]:
+    """FedAvgM with server learning rate 1: the round's move ``m = beta * momentum + (current - mean)``
+    (``mean`` the :func:`fedavg` of ``weights``) and the new weights ``current - m``; returns both (the
+    move is the next round's ``momentum``). ``momentum`` None, or one whose names or shapes are not
+    ``current``'s, is no earlier move (the first round is the plain mean). ``beta`` 0: plain
+    :func:`fedavg`, and no move kept."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"server momentum must be in [0, 1), not {beta}")
+    mean = fedavg(weights, images)
+    if beta == 0.0:
+        return mean, None
+    last = momentum if momentum is not None and set(momentum) == set(current) else None
+    if last is not None and any(np.shape(last[k]) != np.shape(current[k]) for k in current):
+        last = None
+    moved: Weights = {}
+    out: Weights = {}
+    for k in current:
+        c = np.asarray(current[k], np.float64)
+        m = c - np.asarray(mean[k], np.float64)
+        if last is not None:
+            m += beta * np.asarray(last[k], np.float64)
+        moved[k] = np.asarray(m, np.float32)
+        out[k] = np.asarray(c - m, np.float32)
+    return out, moved
+
+
 def fuse(current: Mapping[str, np.ndarray], weights: Sequence[Mapping[str, np.ndarray]]) -> Weights:
     """``current`` plus the ConDU unification of every device's delta from it."""
     return fuse_devices(current, weights)[0]
@@ -165,6 +205,8 @@ class WeightsMerge:
     start: Mapping[str, np.ndarray] | None = None
     unified: Any = None
     uploads: tuple[WeightsUpload, ...] = ()
+    # fedavg: this round's move (FedAvgM's momentum, ``fedavgm``), kept with the weights for the next round
+    momentum: Weights | None = None
 
 
 def merge_weights(
@@ -176,17 +218,22 @@ def merge_weights(
     asked: Sequence[str],
     quorum: float,
     failed: Mapping[str, str] | None = None,
+    *,
+    momentum: Mapping[str, np.ndarray] | None = None,
+    server_momentum: float = SERVER_MOMENTUM,
 ) -> WeightsMerge:
     """``how`` (fedavg | fusion) over every upload that matches ``expected``; ``current`` the weights
-    the round started from and ``seen`` the rows they know. Raises QuorumError when fewer than
-    ``quorum`` (a share of ``asked``) contributed: nothing is published then."""
+    the round started from and ``seen`` the rows they know; ``momentum`` the move of the fedavg round
+    that published ``current`` (None: none), stepped with ``server_momentum`` (:func:`fedavgm`).
+    Raises QuorumError when fewer than ``quorum`` (a share of ``asked``) contributed: nothing is
+    published then."""
     if how not in GRADIENT_MERGES:
         raise ValueError(f"a gradient merge is one of {GRADIENT_MERGES}, not {how!r}")
     accepted, refused = checked(uploads, lambda u: check_upload(u, expected), asked, quorum, failed)
     ws = [u.weights for u in accepted]
-    unified = None
+    unified, moved = None, None
     if how == "fedavg":
-        merged = fedavg(ws, [u.images for u in accepted])
+        merged, moved = fedavgm(current, ws, [u.images for u in accepted], momentum, server_momentum)
     else:
         merged, unified = fuse_devices(current, ws)
     rows = sorted({int(c) for c in seen} | {c for u in accepted for c in u.seen})
@@ -199,6 +246,7 @@ def merge_weights(
         start=dict(current) if unified is not None else None,
         unified=unified,
         uploads=tuple(accepted),
+        momentum=moved,
     )
 
 

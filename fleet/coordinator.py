@@ -10,6 +10,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from cvm_edge import analytic_learner as al
 from cvm_edge.analytic import HeldOut, RidgeStats, class_targets, solve
 from cvm_edge.checkpoints import Checkpoint, CheckpointStore
@@ -19,7 +22,7 @@ from cvm_edge.fsutil import FileLock, atomic_write_bytes, read_regular
 from cvm_edge.loading import analytic_model
 from cvm_edge.update import InitOptions, init_store
 from fleet import state as st
-from fleet.average import ExpectedWeights, Weights, WeightsMerge, head_weights
+from fleet.average import MOMENTUM_KEY, ExpectedWeights, Weights, WeightsMerge, head_weights
 from fleet.base import base_description, base_fingerprint, fleet_version, weights_version
 from fleet.fused import PLUGIN_KEY, feature_width, fusion_state, head_parameters
 from fleet.merge import RoundMerge
@@ -160,6 +163,13 @@ class Coordinator:
         """The fleet's published head weights: what every device starts its next local update from."""
         return head_weights(self.latest().weights)
 
+    def momentum(self, ckpt: Checkpoint | None = None) -> Weights | None:
+        """The move of the fedavg round that published the fleet's weights (``ckpt``, default the
+        latest): FedAvgM's momentum for the next round (``fleet.average.fedavgm``); None when that
+        version came from no fedavg round."""
+        state = (ckpt or self.latest()).plugin_state.get(MOMENTUM_KEY)
+        return head_weights(state) if state else None  # the move is keyed like the head's weights
+
     def expected_weights(self, table: ConceptTable) -> ExpectedWeights:
         ckpt = self.latest()
         weights = head_weights(ckpt.weights)
@@ -177,7 +187,12 @@ class Coordinator:
             ckpt = weights_version(prev, table, merge.weights, merge.seen, images)
             # A fusion round also keeps each device's mask, rescale and routing prototype (fleet.fused),
             # for `cvm export --experimental --fusion-routing top-k`; any other round drops an earlier round's.
-            plugins = {k: v for k, v in prev.plugin_state.items() if k != PLUGIN_KEY}
+            # A fedavg round keeps its move (the next round's server momentum); any other drops it.
+            plugins = {k: v for k, v in prev.plugin_state.items() if k not in (PLUGIN_KEY, MOMENTUM_KEY)}
+            if merge.momentum is not None:
+                plugins[MOMENTUM_KEY] = {
+                    k: torch.from_numpy(np.array(v, np.float32)) for k, v in merge.momentum.items()
+                }
             width = feature_width(head_weights(prev.weights)) if merge.unified is not None else None
             state = fusion_state(merge, head_parameters(prev, table, width)) if width is not None else None
             if state is not None:

@@ -14,7 +14,16 @@ import torch
 
 from conftest import sample_pixels
 from cvm_edge.lab.fusion import unify
-from fleet.average import ExpectedWeights, WeightsUpload, check_upload, fedavg, fuse, merge_weights, weights_digest
+from fleet.average import (
+    ExpectedWeights,
+    WeightsUpload,
+    check_upload,
+    fedavg,
+    fedavgm,
+    fuse,
+    merge_weights,
+    weights_digest,
+)
 from fleet.merge import QuorumError
 from fleet.settings import FleetSettings
 from fleet.wire import ContributionError
@@ -51,6 +60,83 @@ def test_fedavg_is_the_image_weighted_mean_in_float32() -> None:
         fedavg([a, b], [1])
     with pytest.raises(ValueError):
         fedavg([a], [0])
+
+
+def test_fedavg_steps_with_server_momentum_the_mean_first_then_the_mean_plus_beta_times_the_last_move() -> None:
+    """FedAvgM (server lr 1, beta SERVER_MOMENTUM): round 1 publishes the image-weighted mean and keeps
+    its move; round 2 publishes its own mean plus beta times round 1's move (w2 = mean2 + beta (w1 - w0))."""
+    from fleet.average import SERVER_MOMENTUM
+
+    assert SERVER_MOMENTUM == 0.9
+    w0 = _weights(0)
+    r1 = [_up("a", 1, images=4), _up("b", 2, images=12)]
+    m1 = merge_weights("fedavg", w0, (), r1, EXPECTED, ["a", "b"], 1.0)  # no earlier move: the plain mean
+    assert weights_digest(m1.weights) == weights_digest(fedavg([u.weights for u in r1], [4, 12]))
+    assert m1.momentum is not None
+    for k in SHAPES:
+        np.testing.assert_allclose(m1.momentum[k], w0[k] - m1.weights[k], rtol=1e-5, atol=1e-6)
+    r2 = [_up("a", 3, images=4), _up("b", 4, images=12)]
+    mean2 = fedavg([u.weights for u in r2], [4, 12])
+    m2 = merge_weights("fedavg", m1.weights, (), r2, EXPECTED, ["a", "b"], 1.0, momentum=m1.momentum)
+    assert m2.momentum is not None
+    for k in SHAPES:
+        want = mean2[k].astype(np.float64) + 0.9 * (m1.weights[k].astype(np.float64) - w0[k])
+        np.testing.assert_allclose(m2.weights[k], want, rtol=1e-5, atol=1e-6)
+        assert m2.weights[k].dtype == np.float32 and m2.weights[k].shape == SHAPES[k]
+        np.testing.assert_allclose(m2.momentum[k], m1.weights[k] - m2.weights[k], rtol=1e-5, atol=1e-6)
+    # momentum 0 is plain FedAvg, bit for bit, and keeps no move; a move of other shapes is no move
+    plain = merge_weights(
+        "fedavg", m1.weights, (), r2, EXPECTED, ["a", "b"], 1.0, momentum=m1.momentum, server_momentum=0.0
+    )
+    assert weights_digest(plain.weights) == weights_digest(mean2) and plain.momentum is None
+    other = {"head.mapper.w": np.ones((4, 3), np.float32), "head.logit_scale": np.zeros((), np.float32)}
+    assert weights_digest(fedavgm(m1.weights, [u.weights for u in r2], [4, 12], other)[0]) == weights_digest(
+        fedavgm(m1.weights, [u.weights for u in r2], [4, 12], None)[0]
+    )
+    with pytest.raises(ValueError, match="server momentum"):
+        fedavgm(w0, [w0], [1], None, 1.0)
+    fused = merge_weights("fusion", w0, (), r1, EXPECTED, ["a", "b"], 1.0, momentum=m1.momentum)
+    assert fused.momentum is None  # fusion keeps no move
+
+
+def test_the_coordinator_keeps_a_fedavg_rounds_move_for_the_next_and_a_fusion_round_drops_it(tmp_path: Path) -> None:
+    """The server momentum lives in the coordinator's store with the weights it moved to (a restarted
+    `cvm fleet run` goes on with it); a fusion round's weights carry none."""
+    from fleet.coordinator import Coordinator
+
+    coord = Coordinator(_gradient_coordinator(tmp_path, _table(tmp_path)))
+    table = coord.table()
+    expected = coord.expected_weights(table)
+    w0 = coord.weights()
+    assert coord.momentum() is None  # a new fleet: no move yet
+
+    def uploads(seed: int) -> list[WeightsUpload]:
+        rng = np.random.default_rng(seed)
+        return [
+            WeightsUpload(
+                d,
+                expected.base,
+                expected.table,
+                {k: np.asarray(v + 0.01 * rng.standard_normal(v.shape), np.float32) for k, v in w0.items()},
+                10,
+                (0, 1),
+            )
+            for d in ("a", "b")
+        ]
+
+    m1 = merge_weights("fedavg", w0, (), uploads(1), expected, ["a", "b"], 1.0, momentum=coord.momentum())
+    coord.publish_weights(m1, table, {"fleet_round": 1, "merge": "fedavg"})
+    kept = Coordinator(tmp_path / "coord").momentum()  # read back from the store
+    assert kept is not None and m1.momentum is not None and set(kept) == set(w0)
+    assert all(np.array_equal(kept[k], m1.momentum[k]) and kept[k].dtype == np.float32 for k in w0)
+    m2 = merge_weights("fedavg", coord.weights(), (), uploads(2), expected, ["a", "b"], 1.0, momentum=coord.momentum())
+    mean2 = fedavg([u.weights for u in uploads(2)], [10, 10])
+    for k in w0:
+        np.testing.assert_allclose(m2.weights[k], mean2[k] + 0.9 * (m1.weights[k] - w0[k]), rtol=1e-5, atol=1e-6)
+    coord.publish_weights(m2, table, {"fleet_round": 2, "merge": "fedavg"})
+    m3 = merge_weights("fusion", coord.weights(), (), uploads(3), expected, ["a", "b"], 1.0, momentum=coord.momentum())
+    coord.publish_weights(m3, table, {"fleet_round": 3, "merge": "fusion"})
+    assert coord.momentum() is None
 
 
 def test_fusion_adds_the_sign_consensus_of_the_deltas_with_the_largest_agreeing_magnitude() -> None:
@@ -265,6 +351,13 @@ def test_the_benchmarks_strategy_merges_with_the_products_own_merge(how: str) ->
     want = fedavg(ws, images) if how == "fedavg" else fuse(base, ws)
     assert weights_digest(got) == weights_digest(want)
     assert weights_digest(got) != weights_digest(fedavg(ws, [1, 1]))  # image-weighted, not the plain mean
+    if how == "fedavg":  # the next round steps with the product's server momentum, from round 1's move
+        arrays, _ = strategy.aggregate_train(2, replies)  # type: ignore[arg-type]
+        assert arrays is not None
+        got = {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
+        first = fedavgm(base, ws, images, None)
+        assert weights_digest(got) == weights_digest(fedavgm(first[0], ws, images, first[1])[0])
+        assert weights_digest(got) != weights_digest(want)  # the same uploads again: momentum moves on
 
 
 def test_a_device_that_missed_a_fusion_publish_trains_from_the_fleets_weights_next_round(tmp_path: Path) -> None:

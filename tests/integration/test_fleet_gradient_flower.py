@@ -20,7 +20,7 @@ from conftest import cvm_argv, process_groups, table_by_process
 from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.demo import load_sample, write_class_folders
 from cvm_edge.lab.fusion_state import FusionState
-from fleet.average import head_weights
+from fleet.average import SERVER_MOMENTUM, head_weights
 from fleet.fused import PLUGIN_KEY
 from fleet.runtime import free_port
 
@@ -90,7 +90,7 @@ def _fleet(tmp_path: Path, coord: Path) -> Iterator[Callable[[str, int], subproc
         yield run_rounds
 
 
-def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on_every_device(
+def test_fedavg_rounds_publish_the_image_weighted_mean_stepped_with_server_momentum_on_every_device(
     tmp_path: Path,
 ) -> None:
     from deploy.bundle import current_bundle_dir, load_bundle
@@ -117,6 +117,11 @@ def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on
         assert [store.load(v).history[-1]["fleet_round"] for v in published] == [1, 2]
         uploads = {dev: _update_versions(tmp_path / dev) for dev in DEVICES}
         assert all(len(u) == 2 for u in uploads.values())  # one `cvm update` per round on each device
+        # FedAvgM (server lr 1, beta SERVER_MOMENTUM): round 1 publishes the image-weighted mean of the
+        # devices' weights; round 2 that round's mean plus beta times round 1's move, w2 = mean2 + beta (w1 - w0)
+        versions = store.versions()
+        before = head_weights(store.load(versions[versions.index(published[0]) - 1]).weights)
+        starts = [before, head_weights(store.load(published[0]).weights)]
         for rnd, version in enumerate(published):
             ckpt = store.load(version)
             images = {dev: uploads[dev][rnd][0] for dev in DEVICES}
@@ -125,6 +130,8 @@ def test_fedavg_rounds_publish_the_image_weighted_mean_of_the_devices_updates_on
             fleet = head_weights(ckpt.weights)
             for name, w in fleet.items():
                 mean = sum(uploads[d][rnd][1][name].astype(np.float64) * n for d, n in images.items()) / total
+                if rnd == 1:
+                    mean += SERVER_MOMENTUM * (starts[1][name].astype(np.float64) - starts[0][name])
                 np.testing.assert_allclose(w, mean.astype(np.float32), rtol=1e-6, atol=1e-7)
             plain = {k: (uploads["shop-a"][rnd][1][k] + uploads["shop-b"][rnd][1][k]) / 2 for k in fleet}
             assert any(not np.allclose(fleet[k], plain[k]) for k in fleet)  # the counts weigh
