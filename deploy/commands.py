@@ -73,6 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         precision=args.precision,
         opset=args.opset,
         calibration=args.calibration,
+        int8_weights=args.int8_weights,
         routing=args.routing,
         top_k=args.top_k,
     )
@@ -145,6 +146,13 @@ def add_deploy_commands(sub: Any) -> None:
         choices=("percentile", "minmax", "entropy"),
         default="percentile",
         help="int8: how activation ranges are chosen on the replay buffer (default percentile)",
+    )
+    e.add_argument(
+        "--int8-weights",
+        choices=("auto", "int8", "uint8"),
+        default="auto",
+        help="int8: weights as int8 (U8S8: fast and exact on ARM and on x86 with VNNI) or uint8 (U8U8: exact on "
+        "x86 without VNNI, where U8S8 saturates); auto picks for this CPU (default auto)",
     )
     e.add_argument(
         "--images",

@@ -51,6 +51,7 @@ from deploy.bundle import (
     publish_bundle,
     sha256_bytes,
 )
+from deploy.cpu import INT8_WEIGHTS, resolve_int8_weights
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class ExportOptions:
     precision: str = "fp32"
     opset: int = DEFAULT_OPSET
     calibration: str = "percentile"  # int8 only: how activation ranges are chosen from the buffer
+    # int8 only: "int8" (U8S8), "uint8" (U8U8) or "auto", the fast exact kind for this CPU (deploy/cpu.py)
+    int8_weights: str = "auto"
     min_parity_images: int = MIN_PARITY_IMAGES
     # Parity batches; None: :func:`parity_batch` (1 at 224 px).
     batch_size: int | None = None
@@ -100,6 +103,8 @@ class ExportOptions:
             raise UsageError(f"opset must be {MIN_OPSET} or newer, not {self.opset}")
         if self.calibration not in CALIBRATION_METHODS:
             raise UsageError(f"calibration must be one of {', '.join(CALIBRATION_METHODS)}")
+        if self.int8_weights not in INT8_WEIGHTS:
+            raise UsageError(f"int8 weights must be one of {', '.join(INT8_WEIGHTS)}, not {self.int8_weights!r}")
         if self.routing not in ROUTINGS:
             raise UsageError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
         if self.top_k < 1:
@@ -443,8 +448,9 @@ def _head_nodes(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def to_int8(fp32: bytes, calibration: Inputs, method: str, work: Path) -> bytes:
-    """Static QDQ quantisation (per-channel uint8 weights, uint8 activations) calibrated on ``calibration``."""
+def to_int8(fp32: bytes, calibration: Inputs, method: str, work: Path, weights: str = "auto") -> bytes:
+    """Static QDQ quantisation (uint8 activations, per-channel ``weights``: "int8" for U8S8, "uint8"
+    for U8U8, "auto" this CPU's fast exact kind, see deploy/cpu.py) calibrated on ``calibration``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -453,6 +459,8 @@ def to_int8(fp32: bytes, calibration: Inputs, method: str, work: Path) -> bytes:
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    weights = resolve_int8_weights(weights)
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:  # one image at a time: the histogram calibrators need equal shapes
@@ -479,13 +487,9 @@ def to_int8(fp32: bytes, calibration: Inputs, method: str, work: Path) -> bytes:
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
-                # uint8 weights too (U8U8), not int8 (U8S8): x86-64 CPUs without VNNI (AVX2 only: AMD
-                # Zen 2/3, older Xeons and Atoms) multiply uint8 x int8 pairs into saturating 16-bit
-                # sums, which U8S8 overflows. Measured on an AVX2-only EPYC, top-1 agreement with fp32
-                # on the gate's images: U8S8 0.89 (refused), U8S8 with 7-bit weights 0.96 (refused),
-                # U8U8 0.99 (passed; a VNNI Xeon passed U8S8). A bundle may be served on another CPU
-                # than the one that exported it, so every int8 bundle is U8U8.
-                weight_type=QuantType.QUInt8,
+                # U8S8 saturates on x86 CPUs without VNNI, U8U8 is four times slower than fp32 on
+                # those with it (deploy/cpu.py): the caller picks for the CPU that will serve.
+                weight_type=QuantType.QInt8 if weights == "int8" else QuantType.QUInt8,
                 calibrate_method=methods[method],
                 nodes_to_exclude=_head_nodes(onnx.load(str(pre))),
             )
@@ -677,6 +681,7 @@ def export_bundle(
         calibration, calibration_source = parity.pixels[: parity.info["given"]], "images handed to the export"
     if opts.precision == "int8" and len(calibration) == 0:
         raise UsageError("int8 calibration needs replay-buffer images; this checkpoint has none")
+    int8_weights = resolve_int8_weights(opts.int8_weights)
     try:
         # Scratch inside the bundles folder, not /tmp, for our files and the exporter's and quantiser's
         # own temp files: a killed export leaves ".tmp-*" entries that the next writer's clean_stale_tmp
@@ -700,7 +705,9 @@ def export_bundle(
             elif opts.precision == "fp16":
                 model_bytes = to_fp16(fp32)
             else:
-                model_bytes = to_int8(fp32, LazyNormalised(calibration, ckpt.prep), opts.calibration, work)
+                model_bytes = to_int8(
+                    fp32, LazyNormalised(calibration, ckpt.prep), opts.calibration, work, int8_weights
+                )
             figures = parity_figures(ref, onnx_outputs(model_bytes, x, batch), val_labels)
     except CvmError:
         raise
@@ -712,7 +719,13 @@ def export_bundle(
     figures.update(images=parity.info, reference=reference)
     figures["gates"] = GATES[opts.precision]
     if opts.precision == "int8":
-        figures["calibration"] = {"method": opts.calibration, "images": len(calibration), "source": calibration_source}
+        figures["calibration"] = {
+            "method": opts.calibration,
+            "images": len(calibration),
+            "source": calibration_source,
+            "weights": int8_weights,  # the Predictor warns where this CPU's fast exact kind differs
+            "weights_chosen_by": "auto (this CPU)" if opts.int8_weights == "auto" else "--int8-weights",
+        }
     check_gates(opts.precision, figures, opts.min_parity_images)
     figures["passed"] = True
 

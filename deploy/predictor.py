@@ -24,6 +24,7 @@ import onnxruntime as ort
 from cvm_edge.errors import DataError, ModelLoadError, UsageError
 from cvm_edge.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, load_pixels, normalise
 from deploy.bundle import Bundle, load_bundle
+from deploy.cpu import int8_mismatch, this_cpu_int8_weights
 from deploy.imagedecode import ImageDecoder
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,17 @@ class Predictor:
         if self.providers[0] != wanted:
             log.warning("running on %s instead of %s (fallback)", self.providers[0], wanted)
         self._check_signature()
+        self.int8_warning = self._int8_fit()
+        if self.int8_warning:
+            log.warning("bundle %s: %s", self.bundle.name, self.int8_warning)
+
+    def _int8_fit(self) -> str | None:
+        """Why this int8 bundle's weights do not suit this CPU (deploy/cpu.py); None when they do,
+        for other precisions, and on GPU providers (they bring their own int8 kernels)."""
+        weights = self.bundle.manifest.get("parity", {}).get("calibration", {}).get("weights")
+        if self.bundle.precision != "int8" or self.providers[0] != PROVIDERS["cpu"] or weights is None:
+            return None
+        return int8_mismatch(str(weights), this_cpu_int8_weights())
 
     def _check_signature(self) -> None:
         ins = {i.name: i for i in self.session.get_inputs()}

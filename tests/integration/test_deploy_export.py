@@ -22,6 +22,7 @@ from cvm_edge.loading import model_from_checkpoint
 from cvm_edge.preprocess import load_pixels, normalise
 from deploy import export as export_mod
 from deploy.bundle import current_bundle_dir, load_bundle, sha256_bytes
+from deploy.cpu import this_cpu_int8_weights
 from deploy.predictor import Predictor, PredictorOptions, resolve_providers
 
 
@@ -65,6 +66,10 @@ def test_export_fp16_and_int8_meet_their_gates(store: Path, capsys: pytest.Captu
     assert fp16["min_embedding_cosine"] >= 0.999 and fp16["top1_agreement"] >= 0.995
     assert int8["top1_agreement"] >= 0.97 and int8["val_accuracy_drop_points"] <= 1.0
     assert int8["calibration"]["source"] == "replay buffer" and int8["calibration"]["images"] > 0
+    # auto: the weights whose int8 kernels are fast and exact on this CPU, so the Predictor has no warning
+    assert int8["calibration"]["weights"] == this_cpu_int8_weights()
+    assert int8["calibration"]["weights_chosen_by"] == "auto (this CPU)"
+    assert Predictor(store / "bundles" / "v000002-int8").int8_warning is None
     assert all(f["n_images"] >= 64 and f["passed"] for f in figures.values())
     # the int8 model really is quantised, and each bundle loads and answers
     sizes = {
@@ -73,6 +78,22 @@ def test_export_fp16_and_int8_meet_their_gates(store: Path, capsys: pytest.Captu
     }
     assert sizes["int8"] < sizes["fp32"] / 2
     print(json.dumps({k: {g: v[g] for g in export_mod.GATES[k]} for k, v in figures.items()}))
+
+
+def test_int8_bundle_with_the_other_weights_passes_its_gate_and_warns_where_served(
+    store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An int8 bundle whose weights do not suit this CPU (U8U8 on VNNI: slow; U8S8 without VNNI:
+    saturates) still serves, and says so at load with the way out."""
+    other = {"int8": "uint8", "uint8": "int8"}[this_cpu_int8_weights()]
+    result = export_mod.export_locked(store, 2, export_mod.ExportOptions(precision="int8", int8_weights=other))
+    calibration = result.manifest["parity"]["calibration"]
+    assert calibration["weights"] == other and calibration["weights_chosen_by"] == "--int8-weights"
+    with caplog.at_level("WARNING", logger="deploy.predictor"):
+        predictor = Predictor(result.path)
+    assert predictor.int8_warning is not None and "cvm export --precision int8" in predictor.int8_warning
+    assert predictor.int8_warning in caplog.text
+    predictor.warmup()
 
 
 def test_opset_17_goes_through_the_torchscript_exporter(store: Path, tmp_path: Path) -> None:
