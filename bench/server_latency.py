@@ -436,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "intra_op_threads": args.threads,
             "bundle": manifest["name"],
             "precision": manifest["precision"],
+            # int8 only: U8S8 ("int8") or U8U8 ("uint8") weights (deploy/cpu.py)
+            "int8_weights": manifest.get("parity", {}).get("calibration", {}).get("weights"),
             "backbone": manifest["model"]["backbone"],
             "image_size": manifest["image_size"],
             "classes": len(manifest["classes"]),

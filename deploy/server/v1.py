@@ -85,6 +85,8 @@ def add_model_info(app: FastAPI, serving: Serving) -> None:
             # a checkpoint newer than the bundle means an export is missing (see firmware_notes/power-loss.md)
             "latest_checkpoint": read_pointer(layout(settings.workdir).latest) if settings.workdir else None,
             "last_reload_error": holder.last_error,
+            # what the Predictor warned at load (an int8 bundle whose weights do not suit this CPU)
+            "warnings": [w for w in (p.int8_warning,) if w] if p else [],
         }
 
 

@@ -302,6 +302,7 @@ def test_model_info_and_metrics(client: httpx.Client) -> None:
     assert info["manifest"]["model_sha256"] and info["manifest"]["parity"]["passed"]
     assert info["history"] and info["history"][0]["new_class_names"] == CLASSES
     assert info["providers"] == ["CPUExecutionProvider"]
+    assert info["warnings"] == []  # an fp32 bundle suits every CPU
     text = client.get("/metrics").text
     assert "# TYPE cvm_requests_total counter" in text
     assert 'cvm_requests_total{method="GET",route="/v1/model",status="200"}' in text
