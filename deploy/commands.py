@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cvm_edge.argtypes import experimental_group, int_at_least, mark_experimental
+from deploy.cpu import INT8_WEIGHTS
 
 DEFAULT_OPSET = 18  # deploy.export.DEFAULT_OPSET (that module imports torch)
 DEFAULT_PORT = 8080
@@ -149,7 +150,7 @@ def add_deploy_commands(sub: Any) -> None:
     )
     e.add_argument(
         "--int8-weights",
-        choices=("auto", "int8", "uint8"),
+        choices=INT8_WEIGHTS,
         default="auto",
         help="int8: weights as int8 (U8S8: fast and exact on ARM and on x86 with VNNI) or uint8 (U8U8: exact on "
         "x86 without VNNI, where U8S8 saturates); auto picks for this CPU (default auto)",

@@ -724,7 +724,7 @@ def export_bundle(
             "images": len(calibration),
             "source": calibration_source,
             "weights": int8_weights,  # the Predictor warns where this CPU's fast exact kind differs
-            "weights_chosen_by": "auto (this CPU)" if opts.int8_weights == "auto" else "--int8-weights",
+            "weights_chosen_by": "auto (this CPU)" if opts.int8_weights == "auto" else "asked",
         }
     check_gates(opts.precision, figures, opts.min_parity_images)
     figures["passed"] = True

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from cvm_edge.errors import DataError, ModelLoadError, UsageError
 from cvm_edge.preprocess import DEFAULT_MAX_PIXELS, Preprocessing, load_pixels, normalise
 from deploy.bundle import Bundle, load_bundle
-from deploy.cpu import int8_mismatch, this_cpu_int8_weights
+from deploy.cpu import this_cpu_int8_fit
 from deploy.imagedecode import ImageDecoder
 
 log = logging.getLogger(__name__)
@@ -176,10 +176,12 @@ class Predictor:
     def _int8_fit(self) -> str | None:
         """Why this int8 bundle's weights do not suit this CPU (deploy/cpu.py); None when they do,
         for other precisions, and on GPU providers (they bring their own int8 kernels)."""
-        weights = self.bundle.manifest.get("parity", {}).get("calibration", {}).get("weights")
-        if self.bundle.precision != "int8" or self.providers[0] != PROVIDERS["cpu"] or weights is None:
+        if self.bundle.precision != "int8" or self.providers[0] != PROVIDERS["cpu"]:
             return None
-        return int8_mismatch(str(weights), this_cpu_int8_weights())
+        parity = self.bundle.manifest.get("parity")
+        calibration = parity.get("calibration") if isinstance(parity, dict) else None
+        weights = calibration.get("weights") if isinstance(calibration, dict) else None
+        return this_cpu_int8_fit(weights if weights in ("int8", "uint8") else None)
 
     def _check_signature(self) -> None:
         ins = {i.name: i for i in self.session.get_inputs()}

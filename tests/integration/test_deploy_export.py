@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,10 @@ from cvm_edge.checkpoints import CheckpointStore
 from cvm_edge.errors import ModelLoadError
 from cvm_edge.loading import model_from_checkpoint
 from cvm_edge.preprocess import load_pixels, normalise
+from deploy import cpu as cpu_mod
 from deploy import export as export_mod
 from deploy.bundle import current_bundle_dir, load_bundle, sha256_bytes
-from deploy.cpu import this_cpu_int8_weights
+from deploy.cpu import cpu_flags, resolve_int8_weights, suited_int8_weights
 from deploy.predictor import Predictor, PredictorOptions, resolve_providers
 
 
@@ -66,8 +68,8 @@ def test_export_fp16_and_int8_meet_their_gates(store: Path, capsys: pytest.Captu
     assert fp16["min_embedding_cosine"] >= 0.999 and fp16["top1_agreement"] >= 0.995
     assert int8["top1_agreement"] >= 0.97 and int8["val_accuracy_drop_points"] <= 1.0
     assert int8["calibration"]["source"] == "replay buffer" and int8["calibration"]["images"] > 0
-    # auto: the weights whose int8 kernels are fast and exact on this CPU, so the Predictor has no warning
-    assert int8["calibration"]["weights"] == this_cpu_int8_weights()
+    # auto: weights whose int8 kernels are fast and exact on this CPU, so the Predictor has no warning
+    assert int8["calibration"]["weights"] in suited_int8_weights(platform.machine(), cpu_flags())
     assert int8["calibration"]["weights_chosen_by"] == "auto (this CPU)"
     assert Predictor(store / "bundles" / "v000002-int8").int8_warning is None
     assert all(f["n_images"] >= 64 and f["passed"] for f in figures.values())
@@ -80,15 +82,19 @@ def test_export_fp16_and_int8_meet_their_gates(store: Path, capsys: pytest.Captu
     print(json.dumps({k: {g: v[g] for g in export_mod.GATES[k]} for k, v in figures.items()}))
 
 
-def test_int8_bundle_with_the_other_weights_passes_its_gate_and_warns_where_served(
-    store: Path, caplog: pytest.LogCaptureFixture
+def test_an_int8_bundle_served_on_a_cpu_its_weights_do_not_suit_warns_at_load(
+    store: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An int8 bundle whose weights do not suit this CPU (U8U8 on VNNI: slow; U8S8 without VNNI:
-    saturates) still serves, and says so at load with the way out."""
-    other = {"int8": "uint8", "uint8": "int8"}[this_cpu_int8_weights()]
-    result = export_mod.export_locked(store, 2, export_mod.ExportOptions(precision="int8", int8_weights=other))
+    """The kind asked for is recorded; served where it does not suit (U8S8 on x86 without VNNI:
+    saturates; U8U8 on VNNI: slow) the bundle still answers, and says so at load with the way out.
+    The export runs this CPU's own kind (its gate must pass here); the serving CPU is stood in for."""
+    kind = resolve_int8_weights("auto")
+    result = export_mod.export_locked(store, 2, export_mod.ExportOptions(precision="int8", int8_weights=kind))
     calibration = result.manifest["parity"]["calibration"]
-    assert calibration["weights"] == other and calibration["weights_chosen_by"] == "--int8-weights"
+    assert calibration["weights"] == kind and calibration["weights_chosen_by"] == "asked"
+    unsuited = {"int8": {"avx2"}, "uint8": {"avx2", "avx512_vnni"}}[kind]
+    monkeypatch.setattr(cpu_mod.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_mod, "cpu_flags", lambda: frozenset(unsuited))
     with caplog.at_level("WARNING", logger="deploy.predictor"):
         predictor = Predictor(result.path)
     assert predictor.int8_warning is not None and "cvm export --precision int8" in predictor.int8_warning

@@ -34,6 +34,7 @@ def test_serving_modules_do_not_import_torch() -> None:
 # deploy/server/ is a package: every module of it is checked
 SERVING_SOURCES = [
     "bundle.py",
+    "cpu.py",
     "predictor.py",
     *sorted(f"server/{p.name}" for p in (DEPLOY / "server").glob("*.py")),
     "commands.py",
