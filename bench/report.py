@@ -272,7 +272,9 @@ def render_server_latency(root: Path) -> list[str]:
         ]
     st, su, cpu = f["sides"], d["setup"], f["server_cpu_ms_per_request"]
     lines = [
-        f"{su['backbone']} {su['image_size']} px {su['precision']}, one {su['image_bytes']}-byte JPEG, "
+        f"{su['backbone']} {su['image_size']} px {su['precision']}"
+        + (f" ({su['int8_weights']} weights)" if su.get("int8_weights") else "")
+        + f", one {su['image_bytes']}-byte JPEG, "
         f"{su['intra_op_threads']} intra-op thread(s), one client, p50 of {st['server']['n']} calls per side "
         "in alternating rounds:",
         "",
