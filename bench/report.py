@@ -584,7 +584,7 @@ FLEET_NOTE = (
     "two classes that are never on one device are told apart by no device's loss, only by the averaged head; with "
     "100 devices all 45 pairs do.",
     "Server momentum (FedAvgM, Hsu et al. 2019: server learning rate 1, beta 0.9; `fleet.average.fedavgm`, the "
-    "default of `--merge fedavg` since commit ca94d07; the coordinator keeps each round's move in its store): "
+    "default of `--merge fedavg` since commit f218d99; the coordinator keeps each round's move in its store): "
     "10 devices end at 90.7 (-3.08, within 5 points from round 8), 100 devices at 92.8 (-0.94, from round 3), "
     'against 87.5 (-6.32, never) and 91.2 (-2.60) for the plain mean (the "server momentum 0" rows, rerun with '
     "`--server-momentum 0`: the same figures as before, bit for bit). Under label skew each round's mean moves "
