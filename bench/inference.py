@@ -171,13 +171,17 @@ def ensure_bundles(workdir: Path, precisions: Sequence[str]) -> dict[str, dict[s
     from deploy.bundle import bundles_root, latest_bundle_of, load_bundle
     from deploy.export import ExportOptions, export_locked
 
-    version = CheckpointStore(workdir).load().version
+    ckpt = CheckpointStore(workdir).load()
+    version = ckpt.version
+    # An analytic store (cvm init's default on a pretrained backbone) keeps no images: its parity check
+    # and int8 calibration take the photos its update learned from (build_store's data folder).
+    images = workdir.parent / "data" if len(ckpt.buffer) == 0 else None
     out: dict[str, dict[str, Any]] = {}
     for precision in precisions:
         name = latest_bundle_of(workdir, version, precision)
         if name is None:
             try:
-                name = export_locked(workdir, version, ExportOptions(precision=precision)).name
+                name = export_locked(workdir, version, ExportOptions(precision=precision), images_dir=images).name
             except Exception as exc:  # noqa: BLE001 - a refused precision is a result, not a crash
                 log.warning("%s export refused: %s", precision, exc)
                 out[precision] = {"error": str(exc)}
@@ -189,6 +193,8 @@ def ensure_bundles(workdir: Path, precisions: Sequence[str]) -> dict[str, dict[s
             "name": name,
             "model_bytes": bundle.manifest["model_bytes"],
             "parity": {k: parity.get(k) for k in ("top1_agreement", "min_embedding_cosine", "max_abs_embedding_diff")},
+            # int8: U8S8 ("int8") or U8U8 ("uint8") weights, chosen for the exporting CPU (deploy/cpu.py)
+            "int8_weights": (parity.get("calibration") or {}).get("weights"),
         }
     return out
 

@@ -36,7 +36,8 @@ OPTIMIZERS = vocabulary.OPTIMIZERS
 DIVERGED_HINT = "lower the learning rate or the regularisation weights (ewc lambda, distill weight)"
 # ce-all: the benchmarks' mammoth-style baselines. local: a fleet device's round (fleet/weights_device.py),
 # set by the fleet, not a `cvm update` choice.
-LOSSES = (*vocabulary.LOSSES, "ce-all", "local")
+LOCAL_LOSS = "local"
+LOSSES = (*vocabulary.LOSSES, "ce-all", LOCAL_LOSS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +253,7 @@ def choose_loss(configured: str, plugins: Sequence[Plugin]) -> str:
     cross-entropy: with nothing to protect old rows, the plain loss is the honest baseline.
     "local" stays with or without plugins: it keeps a fleet device off the rows of classes other
     devices train, which no plugin protects."""
-    if configured == "local":
+    if configured == LOCAL_LOSS:
         return configured
     kinds = [k for p in plugins if (k := p.loss_kind(configured)) is not None]
     return kinds[0] if kinds else "ce"
@@ -558,7 +559,7 @@ def classification_loss(logits: torch.Tensor, batch: Batch, ctx: LossRows, kind:
     boolean indexing forces the host to wait for the device."""
     if kind == "ce-all":
         return F.cross_entropy(logits, batch.labels)
-    if kind == "local":
+    if kind == LOCAL_LOSS:
         return restricted_cross_entropy(logits, batch.labels, ctx.local_classes)
     seen_ce = restricted_cross_entropy(logits, batch.labels, ctx.seen, reduction="none")
     if kind == "ce":

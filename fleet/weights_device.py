@@ -32,7 +32,7 @@ from cvm_edge.errors import StoreError
 from cvm_edge.evaluate import classes_from_logits
 from cvm_edge.fsutil import FileLock
 from cvm_edge.loading import model_from_checkpoint
-from cvm_edge.strategy import predict_logits
+from cvm_edge.strategy import LOCAL_LOSS, predict_logits
 from fleet import state as st
 from fleet.average import WeightsUpload, head_weights, weights_digest
 from fleet.base import base_fingerprint, init_on_base, weights_version
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 # the device and its own are revisited, so the product's default (ace) would train them against all
 # of the fleet's classes and push down the rows of the classes other devices hold, the drift of
 # FedAvg under label skew. bench/fleet_gradient.py trains its simulated devices with the same.
-DEVICE_LOSS = "local"
+DEVICE_LOSS = LOCAL_LOSS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,14 @@ import dataclasses
 import torch
 
 from cvm_edge.plugins.replay import ReplayMemory
-from cvm_edge.strategy import Context, Plugin, backbone_features, make_optimizer, restricted_cross_entropy
+from cvm_edge.strategy import (
+    LOCAL_LOSS,
+    Context,
+    Plugin,
+    backbone_features,
+    make_optimizer,
+    restricted_cross_entropy,
+)
 
 
 class HeadBalancePlugin(Plugin):
@@ -38,7 +45,7 @@ class HeadBalancePlugin(Plugin):
         labels = torch.from_numpy(buffer.labels).to(ctx.device)
         # A fleet device (loss "local") balances among its own classes: its buffer holds no image of
         # the fleet's other classes, and over all seen rows this tuning would push them all down.
-        rows = ctx.local_classes if cfg.loss == "local" else ctx.seen
+        rows = ctx.local_classes if cfg.loss == LOCAL_LOSS else ctx.seen
         params = [p for p in model.head.parameters() if p.requires_grad]
         # The run's own optimiser at half its rate (an SGD run's rate would be far too large for Adam).
         opt = make_optimizer(params, dataclasses.replace(cfg, lr=cfg.lr * 0.5))

@@ -90,3 +90,17 @@ def test_summary_and_report_rows(result: dict, tmp_path: Path) -> None:
     rows = render_inference(tmp_path)
     assert sum(1 for r in rows if r.startswith("| resnet18_cifar")) == 2
     assert any(result["git_commit"][:12] in r for r in rows)
+
+
+def test_an_analytic_store_keeps_no_images_and_still_gets_its_int8_bundle(tmp_path: Path) -> None:
+    """`cvm init` on a pretrained backbone makes an analytic store, which keeps no images: the bench
+    exports fp16/int8 with the photos its update learned from (it was refused for want of images)."""
+    from bench.inference import ensure_bundles
+    from bench.server_latency import build_store
+    from cvm_edge.checkpoints import CheckpointStore
+
+    wd = build_store(tmp_path, image_size=64)  # Lite0, offline weights: cvm init picks the analytic learner
+    assert len(CheckpointStore(wd).load().buffer) == 0
+    bundles = ensure_bundles(wd, ["int8"])
+    assert "error" not in bundles["int8"], bundles["int8"]
+    assert bundles["int8"]["int8_weights"] in ("int8", "uint8")
