@@ -194,7 +194,7 @@ def ensure_bundles(workdir: Path, precisions: Sequence[str]) -> dict[str, dict[s
             "model_bytes": bundle.manifest["model_bytes"],
             "parity": {k: parity.get(k) for k in ("top1_agreement", "min_embedding_cosine", "max_abs_embedding_diff")},
             # int8: U8S8 ("int8") or U8U8 ("uint8") weights, chosen for the exporting CPU (deploy/cpu.py)
-            "int8_weights": (parity.get("calibration") or {}).get("weights"),
+            "int8_weights": bundle.int8_weights,
         }
     return out
 

@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
 
-    from deploy.bundle import current_bundle_dir
+    from deploy.bundle import current_bundle_dir, int8_weights_of
 
     t0 = time.time()
     load_at_start = [round(v, 2) for v in os.getloadavg()]
@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bundle": manifest["name"],
             "precision": manifest["precision"],
             # int8 only: U8S8 ("int8") or U8U8 ("uint8") weights (deploy/cpu.py)
-            "int8_weights": manifest.get("parity", {}).get("calibration", {}).get("weights"),
+            "int8_weights": int8_weights_of(manifest),
             "backbone": manifest["model"]["backbone"],
             "image_size": manifest["image_size"],
             "classes": len(manifest["classes"]),

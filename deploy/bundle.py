@@ -76,6 +76,16 @@ def next_bundle_name(root: Path, version: int, precision: str) -> str:
     return name
 
 
+def int8_weights_of(manifest: Mapping[str, Any]) -> str | None:
+    """An int8 bundle's weight kind as its export recorded it (``parity.calibration.weights``:
+    "int8" for U8S8, "uint8" for U8U8, deploy/cpu.py); None when absent (other precisions, and int8
+    bundles exported before the kind was recorded) or not one of the two."""
+    parity = manifest.get("parity")
+    calibration = parity.get("calibration") if isinstance(parity, Mapping) else None
+    weights = calibration.get("weights") if isinstance(calibration, Mapping) else None
+    return weights if weights in ("int8", "uint8") else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Bundle:
     """A bundle directory and its parsed manifest (the model file itself is read by the Predictor)."""
@@ -102,6 +112,10 @@ class Bundle:
     @property
     def precision(self) -> str:
         return str(self.manifest["precision"])
+
+    @property
+    def int8_weights(self) -> str | None:
+        return int8_weights_of(self.manifest)
 
     def read_verified_model(self) -> bytes:
         """The bytes of ``model.onnx`` after checking them against the manifest's sha256.

@@ -178,10 +178,7 @@ class Predictor:
         for other precisions, and on GPU providers (they bring their own int8 kernels)."""
         if self.bundle.precision != "int8" or self.providers[0] != PROVIDERS["cpu"]:
             return None
-        parity = self.bundle.manifest.get("parity")
-        calibration = parity.get("calibration") if isinstance(parity, dict) else None
-        weights = calibration.get("weights") if isinstance(calibration, dict) else None
-        return this_cpu_int8_fit(weights if weights in ("int8", "uint8") else None)
+        return this_cpu_int8_fit(self.bundle.int8_weights)
 
     def _check_signature(self) -> None:
         ins = {i.name: i for i in self.session.get_inputs()}
